@@ -1,0 +1,115 @@
+"""Mount configuration: one frozen dataclass built by the CLI and passed down.
+
+Also owns the parsing of SIZE values (``4K``, ``50M``, ``1G``; powers of 1024)
+and the default locations (state directory, runtime directory).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from pathlib import Path
+
+from stfs.errors import UsageError
+
+KIB = 1024
+MIB = 1024 * KIB
+GIB = 1024 * MIB
+
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmg]?)(i?b)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "k": KIB, "m": MIB, "g": GIB}
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def parse_size(text: str, what: str = "size") -> int:
+    """Parse a SIZE: plain bytes or a K/M/G suffix (powers of 1024)."""
+    match = _SIZE_RE.match(text)
+    if not match:
+        raise UsageError(f"invalid {what} '{text}': expected bytes or a number with K, M or G")
+    number, unit, _ = match.groups()
+    return int(number) * _SIZE_UNITS[unit.lower()]
+
+
+def format_size(n_bytes: int) -> str:
+    """The shortest exact K/M/G spelling of a byte count."""
+    for suffix, unit in (("G", GIB), ("M", MIB), ("K", KIB)):
+        if n_bytes and n_bytes % unit == 0:
+            return f"{n_bytes // unit}{suffix}"
+    return str(n_bytes)
+
+
+def default_state_dir() -> Path:
+    """XDG state directory for stfs (``$XDG_STATE_HOME/stfs``)."""
+    xdg = os.environ.get("XDG_STATE_HOME")
+    if xdg:
+        return Path(xdg) / "stfs"
+    home = os.environ.get("HOME")
+    if home:
+        return Path(home) / ".local" / "state" / "stfs"
+    return Path("/var/lib/stfs") if os.geteuid() == 0 else Path(f"/tmp/stfs-state-{os.geteuid()}")
+
+
+def runtime_dir() -> Path:
+    """Where control sockets live: ``/run/stfs`` for root, else the XDG runtime dir."""
+    if os.geteuid() == 0:
+        return Path("/run/stfs")
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg:
+        return Path(xdg) / "stfs"
+    return Path(f"/tmp/stfs-run-{os.geteuid()}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MountConfig:
+    """Everything a mount needs, validated; built once by the CLI."""
+
+    source: str | None
+    """Backing directory, or None for the built-in demo source."""
+    mountpoint: str
+    foreground: bool = False
+    allow_other: bool = False
+    fsname: str | None = None
+    memory_limit: int = 50 * MIB
+    cache_size: int | None = None
+    max_streams: int = 10
+    min_chunk: int = 4 * KIB
+    max_chunk: int = 1 * MIB
+    attr_timeout: float = 1.0
+    entry_timeout: float = 1.0
+    state_dir: Path = dataclasses.field(default_factory=default_state_dir)
+    log_level: str = "info"
+    log_file: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.memory_limit <= 0:
+            raise UsageError("--memory-limit must be greater than 0")
+        if self.min_chunk < 512:
+            raise UsageError("--min-chunk must be at least 512 bytes")
+        if self.min_chunk > self.max_chunk:
+            raise UsageError(
+                f"--min-chunk ({format_size(self.min_chunk)}) is larger than "
+                f"--max-chunk ({format_size(self.max_chunk)})"
+            )
+        if self.max_chunk > self.memory_limit:
+            raise UsageError(
+                f"--max-chunk ({format_size(self.max_chunk)}) is larger than "
+                f"--memory-limit ({format_size(self.memory_limit)})"
+            )
+        if self.cache_size is not None and self.cache_size > self.memory_limit:
+            raise UsageError(
+                f"--cache-size ({format_size(self.cache_size)}) is larger than "
+                f"--memory-limit ({format_size(self.memory_limit)})"
+            )
+        if self.max_streams < 1:
+            raise UsageError("--max-streams must be at least 1")
+        if not 0 <= self.attr_timeout <= 3600 or not 0 <= self.entry_timeout <= 3600:
+            raise UsageError("--attr-timeout and --entry-timeout must be between 0 and 3600 seconds")
+        if self.log_level not in LOG_LEVELS:
+            raise UsageError(f"invalid --log-level '{self.log_level}': choose from {', '.join(LOG_LEVELS)}")
+
+    @property
+    def cache_limit_bytes(self) -> int:
+        """Page-cache share of the memory limit (default: three quarters)."""
+        return self.cache_size if self.cache_size is not None else self.memory_limit * 3 // 4

@@ -1,0 +1,116 @@
+"""Control socket: how ``stfs stats`` reaches a running daemon.
+
+One Unix stream socket per mount under the runtime directory, named by a hash
+of the mount point, owner-only (directory 0700, socket 0600). The protocol is
+one request line (``stats``) answered by one JSON line. Stats never come from a
+file inside the mounted view.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import os
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from stfs.config import runtime_dir
+from stfs.errors import StfsError
+
+log = logging.getLogger(__name__)
+
+REQUEST_LIMIT = 4096
+
+
+def socket_path(mountpoint: str) -> Path:
+    """Control socket of the mount at *mountpoint* (an absolute, resolved path)."""
+    digest = hashlib.sha256(os.fsencode(mountpoint)).hexdigest()[:20]
+    return runtime_dir() / f"{digest}.sock"
+
+
+async def serve(
+    path: Path,
+    snapshot: Callable[[], dict[str, Any]],
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Answer stats requests on *path* until cancelled; removes the socket after."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(path.parent, 0o700)
+    try:
+        path.unlink()  # left by a daemon that was killed
+    except FileNotFoundError:
+        pass
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)
+    try:
+        await sock.bind(os.fspath(path))
+    finally:
+        os.umask(old_umask)
+    sock.listen(16)
+    listener = trio.SocketListener(sock)
+
+    async def handle(stream: trio.SocketStream) -> None:
+        async with stream:
+            request = b""
+            with trio.move_on_after(5):
+                while b"\n" not in request and len(request) < REQUEST_LIMIT:
+                    chunk = await stream.receive_some(REQUEST_LIMIT)
+                    if not chunk:
+                        break
+                    request += chunk
+            command = request.strip().decode("ascii", "replace")
+            if command == "stats":
+                reply: dict[str, Any] = snapshot()
+            else:
+                reply = {"error": f"unknown request {command!r}"}
+            try:
+                await stream.send_all(json.dumps(reply).encode() + b"\n")
+            except trio.BrokenResourceError:
+                pass
+
+    try:
+        task_status.started()
+        await trio.serve_listeners(handle, [listener])
+    finally:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def request_stats(mountpoint: str, timeout: float = 5.0) -> dict[str, Any]:
+    """Ask the daemon serving *mountpoint* for its stats (blocking client)."""
+    path = socket_path(mountpoint)
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(os.fspath(path))
+            sock.sendall(b"stats\n")
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+    except FileNotFoundError:
+        raise StfsError(f"{mountpoint}: no stfs daemon is serving this mount") from None
+    except (ConnectionRefusedError, socket.timeout) as exc:
+        raise StfsError(f"{mountpoint}: the stfs daemon does not answer ({exc})") from None
+    except PermissionError:
+        raise StfsError(f"{mountpoint}: permission denied (stats are for the mount's owner)") from None
+    except OSError as exc:
+        raise StfsError(f"{mountpoint}: cannot reach the stfs daemon: {os.strerror(exc.errno or errno.EIO)}") from None
+    try:
+        reply = json.loads(data)
+    except ValueError:
+        raise StfsError(f"{mountpoint}: the stfs daemon sent an unreadable reply") from None
+    if not isinstance(reply, dict):
+        raise StfsError(f"{mountpoint}: the stfs daemon sent an unreadable reply")
+    return reply

@@ -1,0 +1,106 @@
+"""Open-file registry: every handle the kernel holds and the resources behind it.
+
+A handle owns its backing descriptor; ``release`` (or ``close_all`` at
+unmount) is the one place that closes it. Directory handles own a snapshot of
+the listing taken at ``opendir``, so offsets stay valid while the kernel pages
+through it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import itertools
+import os
+import time
+
+from stfs.backing import FileIdentity
+
+
+@dataclasses.dataclass
+class OpenFile:
+    """An open regular file."""
+
+    fh: int
+    nodeid: int
+    path: bytes
+    fd: int
+    identity: FileIdentity
+    opened_at: float = dataclasses.field(default_factory=time.monotonic)
+    bytes_read: int = 0
+
+
+@dataclasses.dataclass
+class OpenDir:
+    """An open directory and the listing the kernel pages through."""
+
+    fh: int
+    nodeid: int
+    path: bytes
+    entries: list[tuple[bytes, os.stat_result]]
+
+
+class HandleTable:
+    """File and directory handles by fh; pure bookkeeping, closes descriptors on release."""
+
+    def __init__(self) -> None:
+        self._files: dict[int, OpenFile] = {}
+        self._dirs: dict[int, OpenDir] = {}
+        self._next_fh = itertools.count(1)
+
+    @property
+    def open_files(self) -> int:
+        return len(self._files)
+
+    @property
+    def open_dirs(self) -> int:
+        return len(self._dirs)
+
+    def add_file(self, nodeid: int, path: bytes, fd: int, identity: FileIdentity) -> OpenFile:
+        handle = OpenFile(next(self._next_fh), nodeid, path, fd, identity)
+        self._files[handle.fh] = handle
+        return handle
+
+    def add_dir(self, nodeid: int, path: bytes, entries: list[tuple[bytes, os.stat_result]]) -> OpenDir:
+        handle = OpenDir(next(self._next_fh), nodeid, path, entries)
+        self._dirs[handle.fh] = handle
+        return handle
+
+    def file(self, fh: int) -> OpenFile:
+        try:
+            return self._files[fh]
+        except KeyError:
+            raise OSError(errno.EBADF, os.strerror(errno.EBADF)) from None
+
+    def dir(self, fh: int) -> OpenDir:
+        try:
+            return self._dirs[fh]
+        except KeyError:
+            raise OSError(errno.EBADF, os.strerror(errno.EBADF)) from None
+
+    def file_for_node(self, nodeid: int) -> OpenFile | None:
+        """Any open handle of *nodeid* (its descriptor still reaches the object)."""
+        for handle in self._files.values():
+            if handle.nodeid == nodeid:
+                return handle
+        return None
+
+    def pop_file(self, fh: int) -> OpenFile | None:
+        """Forget file handle *fh*; the caller closes its descriptor."""
+        return self._files.pop(fh, None)
+
+    def pop_dir(self, fh: int) -> OpenDir | None:
+        return self._dirs.pop(fh, None)
+
+    def files(self) -> list[OpenFile]:
+        return list(self._files.values())
+
+    def close_all(self) -> None:
+        """Close every descriptor (unmount)."""
+        for handle in self._files.values():
+            try:
+                os.close(handle.fd)
+            except OSError:
+                pass
+        self._files.clear()
+        self._dirs.clear()

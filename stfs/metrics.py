@@ -1,0 +1,57 @@
+"""Live counters of the mount, and the stats snapshot served to ``stfs stats``.
+
+Components increment counters here; nothing here does I/O except reading the
+process's own RSS when a snapshot is taken.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any
+
+import psutil
+
+
+@dataclasses.dataclass
+class Counters:
+    """Monotonic counters and current gauges, updated on the event loop."""
+
+    started_at: float = dataclasses.field(default_factory=time.monotonic)
+    bytes_served: int = 0
+    reads: int = 0
+    errors: int = 0
+    retries: int = 0
+    recoveries: int = 0
+    cache_hits: int = 0
+    cache_misses: int = 0
+    active_reads: int = 0
+    in_flight_bytes: int = 0
+    peak_held_bytes: int = 0
+
+    def uptime_s(self) -> float:
+        return time.monotonic() - self.started_at
+
+
+_process = psutil.Process(os.getpid())
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process now."""
+    return int(_process.memory_info().rss)
+
+
+def reset_process() -> None:
+    """Point RSS readings at the current process (after daemonizing forks)."""
+    global _process
+    _process = psutil.Process(os.getpid())
+
+
+def open_fd_count() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def snapshot_json_ready(values: dict[str, Any]) -> dict[str, Any]:
+    """Round floats so the JSON stays readable."""
+    return {k: round(v, 3) if isinstance(v, float) else v for k, v in values.items()}

@@ -1,0 +1,369 @@
+"""Mount lifecycle: checks, daemonizing, readiness, signals, unmount.
+
+``mount_command`` validates SOURCE and MOUNTPOINT (cleaning a stale mount left
+by a killed daemon), then either serves in the foreground or forks a daemon
+and waits until the daemon reports the mount live (or its one-line error)
+through a pipe. The daemon is a trio program: the FUSE main loop, the signal
+watcher and the control socket run in one nursery; whatever is set up is torn
+down in reverse order on unmount, signal or error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pyfuse3
+import trio
+
+from stfs import control, demo, logs, metrics
+from stfs.backing import Backing
+from stfs.config import MountConfig
+from stfs.errors import EXIT_FAILURE, EXIT_OK, StfsError, path_error
+from stfs.fs_ops import Operations
+from stfs.metrics import Counters
+from stfs.mountinfo import mount_at
+from stfs.view import View
+
+log = logging.getLogger("stfs")
+
+FSTYPE = "fuse.stfs"
+PROBE_TIMEOUT_S = 5.0
+READY_TIMEOUT_S = 30.0
+_STALE_ERRNOS = (errno.ENOTCONN, errno.ECONNABORTED)
+
+
+# -- checks ----------------------------------------------------------------
+
+
+def _probe(path: str, timeout: float = PROBE_TIMEOUT_S) -> os.stat_result | OSError | None:
+    """stat *path* in a thread, since a hung FUSE mount never answers.
+
+    Returns the stat result, the OSError, or None when it did not answer in time.
+    """
+    result: list[os.stat_result | OSError] = []
+
+    def run() -> None:
+        try:
+            result.append(os.stat(path))
+        except OSError as exc:
+            result.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return result[0] if result else None
+
+
+def _resolved(path: str) -> str:
+    """Absolute path with symlinks resolved in the parent (the last component may be stale)."""
+    path = os.path.abspath(path)
+    parent, name = os.path.split(path)
+    return os.path.join(os.path.realpath(parent), name) if name else path
+
+
+def detach(mountpoint: str) -> None:
+    """Lazily unmount *mountpoint* (used for stale mounts)."""
+    subprocess.run(["fusermount3", "-u", "-z", "-q", mountpoint],
+                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                   check=False)
+    entry = mount_at(mountpoint)
+    if entry is not None and os.geteuid() == 0:
+        subprocess.run(["umount", "-l", mountpoint], stdin=subprocess.DEVNULL,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+
+
+def check_source(source: str) -> str:
+    """SOURCE must be a readable directory; returns its resolved path."""
+    try:
+        st = os.stat(source)
+    except OSError as exc:
+        raise path_error(source, exc) from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise StfsError(f"{source}: not a directory")
+    try:
+        fd = os.open(source, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            with os.scandir(fd) as it:
+                next(it, None)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise path_error(source, exc) from None
+    if not os.access(source, os.X_OK):
+        raise StfsError(f"{source}: permission denied")
+    return os.path.realpath(source)
+
+
+def check_mountpoint(mountpoint: str, source: str) -> str:
+    """MOUNTPOINT must be a directory that is not mounted and not inside SOURCE.
+
+    A stale stfs mount (daemon gone: "Transport endpoint is not connected") is
+    detached first. Returns the resolved mount point.
+    """
+    path = _resolved(mountpoint)
+    probe = _probe(path)
+    if isinstance(probe, OSError) and probe.errno in _STALE_ERRNOS:
+        entry = mount_at(path)
+        if entry is not None and entry.fstype.startswith("fuse"):
+            log.warning("%s: cleaning up a stale mount left by a daemon that died", path)
+            detach(path)
+            probe = _probe(path)
+    if probe is None:
+        raise StfsError(f"{mountpoint}: mount point does not respond (a hung file system is mounted there)")
+    if isinstance(probe, OSError):
+        raise path_error(mountpoint, probe)
+    if not stat.S_ISDIR(probe.st_mode):
+        raise StfsError(f"{mountpoint}: not a directory")
+    path = os.path.realpath(path)
+    if path.startswith(source.rstrip("/") + "/"):
+        raise StfsError(f"{mountpoint}: mount point is inside SOURCE {source} (the view would contain itself)")
+    entry = mount_at(path)
+    if entry is not None and (path != source or entry.fstype == FSTYPE):
+        raise StfsError(f"{mountpoint}: already a mount point ({entry.fstype} from {entry.source}); unmount it first")
+    return path
+
+
+# -- daemon ----------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _captured_stderr() -> Iterator[Callable[[], str]]:
+    """Catch what libfuse prints on fd 2 while mounting, for a one-line error."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+
+        def text() -> str:
+            capture.seek(0)
+            lines = capture.read().decode("utf-8", "replace").strip().splitlines()
+            return lines[-1].strip() if lines else ""
+
+        try:
+            yield text
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def _fuse_options(config: MountConfig, source: str) -> set[str]:
+    fsname = (config.fsname or source).replace("\\", "\\\\").replace(",", "\\,")
+    options = {"fsname=" + fsname, "subtype=stfs", "ro", "default_permissions"}
+    if config.allow_other:
+        options.add("allow_other")
+    return options
+
+
+class Daemon:
+    """One mount's runtime: owns the view, the FUSE session and the control socket."""
+
+    def __init__(self, config: MountConfig, source: str, mountpoint: str) -> None:
+        self.config = config
+        self.source = source
+        self.mountpoint = mountpoint
+        self.counters = Counters()
+        self.view: View | None = None
+        self.unmount_on_exit = False
+
+    def stats(self) -> dict[str, Any]:
+        """The live stats snapshot (SPEC.md's keys)."""
+        assert self.view is not None
+        c = self.counters
+        handles = self.view.handles
+        return metrics.snapshot_json_ready({
+            "version": 1,
+            "pid": os.getpid(),
+            "source": self.source,
+            "mountpoint": self.mountpoint,
+            "bytes_served": c.bytes_served,
+            "reads": c.reads,
+            "cache_bytes": 0,
+            "cache_limit_bytes": self.config.cache_limit_bytes,
+            "cache_hits": c.cache_hits,
+            "cache_misses": c.cache_misses,
+            "memory_limit_bytes": self.config.memory_limit,
+            "held_bytes": c.in_flight_bytes,
+            "peak_held_bytes": c.peak_held_bytes,
+            "open_handles": handles.open_files,
+            "open_dirs": handles.open_dirs,
+            "known_inodes": len(self.view.inodes),
+            "active_reads": c.active_reads,
+            "pressure_level": "none",
+            "rss_bytes": metrics.rss_bytes(),
+            "open_fds": metrics.open_fd_count(),
+            "retries": c.retries,
+            "recoveries": c.recoveries,
+            "errors": c.errors,
+            "uptime_s": c.uptime_s(),
+        })
+
+    def run(self, on_ready: Callable[[], None]) -> int:
+        """Mount, serve until unmounted or signalled, clean up. Returns the exit status."""
+        try:
+            backing = Backing(self.source)
+        except OSError as exc:
+            raise path_error(self.source, exc) from None
+        self.view = View(backing, self.counters, self.config.max_streams)
+        ops = Operations(self.view, self.config.attr_timeout, self.config.entry_timeout)
+        try:
+            with _captured_stderr() as libfuse_said:
+                try:
+                    pyfuse3.init(ops, self.mountpoint, _fuse_options(self.config, self.source))
+                except RuntimeError:
+                    cause = libfuse_said() or "the kernel refused the mount"
+                    raise StfsError(f"{self.mountpoint}: mount failed: {cause}") from None
+            try:
+                trio.run(self._serve, on_ready)
+            finally:
+                pyfuse3.close(unmount=self.unmount_on_exit)
+                log.info("unmounted %s: %d bytes served in %d reads, %d errors",
+                         self.mountpoint, self.counters.bytes_served, self.counters.reads,
+                         self.counters.errors)
+        finally:
+            self.view.close()
+        return EXIT_OK
+
+    async def _serve(self, on_ready: Callable[[], None]) -> None:
+        async with trio.open_nursery() as nursery:
+
+            async def fuse_main() -> None:
+                await pyfuse3.main()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(fuse_main)
+            nursery.start_soon(self._watch_signals)
+            await nursery.start(control.serve, control.socket_path(self.mountpoint), self.stats)
+            # A statfs through our own handlers proves the mount answers.
+            with trio.fail_after(READY_TIMEOUT_S):
+                await trio.to_thread.run_sync(os.statvfs, self.mountpoint, abandon_on_cancel=True)
+            log.info("mounted %s on %s (memory limit %d bytes)", self.source, self.mountpoint,
+                     self.config.memory_limit)
+            on_ready()
+
+    async def _watch_signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async for signum in signals:
+                log.info("%s received: unmounting %s", signal.Signals(signum).name, self.mountpoint)
+                self.unmount_on_exit = True
+                pyfuse3.terminate()
+                return
+
+
+# -- commands --------------------------------------------------------------
+
+
+def _redirect_stdio(log_file: str | None) -> None:
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.dup2(devnull, 1)
+    if log_file is None and not logs.stderr_is_journal():
+        os.dup2(devnull, 2)
+    os.close(devnull)
+
+
+def mount_command(config: MountConfig) -> int:
+    """``stfs mount``: returns once the mount is live (or raises StfsError)."""
+    logs.setup(config.log_level, config.log_file)
+    source = config.source or str(demo.source_path(config.state_dir))
+    mountpoint = check_mountpoint(config.mountpoint, os.path.realpath(source))
+    if config.source is None:
+        try:
+            demo.ensure_demo_source(config.state_dir)
+        except OSError as exc:
+            raise path_error(str(config.state_dir), exc) from None
+        log.info("no SOURCE given: serving the demo source %s", source)
+    source = check_source(source)
+    daemon = Daemon(config, source, mountpoint)
+    if config.foreground:
+        return daemon.run(on_ready=lambda: None)
+    return _daemonize(daemon)
+
+
+def _daemonize(daemon: Daemon) -> int:
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the daemon
+        os.close(read_end)
+        status = EXIT_FAILURE
+        try:
+            os.setsid()
+            metrics.reset_process()
+            _redirect_stdio(daemon.config.log_file)
+
+            def ready() -> None:
+                os.write(write_end, b"READY\n")
+                os.close(write_end)
+
+            status = daemon.run(on_ready=ready)
+        except StfsError as exc:
+            _report(write_end, f"ERROR {exc.exit_code} {exc.message}")
+            status = exc.exit_code
+        except BaseException as exc:  # noqa: BLE001 - the parent must hear about it
+            log.exception("daemon failed")
+            _report(write_end, f"ERROR {EXIT_FAILURE} {daemon.mountpoint}: daemon failed: {exc!r}")
+        finally:
+            logging.shutdown()
+            os._exit(status)
+    os.close(write_end)
+    message = b""
+    while True:
+        chunk = os.read(read_end, 4096)
+        if not chunk:
+            break
+        message += chunk
+    os.close(read_end)
+    text = message.decode("utf-8", "replace").strip()
+    if text == "READY":
+        return EXIT_OK
+    if text.startswith("ERROR "):
+        _, code, detail = text.split(" ", 2)
+        raise StfsError(detail, int(code))
+    os.waitpid(pid, 0)
+    raise StfsError(f"{daemon.mountpoint}: the daemon exited before the mount was ready")
+
+
+def _report(fd: int, text: str) -> None:
+    try:
+        os.write(fd, text.encode("utf-8", "replace") + b"\n")
+    except OSError:
+        pass
+
+
+def umount_command(mountpoint: str, lazy: bool) -> int:
+    """``stfs umount``: unmount an stfs mount; busy mounts fail unless *lazy*."""
+    path = _resolved(mountpoint)
+    entry = mount_at(path)
+    if entry is None:
+        probe = _probe(path)
+        if isinstance(probe, OSError) and probe.errno == errno.ENOENT:
+            raise path_error(mountpoint, probe)
+        raise StfsError(f"{mountpoint}: not an stfs mount (nothing is mounted there)")
+    if entry.fstype != FSTYPE:
+        raise StfsError(f"{mountpoint}: not an stfs mount (it is {entry.fstype})")
+    command = ["fusermount3", "-u"] + (["-z"] if lazy else []) + [path]
+    result = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                            check=False)
+    if result.returncode != 0:
+        said = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else ""
+        if "busy" in said.lower():
+            raise StfsError(f"{mountpoint}: mount point is busy (files or directories in use); "
+                            "close them or use --lazy")
+        raise StfsError(f"{mountpoint}: unmount failed: {said or 'fusermount3 failed'}")
+    # Let the daemon finish so that an immediate remount finds the place free.
+    socket_file = control.socket_path(path)
+    deadline = time.monotonic() + 10
+    while socket_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return EXIT_OK

@@ -1,0 +1,166 @@
+"""Shared fixtures: real stfs mounts that are always unmounted, whatever happens.
+
+``mounter`` starts ``stfs mount -f`` as a child process (so the test knows the
+daemon's PID), waits until the mount answers, and in teardown unmounts
+(``fusermount3 -u``, ``-uz`` as the last resort), ends the daemon by PID and
+fails the test if the daemon logged an unexpected error or traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from stfs.mountinfo import mount_at
+
+STFS = [sys.executable, "-m", "stfs"]
+MOUNT_TIMEOUT_S = 20.0
+
+
+def run_stfs(*args: str, timeout: float = 60, **kwargs: object) -> subprocess.CompletedProcess[str]:
+    """Run the stfs command line; output captured as text."""
+    return subprocess.run([*STFS, *args], capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL, **kwargs)  # type: ignore[call-overload]
+
+
+def is_mounted(path: Path | str) -> bool:
+    entry = mount_at(os.path.realpath(path))
+    return entry is not None and entry.fstype == "fuse.stfs"
+
+
+def force_unmount(path: Path | str) -> None:
+    """Last resort: lazy unmount, ignoring errors."""
+    subprocess.run(["fusermount3", "-u", "-z", "-q", str(path)], stdin=subprocess.DEVNULL,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.02) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())
+
+
+class Mount:
+    """One foreground stfs daemon serving SOURCE at MOUNTPOINT."""
+
+    def __init__(self, source: Path, mountpoint: Path, log_file: Path, args: list[str]) -> None:
+        self.source = source
+        self.mountpoint = mountpoint
+        self.log_file = log_file
+        self.args = args
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Mount:
+        self.proc = subprocess.Popen(
+            [*STFS, "mount", "-f", "--log-file", str(self.log_file), *self.args,
+             str(self.source), str(self.mountpoint)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + MOUNT_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                err = self.proc.stderr.read().decode() if self.proc.stderr else ""
+                raise AssertionError(f"stfs exited with {self.proc.returncode}: {err}\n{self.log()}")
+            if is_mounted(self.mountpoint) and "mounted " in self.log():
+                return self
+            time.sleep(0.02)
+        raise AssertionError(f"stfs did not mount within {MOUNT_TIMEOUT_S}s\n{self.log()}")
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def log(self) -> str:
+        try:
+            return self.log_file.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def stats(self) -> dict[str, object]:
+        import json
+
+        result = run_stfs("stats", "--json", str(self.mountpoint))
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)  # type: ignore[no-any-return]
+
+    def unmount(self, timeout: float = 15) -> int | None:
+        """Unmount and wait for the daemon; returns its exit status."""
+        if self.proc is None:
+            return None
+        if is_mounted(self.mountpoint):
+            subprocess.run(["fusermount3", "-u", str(self.mountpoint)], stdin=subprocess.DEVNULL,
+                           capture_output=True, check=False)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                return self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                return self.proc.wait(5)
+        finally:
+            if is_mounted(self.mountpoint):
+                force_unmount(self.mountpoint)
+            if self.proc.stderr:
+                self.proc.stderr.close()
+
+
+UNEXPECTED_LOG = ("Traceback", " ERROR ", " CRITICAL ")
+
+
+@pytest.fixture
+def mounter(tmp_path: Path) -> Iterator:  # type: ignore[type-arg]
+    """Factory: ``mounter(source, *extra_args, mountpoint=None)`` -> a live Mount."""
+    mounts: list[Mount] = []
+    allowed: list[str] = []
+
+    def make(source: Path, *args: str, mountpoint: Path | None = None,
+             allow_log: tuple[str, ...] = ()) -> Mount:
+        if mountpoint is None:
+            mountpoint = tmp_path / f"mnt{len(mounts)}"
+            mountpoint.mkdir()
+        allowed.extend(allow_log)
+        mount = Mount(source, mountpoint, tmp_path / f"stfs{len(mounts)}.log", list(args))
+        mounts.append(mount)
+        return mount.start()
+
+    try:
+        yield make
+    finally:
+        for mount in reversed(mounts):
+            mount.unmount()
+    for mount in mounts:
+        for line in mount.log().splitlines():
+            if any(bad in line for bad in UNEXPECTED_LOG) and not any(a in line for a in allowed):
+                pytest.fail(f"unexpected daemon log line: {line}")
+
+
+@pytest.fixture
+def source(tmp_path: Path) -> Path:
+    """A small SOURCE tree with a file of each common kind."""
+    src = tmp_path / "source"
+    (src / "dir" / "sub").mkdir(parents=True)
+    (src / "hello.txt").write_text("hello, world\n")
+    (src / "dir" / "sub" / "deep.txt").write_text("deep\n")
+    (src / "data.bin").write_bytes(os.urandom(3 * 1024 * 1024 + 17))
+    (src / "empty").write_bytes(b"")
+    os.symlink("hello.txt", src / "link")
+    os.link(src / "hello.txt", src / "dir" / "hardlink")
+    return src
+
+
+@pytest.fixture
+def mounted(mounter, source: Path) -> Mount:  # type: ignore[no-untyped-def]
+    """SOURCE from the ``source`` fixture, mounted with default options."""
+    return mounter(source)  # type: ignore[no-any-return]
