@@ -12,6 +12,7 @@ OPTS`` without the ``mount`` word; that form is accepted as ``stfs mount``.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,9 +43,9 @@ _VALUE_OPTIONS: dict[str, Any] = {
     "max_streams": lambda v: _parse_int(v, "--max-streams"),
     "attr_timeout": lambda v: _parse_seconds(v, "--attr-timeout"),
     "entry_timeout": lambda v: _parse_seconds(v, "--entry-timeout"),
-    "state_dir": Path,
+    "state_dir": lambda v: Path(os.path.abspath(v)),
     "log_level": lambda v: _parse_log_level(v),
-    "log_file": str,
+    "log_file": os.path.abspath,
     "fsname": str,
 }
 _FLAG_OPTIONS = ("allow_other", "foreground")
@@ -179,9 +180,9 @@ def _mount_config(ns: argparse.Namespace) -> MountConfig:
         "max_streams": ns.max_streams and _parse_int(ns.max_streams, "--max-streams"),
         "attr_timeout": ns.attr_timeout and _parse_seconds(ns.attr_timeout, "--attr-timeout"),
         "entry_timeout": ns.entry_timeout and _parse_seconds(ns.entry_timeout, "--entry-timeout"),
-        "state_dir": ns.state_dir and Path(ns.state_dir),
+        "state_dir": ns.state_dir and Path(os.path.abspath(ns.state_dir)),
         "log_level": ns.log_level and _parse_log_level(ns.log_level),
-        "log_file": ns.log_file,
+        "log_file": ns.log_file and os.path.abspath(ns.log_file),
         "foreground": ns.foreground,
     }
     settings.update({k: v for k, v in explicit.items() if v is not None})
@@ -208,7 +209,7 @@ def _run(ns: argparse.Namespace) -> int:
 def main(args: Sequence[str] | None = None) -> int:
     """Entry point of the ``stfs`` command; returns the exit status."""
     argv = list(sys.argv[1:] if args is None else args)
-    debug = "debug" in argv and "--log-level" in argv or "log_level=debug" in " ".join(argv)
+    debug = any("debug" in arg for arg in argv)
     try:
         if argv and not argv[0].startswith("-") and argv[0] not in COMMANDS:
             if len([a for a in argv if not a.startswith("-")]) < 2:
@@ -222,7 +223,7 @@ def main(args: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("stfs: interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:  # noqa: BLE001 - a bug, but still no traceback for users
+    except Exception as exc:
         if debug:
             raise
         print(f"stfs: internal error: {exc!r} (run with --log-level debug for details)",

@@ -101,7 +101,7 @@ def request_stats(mountpoint: str, timeout: float = 5.0) -> dict[str, Any]:
                 data += chunk
     except FileNotFoundError:
         raise StfsError(f"{mountpoint}: no stfs daemon is serving this mount") from None
-    except (ConnectionRefusedError, socket.timeout) as exc:
+    except (TimeoutError, ConnectionRefusedError) as exc:
         raise StfsError(f"{mountpoint}: the stfs daemon does not answer ({exc})") from None
     except PermissionError:
         raise StfsError(f"{mountpoint}: permission denied (stats are for the mount's owner)") from None

@@ -12,7 +12,7 @@ import errno
 import functools
 import logging
 import os
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
@@ -26,7 +26,7 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
-def _fuse_errors(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+def _fuse_errors(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
     @functools.wraps(fn)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
@@ -50,7 +50,7 @@ async def _erofs(*_args: Any, **_kwargs: Any) -> Any:
     raise pyfuse3.FUSEError(errno.EROFS)
 
 
-class Operations(pyfuse3.Operations):  # type: ignore[misc]
+class Operations(pyfuse3.Operations):
     """The FUSE face of a ``View``."""
 
     supports_dot_lookup = True
@@ -85,7 +85,7 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
     # -- names and attributes ---------------------------------------------
 
     @_fuse_errors
-    async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
+    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         node, st = await self.view.lookup(parent_inode, name)
         return self._attrs(node.nodeid, st)
 
@@ -94,7 +94,7 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
             self.view.forget(nodeid, count)
 
     @_fuse_errors
-    async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         st = await self.view.getattr(inode)
         attrs = self._attrs(inode, st)
         if inode == ROOT_NODEID:
@@ -102,18 +102,18 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
         return attrs
 
     @_fuse_errors
-    async def readlink(self, inode: int, ctx: Any = None) -> bytes:
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
         return await self.view.readlink(inode)
 
     @_fuse_errors
-    async def access(self, inode: int, mode: int, ctx: Any = None) -> bool:
+    async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
         if mode & os.W_OK:
             raise pyfuse3.FUSEError(errno.EROFS)
         await self.view.getattr(inode)
         return True
 
     @_fuse_errors
-    async def statfs(self, ctx: Any = None) -> pyfuse3.StatvfsData:
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         vfs = await self.view.statfs()
         data = pyfuse3.StatvfsData()
         data.f_bsize = vfs.f_bsize
@@ -128,17 +128,17 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
         return data
 
     @_fuse_errors
-    async def listxattr(self, inode: int, ctx: Any = None) -> list[bytes]:
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         return await self.view.listxattr(inode)
 
     @_fuse_errors
-    async def getxattr(self, inode: int, name: bytes, ctx: Any = None) -> bytes:
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         return await self.view.getxattr(inode, name)
 
     # -- directories -------------------------------------------------------
 
     @_fuse_errors
-    async def opendir(self, inode: int, ctx: Any = None) -> int:
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         return (await self.view.opendir(inode)).fh
 
     @_fuse_errors
@@ -163,7 +163,7 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
     # -- files -------------------------------------------------------------
 
     @_fuse_errors
-    async def open(self, inode: int, flags: int, ctx: Any = None) -> pyfuse3.FileInfo:
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         handle, keep_cache = await self.view.open(inode, flags)
         return pyfuse3.FileInfo(fh=handle.fh, keep_cache=keep_cache)
 

@@ -288,7 +288,11 @@ def mount_command(config: MountConfig) -> int:
     daemon = Daemon(config, source, mountpoint)
     if config.foreground:
         return daemon.run(on_ready=lambda: None)
-    return _daemonize(daemon)
+    status = _daemonize(daemon)
+    if config.source is None:
+        print(f"stfs: demo source mounted at {mountpoint}; look with ls -l {mountpoint}, "
+              f"watch with stfs stats {mountpoint}, unmount with stfs umount {mountpoint}")
+    return status
 
 
 def _daemonize(daemon: Daemon) -> int:
@@ -299,6 +303,7 @@ def _daemonize(daemon: Daemon) -> int:
         status = EXIT_FAILURE
         try:
             os.setsid()
+            os.chdir("/")  # keep no directory busy; every path is absolute by now
             metrics.reset_process()
             _redirect_stdio(daemon.config.log_file)
 
@@ -310,7 +315,7 @@ def _daemonize(daemon: Daemon) -> int:
         except StfsError as exc:
             _report(write_end, f"ERROR {exc.exit_code} {exc.message}")
             status = exc.exit_code
-        except BaseException as exc:  # noqa: BLE001 - the parent must hear about it
+        except BaseException as exc:
             log.exception("daemon failed")
             _report(write_end, f"ERROR {EXIT_FAILURE} {daemon.mountpoint}: daemon failed: {exc!r}")
         finally:
