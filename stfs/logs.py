@@ -21,6 +21,18 @@ def stderr_is_journal() -> bool:
     return (st.st_dev, st.st_ino) == (dev, ino)
 
 
+class _QuietInterruptedReplies(logging.Filter):
+    """pyfuse3 logs a reply to a request the kernel already dropped (an unmount
+    racing a late RELEASE, an interrupted read) as an error; libfuse itself
+    treats ENOENT from a reply as "request interrupted" and says nothing."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "pyfuse3" and "No such file or directory" in record.getMessage():
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger().isEnabledFor(logging.DEBUG)
+        return True
+
+
 def setup(level: str, log_file: str | None) -> None:
     """Route the ``stfs`` loggers (and pyfuse3's) to one handler."""
     handler: logging.Handler
@@ -32,6 +44,7 @@ def setup(level: str, log_file: str | None) -> None:
         fmt = ("%(levelname)s %(message)s" if stderr_is_journal()
                else "%(asctime)s stfs[%(process)d] %(levelname)s %(message)s")
     handler.setFormatter(logging.Formatter(fmt))
+    handler.addFilter(_QuietInterruptedReplies())
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
