@@ -224,3 +224,20 @@ def pread_full(fd: int, size: int, offset: int) -> bytes:
         parts.append(more)
         got += len(more)
     return b"".join(parts)
+
+
+def pread_identified(fd: int, size: int, offset: int) -> tuple[bytes, FileIdentity]:
+    """``pread_full`` plus the identity the bytes belong to.
+
+    The descriptor is fstat'ed before and after the read; a change in between
+    means the file was written during the read, so it is read again (the bytes
+    of one version never come labelled with another).
+    """
+    before = FileIdentity.of(os.fstat(fd))
+    for _ in range(3):
+        data = pread_full(fd, size, offset)
+        after = FileIdentity.of(os.fstat(fd))
+        if after == before:
+            break
+        before = after
+    return data, before

@@ -1,47 +1,439 @@
-"""The read path: every FUSE read of file data enters here.
+"""The read path: every FUSE read of file data enters through ``ReadEngine.read``.
 
-``ReadEngine.read`` is the single entry point between the FUSE layer and the
-backing store. For now it serves each request with one positioned backing read
-in a worker thread, behind a bounded ``trio.CapacityLimiter``; the chunk
-engine (cache, budget, read-ahead) replaces what sits behind this entry point
-without touching ``fs_ops``.
+A request is served from the chunk cache when it can be; otherwise from one
+backing read of a whole chunk, run in a worker thread behind a bounded
+``trio.CapacityLimiter`` (the event loop never waits on disk). Concurrent
+readers of the same missing chunk share one backing read (single flight).
+Chunk sizes come from ``chunking`` (file size class, memory use, measured
+throughput, growing while a stream stays sequential); files under 1 MiB are
+read whole in one backing read. Sequential streams prefetch the next chunks
+(read-ahead) inside the memory budget; a seek, a release or a short budget
+stops it.
 
-It never blocks the event loop on disk I/O.
+Memory: every byte of file data is reserved in the ``MemoryBudget`` before it
+is read - chunks in flight, cached chunks, read-ahead and the reply buffer
+of a request that spans chunks. A request inside one cached chunk is answered
+with a memoryview of it, without a copy.
 """
 
 from __future__ import annotations
 
+import collections
+import dataclasses
+import errno
+import logging
+import os
+import time
+from typing import Any
+
 import trio
 
-from stfs.backing import pread_full
+from stfs.backing import FileIdentity, pread_identified
+from stfs.budget import MemoryBudget
+from stfs.cache import ChunkCache
+from stfs.chunking import (
+    PAGE,
+    STREAMING_TRIGGER,
+    AdaptiveChunkSizer,
+    ChunkPerformanceTracker,
+    StreamState,
+    power_of_two_ceil,
+)
 from stfs.handles import OpenFile
 from stfs.metrics import Counters
 
+log = logging.getLogger(__name__)
+
+LATENCY_SAMPLES = 2048
+IDENTITY_RETRIES = 4
+
+
+class _IdentityChanged(Exception):
+    """A backing read found the file changed since the handle last looked."""
+MAX_READAHEAD_BYTES = 16 * 1024 * 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    memory_limit: int
+    cache_limit: int
+    max_streams: int
+    min_chunk: int
+    max_chunk: int
+
+
+@dataclasses.dataclass
+class _Stream:
+    """The engine's state for one open handle."""
+
+    state: StreamState
+    tracker: ChunkPerformanceTracker
+    readahead_scopes: set[trio.CancelScope] = dataclasses.field(default_factory=set)
+    readahead_bytes: int = 0
+
+    def cancel_readahead(self) -> None:
+        for scope in self.readahead_scopes:
+            scope.cancel()
+
+
+class _Flight:
+    """One backing read in progress; readers of bytes inside it wait for it."""
+
+    __slots__ = ("data", "done", "error", "size", "start")
+
+    def __init__(self, start: int, size: int) -> None:
+        self.start = start
+        self.size = size
+        self.done = trio.Event()
+        self.data: bytes | None = None
+        self.error: BaseException | None = None
+
 
 class ReadEngine:
-    """Serves file data for open handles."""
+    """Serves file data for open handles through cache, budget and read-ahead."""
 
-    def __init__(self, counters: Counters, max_streams: int) -> None:
-        self._counters = counters
-        self._limiter = trio.CapacityLimiter(max_streams)
+    def __init__(self, config: EngineConfig, counters: Counters) -> None:
+        self.config = config
+        self.counters = counters
+        self.budget = MemoryBudget(config.memory_limit)
+        self.cache = ChunkCache(config.cache_limit, self.budget)
+        self.budget.set_reclaimer(self.cache.reclaim)
+        self.sizer = AdaptiveChunkSizer(config.min_chunk, config.max_chunk)
+        self.global_tracker = ChunkPerformanceTracker()
+        self._limiter = trio.CapacityLimiter(config.max_streams)
+        self._readahead_limiter = trio.CapacityLimiter(max(1, config.max_streams // 2))
+        self._flights: dict[FileIdentity, list[_Flight]] = {}
+        self._streams: dict[int, _Stream] = {}
+        self._nursery: trio.Nursery | None = None
+        self.readahead_enabled = True
+        self.latencies_s: collections.deque[float] = collections.deque(maxlen=LATENCY_SAMPLES)
+        self.request_sizes: collections.Counter[int] = collections.Counter()
+        self.backing_reads = 0
+        self.backing_read_sizes: collections.Counter[int] = collections.Counter()
+        self.readahead_chunks = 0
+        self.readahead_hits = 0
 
-    async def read(self, handle: OpenFile, offset: int, size: int) -> bytes:
+    # -- lifecycle ---------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Host read-ahead tasks until cancelled (started by the daemon's nursery)."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    def memory_use_pct(self) -> float:
+        """Share of the memory limit held by data that cannot be dropped at once
+        (in flight, read-ahead, replies); cached chunks are evictable on demand, so
+        a full cache is not pressure. The pressure monitor refines this."""
+        unevictable = self.budget.held_bytes - self.cache.cached_bytes
+        return 100.0 * unevictable / self.config.memory_limit
+
+    # -- the read path -------------------------------------------------------
+
+    async def read(self, handle: OpenFile, offset: int, size: int) -> bytes | memoryview:
         """Up to *size* bytes of *handle* at *offset*; fewer only at end of file."""
-        counters = self._counters
+        counters = self.counters
         counters.active_reads += 1
-        counters.in_flight_bytes += size
-        counters.peak_held_bytes = max(counters.peak_held_bytes, counters.in_flight_bytes)
         try:
-            data = await trio.to_thread.run_sync(
-                pread_full, handle.fd, size, offset, limiter=self._limiter
-            )
+            for _attempt in range(IDENTITY_RETRIES):
+                try:
+                    data = await self._read(handle, offset, size)
+                    break
+                except _IdentityChanged:
+                    continue  # the file changed under the handle: serve the new version whole
+            else:
+                raise OSError(errno.EIO, "file keeps changing while being read")
+        except BaseException:
+            counters.errors += 1
+            raise
         finally:
             counters.active_reads -= 1
-            counters.in_flight_bytes -= size
         counters.reads += 1
         counters.bytes_served += len(data)
         handle.bytes_read += len(data)
         return data
 
+    async def _read(self, handle: OpenFile, offset: int, size: int) -> bytes | memoryview:
+        self.request_sizes[size] += 1
+        stream = self._stream(handle)
+        chunk_size, sequential = self._plan(handle, stream, offset, size)
+        end = offset + size
+        start, data = await self._chunk_at(handle, offset, chunk_size, sequential, end)
+        chunk_end = start + len(data)
+        reply: bytes | memoryview | bytearray
+        if end <= chunk_end or chunk_end >= handle.identity.size:
+            # Inside one chunk (or the chunk ends the file): no copy.
+            reply = memoryview(data)[offset - start:min(end, chunk_end) - start]
+            served_end = min(end, chunk_end)
+            last_chunk_end = chunk_end
+        else:
+            del data
+            reply, last_chunk_end = await self._assemble(handle, offset, size, chunk_size)
+            served_end = offset + len(reply)
+        if sequential and served_end < handle.identity.size:
+            self._schedule_readahead(handle, stream, last_chunk_end, chunk_size)
+        return reply  # type: ignore[return-value]
+
+    async def _assemble(self, handle: OpenFile, offset: int, size: int,
+                        chunk_size: int) -> tuple[bytearray, int]:
+        """A request spanning chunks: copy the pieces into one reserved reply buffer.
+
+        Returns the reply and the end of the last chunk used. The reservation is
+        released just before returning: pyfuse3 writes the reply synchronously
+        after the read handler returns, before any other reservation can be
+        granted on the event loop.
+        """
+        await self.budget.reserve(size)
+        try:
+            reply = bytearray(size)
+            n = 0
+            chunk_end = offset
+            while n < size:
+                start, data = await self._chunk_at(handle, offset + n, chunk_size, False,
+                                                   offset + size)
+                chunk_end = start + len(data)
+                piece = memoryview(data)[offset + n - start:min(offset + size, chunk_end) - start]
+                taken = len(piece)
+                reply[n:n + taken] = piece
+                piece.release()
+                n += taken
+                if not taken or chunk_end >= handle.identity.size:
+                    break
+            del reply[n:]
+            return reply, chunk_end
+        finally:
+            self.budget.release(size)
+
+    def _stream(self, handle: OpenFile) -> _Stream:
+        stream = self._streams.get(handle.fh)
+        if stream is None:
+            base = self._base_chunk(handle.identity)
+            stream = _Stream(StreamState(chunk_size=base), ChunkPerformanceTracker())
+            self._streams[handle.fh] = stream
+        return stream
+
+    def _is_small(self, identity: FileIdentity) -> bool:
+        return identity.size < STREAMING_TRIGGER and identity.size <= self.config.max_chunk
+
+    def _base_chunk(self, identity: FileIdentity) -> int:
+        if self._is_small(identity):
+            return self.whole_file_chunk(identity.size)
+        size = self.sizer.base_size(identity.size, self.memory_use_pct(),
+                                    self.global_tracker.throughputs())
+        return self.sizer.aligned(size)
+
+    def whole_file_chunk(self, file_size: int) -> int:
+        """Small files are one chunk: the next power of two that holds them."""
+        return max(PAGE, power_of_two_ceil(file_size))
+
+    def _plan(self, handle: OpenFile, stream: _Stream, offset: int, size: int) -> tuple[int, bool]:
+        """Chunk size for this request and whether the stream is sequential."""
+        identity = handle.identity
+        if self._is_small(identity):
+            return self.whole_file_chunk(identity.size), False
+        memory_pct = self.memory_use_pct()
+        base = self.sizer.aligned(self.sizer.base_size(identity.size, memory_pct,
+                                                       stream.tracker.throughputs()))
+        cap = self.sizer.cap(memory_pct)
+        window = self._max_window_chunks(stream.state.chunk_size)
+        sequential = stream.state.observe(offset, size, base, cap, window)
+        if not sequential:
+            stream.cancel_readahead()
+        return stream.state.chunk_size, sequential
+
+    def _max_window_chunks(self, chunk_size: int) -> int:
+        """Read-ahead window bound: a share of the cache per active stream."""
+        streams = max(1, len(self._streams))
+        per_stream = min(MAX_READAHEAD_BYTES, self.config.cache_limit // (2 * streams))
+        return max(0, per_stream // max(chunk_size, 1))
+
+    async def _chunk_at(self, handle: OpenFile, offset: int, chunk_size: int,
+                        sequential: bool, want_end: int) -> tuple[int, bytes]:
+        """The chunk holding *offset* as (start, data): from the cache, a read in
+        flight, or a new backing read.
+
+        A new chunk starts at *offset* itself for a sequential stream (so chunks
+        follow the kernel's requests and later requests fall inside one chunk),
+        at the chunk-size boundary otherwise (so random readers share chunks). A
+        sequential request only partly covered by a cached chunk is re-read from
+        its own offset rather than assembled from two chunks.
+        """
+        identity = handle.identity
+        while True:
+            found = self.cache.lookup(identity, offset, handle.fh)
+            if found is not None:
+                start, data = found
+                covered = start + len(data) >= min(want_end, identity.size)
+                if covered or not sequential:
+                    self.counters.cache_hits += 1
+                    return found
+                del found, data
+            flight = self._flight_at(identity, offset)
+            if flight is None:
+                break
+            await flight.done.wait()
+            if flight.error is not None:
+                raise flight.error
+            # Landed in the cache (or was cancelled): look again.
+            landed: bytes | None = flight.data
+            if landed is not None and flight.start <= offset < flight.start + len(landed):
+                if flight.start + len(landed) >= min(want_end, identity.size) or not sequential:
+                    self.counters.cache_hits += 1
+                    return flight.start, landed
+                break
+        self.counters.cache_misses += 1
+        start = offset if sequential else offset - offset % chunk_size
+        fetched = await self._fetch(handle, self._stream(handle), start, chunk_size,
+                                    speculative=False)
+        assert fetched is not None
+        return start, fetched
+
+    def _flight_at(self, identity: FileIdentity, offset: int) -> _Flight | None:
+        for flight in self._flights.get(identity, ()):
+            if flight.start <= offset < flight.start + flight.size:
+                return flight
+        return None
+
+    async def _fetch(self, handle: OpenFile, stream: _Stream, start: int, chunk_size: int,
+                     speculative: bool) -> bytes | None:
+        """Read one chunk from SOURCE into the cache (single flight per chunk)."""
+        identity = handle.identity
+        if speculative:
+            if self._flight_at(identity, start) is not None:
+                return None
+            if not self.budget.try_reserve_speculative(chunk_size):
+                return None
+        else:
+            await self.budget.reserve(chunk_size)
+        flight = _Flight(start, chunk_size)
+        flights = self._flights.setdefault(identity, [])
+        flights.append(flight)
+        cached = False
+        try:
+            limiter = self._readahead_limiter if speculative else None
+            data, identity_now = await self._backing_read(handle, stream, start, chunk_size,
+                                                          limiter)
+            if identity_now != identity:
+                log.info("%s changed while open: serving its new version",
+                         os.fsdecode(handle.path))
+                handle.identity = identity_now
+                raise _IdentityChanged
+            flight.data = data
+            self.cache.insert((identity, start), data, chunk_size, handle.fh)
+            cached = True
+            return data
+        except (OSError, _IdentityChanged) as exc:
+            flight.error = exc  # never a Cancelled: that belongs to this task alone
+            raise
+        finally:
+            if speculative:
+                self.budget.speculative_done(chunk_size)
+            if not cached:
+                self.budget.release(chunk_size)
+            flights.remove(flight)
+            if not flights:
+                del self._flights[identity]
+            flight.done.set()
+
+    async def _backing_read(self, handle: OpenFile, stream: _Stream, start: int, size: int,
+                            extra_limiter: trio.CapacityLimiter | None
+                            ) -> tuple[bytes, FileIdentity]:
+        async with _maybe(extra_limiter):
+            began = time.monotonic()
+            data, identity = await trio.to_thread.run_sync(pread_identified, handle.fd, size,
+                                                           start, limiter=self._limiter)
+        seconds = time.monotonic() - began
+        self.backing_reads += 1
+        self.backing_read_sizes[size] += 1
+        self.latencies_s.append(seconds)
+        stream.tracker.record(size, seconds)
+        self.global_tracker.record(size, seconds)
+        return data, identity
+
+    # -- read-ahead ----------------------------------------------------------
+
+    def _schedule_readahead(self, handle: OpenFile, stream: _Stream, next_start: int,
+                            chunk_size: int) -> None:
+        """Prefetch up to the stream's window of chunks, chained from *next_start*."""
+        window = stream.state.readahead_chunks
+        if not self.readahead_enabled or window <= 0 or self._nursery is None:
+            return
+        identity = handle.identity
+        limit_bytes = window * chunk_size
+        chunk_start = next_start
+        for _ in range(window):
+            if chunk_start >= identity.size or stream.readahead_bytes + chunk_size > limit_bytes:
+                break
+            found = self.cache.lookup(identity, chunk_start, -1)
+            if found is not None:
+                chunk_start = found[0] + len(found[1])
+                continue
+            flight = self._flight_at(identity, chunk_start)
+            if flight is not None:
+                chunk_start = flight.start + flight.size
+                continue
+            stream.readahead_bytes += chunk_size
+            self._nursery.start_soon(self._readahead, handle, stream, chunk_start, chunk_size)
+            chunk_start += chunk_size
+
+    async def _readahead(self, handle: OpenFile, stream: _Stream, start: int,
+                         chunk_size: int) -> None:
+        scope = trio.CancelScope()
+        stream.readahead_scopes.add(scope)
+        try:
+            with scope:
+                if await self._fetch(handle, stream, start, chunk_size, speculative=True):
+                    self.readahead_chunks += 1
+        except (OSError, _IdentityChanged) as exc:
+            log.debug("read-ahead of %r at %d stopped: %r", handle.path, start, exc)
+        finally:
+            stream.readahead_scopes.discard(scope)
+            stream.readahead_bytes -= chunk_size
+
+    # -- handles -------------------------------------------------------------
+
     async def release(self, handle: OpenFile) -> None:
-        """Drop whatever the engine keeps for *handle* (nothing yet)."""
+        """Drop the engine's state for *handle*: its stream and its read-ahead."""
+        stream = self._streams.pop(handle.fh, None)
+        if stream is not None:
+            stream.cancel_readahead()
+
+    def stream_info(self, fh: int) -> dict[str, Any]:
+        stream = self._streams.get(fh)
+        if stream is None:
+            return {}
+        return {"chunk_size": stream.state.chunk_size,
+                "readahead_chunks": stream.state.readahead_chunks,
+                "sequential_reads": stream.state.sequential_reads}
+
+    def latency_percentiles_ms(self) -> dict[str, float]:
+        samples = sorted(self.latencies_s)
+        if not samples:
+            return {"p50": 0.0, "p95": 0.0, "p99": 0.0}
+
+        def pct(q: float) -> float:
+            return 1000 * samples[min(len(samples) - 1, int(q * len(samples)))]
+
+        return {"p50": pct(0.50), "p95": pct(0.95), "p99": pct(0.99)}
+
+    def typical_request_bytes(self) -> int:
+        """The request size the kernel sends most often (0 before any read)."""
+        if not self.request_sizes:
+            return 0
+        return max(self.request_sizes.items(), key=lambda kv: (kv[1], kv[0]))[0]
+
+
+class _maybe:
+    """``async with`` a limiter, or nothing."""
+
+    def __init__(self, limiter: trio.CapacityLimiter | None) -> None:
+        self._limiter = limiter
+
+    async def __aenter__(self) -> None:
+        if self._limiter is not None:
+            await self._limiter.acquire()
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._limiter is not None:
+            self._limiter.release()

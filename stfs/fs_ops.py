@@ -168,8 +168,8 @@ class Operations(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=handle.fh, keep_cache=keep_cache)
 
     @_fuse_errors
-    async def read(self, fh: int, off: int, size: int) -> bytes:
-        return await self.view.read(fh, off, size)
+    async def read(self, fh: int, off: int, size: int) -> bytes:  # or any buffer
+        return await self.view.read(fh, off, size)  # type: ignore[return-value]
 
     @_fuse_errors
     async def flush(self, fh: int) -> None:

@@ -45,6 +45,7 @@ class HandleTable:
 
     def __init__(self) -> None:
         self._files: dict[int, OpenFile] = {}
+        self._by_node: dict[int, dict[int, OpenFile]] = {}
         self._dirs: dict[int, OpenDir] = {}
         self._next_fh = itertools.count(1)
 
@@ -59,6 +60,7 @@ class HandleTable:
     def add_file(self, nodeid: int, path: bytes, fd: int, identity: FileIdentity) -> OpenFile:
         handle = OpenFile(next(self._next_fh), nodeid, path, fd, identity)
         self._files[handle.fh] = handle
+        self._by_node.setdefault(nodeid, {})[handle.fh] = handle
         return handle
 
     def add_dir(self, nodeid: int, path: bytes, entries: list[tuple[bytes, os.stat_result]]) -> OpenDir:
@@ -78,16 +80,19 @@ class HandleTable:
         except KeyError:
             raise OSError(errno.EBADF, os.strerror(errno.EBADF)) from None
 
-    def file_for_node(self, nodeid: int) -> OpenFile | None:
-        """Any open handle of *nodeid* (its descriptor still reaches the object)."""
-        for handle in self._files.values():
-            if handle.nodeid == nodeid:
-                return handle
-        return None
+    def files_of_node(self, nodeid: int) -> list[OpenFile]:
+        """The open handles of *nodeid* (their descriptors still reach the object)."""
+        return list(self._by_node.get(nodeid, {}).values())
 
     def pop_file(self, fh: int) -> OpenFile | None:
         """Forget file handle *fh*; the caller closes its descriptor."""
-        return self._files.pop(fh, None)
+        handle = self._files.pop(fh, None)
+        if handle is not None:
+            of_node = self._by_node[handle.nodeid]
+            del of_node[fh]
+            if not of_node:
+                del self._by_node[handle.nodeid]
+        return handle
 
     def pop_dir(self, fh: int) -> OpenDir | None:
         return self._dirs.pop(fh, None)
@@ -103,4 +108,5 @@ class HandleTable:
             except OSError:
                 pass
         self._files.clear()
+        self._by_node.clear()
         self._dirs.clear()

@@ -27,8 +27,6 @@ class Counters:
     cache_hits: int = 0
     cache_misses: int = 0
     active_reads: int = 0
-    in_flight_bytes: int = 0
-    peak_held_bytes: int = 0
 
     def uptime_s(self) -> float:
         return time.monotonic() - self.started_at

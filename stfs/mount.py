@@ -27,9 +27,10 @@ from typing import Any
 import pyfuse3
 import trio
 
-from stfs import control, demo, logs, metrics
+from stfs import control, demo, kernel, logs, metrics
 from stfs.backing import Backing
 from stfs.config import MountConfig
+from stfs.engine import EngineConfig, ReadEngine
 from stfs.errors import EXIT_FAILURE, EXIT_OK, StfsError, path_error
 from stfs.fs_ops import Operations
 from stfs.metrics import Counters
@@ -166,6 +167,20 @@ def _fuse_options(config: MountConfig, source: str) -> set[str]:
     return options
 
 
+KERNEL_MAX_BACKGROUND = 64
+
+
+def kernel_read_ahead_kb(config: MountConfig) -> int:
+    """The kernel read-ahead window: the largest chunk, within 128 KiB..1 MiB."""
+    return max(128, min(1024, config.max_chunk // 1024))
+
+
+def engine_config(config: MountConfig) -> EngineConfig:
+    return EngineConfig(memory_limit=config.memory_limit, cache_limit=config.cache_limit_bytes,
+                        max_streams=config.max_streams, min_chunk=config.min_chunk,
+                        max_chunk=config.max_chunk)
+
+
 class Daemon:
     """One mount's runtime: owns the view, the FUSE session and the control socket."""
 
@@ -175,6 +190,8 @@ class Daemon:
         self.mountpoint = mountpoint
         self.counters = Counters()
         self.view: View | None = None
+        self.engine: ReadEngine
+        self.kernel = kernel.KernelTuning()
         self.unmount_on_exit = False
 
     def stats(self) -> dict[str, Any]:
@@ -182,6 +199,7 @@ class Daemon:
         assert self.view is not None
         c = self.counters
         handles = self.view.handles
+        engine = self.engine
         return metrics.snapshot_json_ready({
             "version": 1,
             "pid": os.getpid(),
@@ -189,17 +207,21 @@ class Daemon:
             "mountpoint": self.mountpoint,
             "bytes_served": c.bytes_served,
             "reads": c.reads,
-            "cache_bytes": 0,
-            "cache_limit_bytes": self.config.cache_limit_bytes,
+            "cache_bytes": engine.cache.cached_bytes,
+            "cache_limit_bytes": engine.cache.capacity_bytes,
+            "cache_entries": len(engine.cache),
             "cache_hits": c.cache_hits,
             "cache_misses": c.cache_misses,
-            "memory_limit_bytes": self.config.memory_limit,
-            "held_bytes": c.in_flight_bytes,
-            "peak_held_bytes": c.peak_held_bytes,
+            "memory_limit_bytes": engine.budget.limit_bytes,
+            "held_bytes": engine.budget.held_bytes,
+            "peak_held_bytes": engine.budget.peak_held_bytes,
             "open_handles": handles.open_files,
             "open_dirs": handles.open_dirs,
             "known_inodes": len(self.view.inodes),
             "active_reads": c.active_reads,
+            "backing_reads": engine.backing_reads,
+            "readahead_chunks": engine.readahead_chunks,
+            "readahead_refused": engine.budget.refused_speculative,
             "pressure_level": "none",
             "rss_bytes": metrics.rss_bytes(),
             "open_fds": metrics.open_fd_count(),
@@ -207,6 +229,16 @@ class Daemon:
             "recoveries": c.recoveries,
             "errors": c.errors,
             "uptime_s": c.uptime_s(),
+            "chunk_latency_ms": engine.latency_percentiles_ms(),
+            "kernel_request_bytes": engine.typical_request_bytes(),
+            "kernel": self.kernel.as_dict(),
+            "chunk_sizes": {str(k): v for k, v in sorted(engine.backing_read_sizes.items())},
+            "request_sizes": {str(k): v for k, v in sorted(engine.request_sizes.items())},
+            "handles": [
+                {"fh": h.fh, "path": os.fsdecode(h.path), "bytes_read": h.bytes_read,
+                 "age_s": round(time.monotonic() - h.opened_at, 3), **engine.stream_info(h.fh)}
+                for h in handles.files()
+            ],
         })
 
     def run(self, on_ready: Callable[[], None]) -> int:
@@ -215,7 +247,8 @@ class Daemon:
             backing = Backing(self.source)
         except OSError as exc:
             raise path_error(self.source, exc) from None
-        self.view = View(backing, self.counters, self.config.max_streams)
+        self.engine = ReadEngine(engine_config(self.config), self.counters)
+        self.view = View(backing, self.engine)
         ops = Operations(self.view, self.config.attr_timeout, self.config.entry_timeout)
         try:
             with _captured_stderr() as libfuse_said:
@@ -242,12 +275,16 @@ class Daemon:
                 await pyfuse3.main()
                 nursery.cancel_scope.cancel()
 
+            await nursery.start(self.engine.run)
             nursery.start_soon(fuse_main)
             nursery.start_soon(self._watch_signals)
             await nursery.start(control.serve, control.socket_path(self.mountpoint), self.stats)
             # A statfs through our own handlers proves the mount answers.
             with trio.fail_after(READY_TIMEOUT_S):
                 await trio.to_thread.run_sync(os.statvfs, self.mountpoint, abandon_on_cancel=True)
+            self.kernel = await trio.to_thread.run_sync(
+                kernel.tune, self.mountpoint, kernel_read_ahead_kb(self.config),
+                KERNEL_MAX_BACKGROUND)
             log.info("mounted %s on %s (memory limit %d bytes)", self.source, self.mountpoint,
                      self.config.memory_limit)
             on_ready()

@@ -20,11 +20,12 @@ from stfs.backing import Backing, FileIdentity, join
 from stfs.engine import ReadEngine
 from stfs.handles import HandleTable, OpenDir, OpenFile
 from stfs.inodes import Inode, InodeTable
-from stfs.metrics import Counters
 
 T = TypeVar("T")
 
 METADATA_THREADS = 8
+_GONE = (errno.ENOENT, errno.ENOTDIR, errno.ELOOP)
+"""What resolving a node's recorded path gives when something else is there now."""
 """Concurrent backing metadata calls (stat, readdir, readlink, xattr)."""
 
 
@@ -35,12 +36,12 @@ def _err(code: int) -> OSError:
 class View:
     """SOURCE as the kernel sees it through this mount."""
 
-    def __init__(self, backing: Backing, counters: Counters, max_streams: int) -> None:
+    def __init__(self, backing: Backing, engine: ReadEngine) -> None:
         self.backing = backing
-        self.counters = counters
+        self.engine = engine
+        self.counters = engine.counters
         self.inodes = InodeTable(backing.root_stat)
         self.handles = HandleTable()
-        self.engine = ReadEngine(counters, max_streams)
         self._metadata_limiter = trio.CapacityLimiter(METADATA_THREADS)
 
     async def _blocking(self, fn: Callable[..., T], *args: Any) -> T:
@@ -64,21 +65,32 @@ class View:
         self.inodes.forget(nodeid, count)
 
     async def getattr(self, nodeid: int) -> os.stat_result:
-        """Attributes of *nodeid*, or ESTALE if its path now holds another object."""
+        """Attributes of *nodeid*.
+
+        When its recorded path no longer holds it (removed, replaced, or that hard
+        link gone), an open descriptor still reaches it; otherwise the answer is
+        ESTALE, on which the kernel looks the name up again (so another hard link,
+        or a new file under the name, is found, and a removed one gives ENOENT).
+        A changed identity seen here also retargets the open handles, so their
+        next reads fetch the new content instead of cached chunks of the old.
+        """
         node = self.inodes.get(nodeid)
         try:
             st: os.stat_result | None = await self._blocking(self.backing.lstat, node.path)
         except OSError as exc:
-            if exc.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+            if exc.errno not in _GONE:
                 raise
             st = None
+        handles = self.handles.files_of_node(nodeid)
         if st is not None and self.inodes.matches(node, st):
+            if handles:
+                identity = FileIdentity.of(st)
+                for handle in handles:
+                    handle.identity = identity
             return st
-        # Replaced or removed in SOURCE: an open descriptor still reaches the object.
-        handle = self.handles.file_for_node(nodeid)
-        if handle is not None:
-            return await self._blocking(os.fstat, handle.fd)
-        raise _err(errno.ESTALE if st is not None else errno.ENOENT)
+        if handles:
+            return await self._blocking(os.fstat, handles[0].fd)
+        raise _err(errno.ESTALE)
 
     async def readlink(self, nodeid: int) -> bytes:
         return await self._blocking(self.backing.readlink, self.inodes.get(nodeid).path)
@@ -117,7 +129,12 @@ class View:
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC):
             raise _err(errno.EROFS)
         node = self.inodes.get(nodeid)
-        fd, st = await self._blocking(self.backing.open_file, node.path)
+        try:
+            fd, st = await self._blocking(self.backing.open_file, node.path)
+        except OSError as exc:
+            if exc.errno in _GONE:
+                raise _err(errno.ESTALE) from None  # the kernel looks the name up again
+            raise
         if not self.inodes.matches(node, st):
             os.close(fd)
             raise _err(errno.ESTALE)
@@ -126,7 +143,7 @@ class View:
         node.cached_identity = identity
         return self.handles.add_file(nodeid, node.path, fd, identity), keep_cache
 
-    async def read(self, fh: int, offset: int, size: int) -> bytes:
+    async def read(self, fh: int, offset: int, size: int) -> bytes | memoryview:
         return await self.engine.read(self.handles.file(fh), offset, size)
 
     async def release(self, fh: int) -> None:

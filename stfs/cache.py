@@ -1,0 +1,163 @@
+"""Byte-bounded, scan-resistant chunk cache keyed by file identity and chunk.
+
+Keys are ``(identity, start)``: the file's identity (device, inode, size,
+mtime_ns, ctime_ns) and the chunk's first byte; chunks vary in length, and a
+lookup finds the chunk holding a given byte (bisect over the file's chunk
+starts). A file that changes gets a new identity, so entries of an old
+version can never be served; they simply age out.
+
+Replacement is 2Q (Johnson & Shasha): new chunks enter the FIFO ``A1in``;
+chunks pushed out of it leave a key in the ghost list ``A1out``; a chunk
+fetched again while its ghost is remembered, or hit by a different open
+handle than the one that fetched it, goes to the LRU ``Am``. When full, stfs
+evicts from ``A1in`` as long as it holds more than its quarter. Why 2Q and
+not plain LRU or S3-FIFO: one stream touches a chunk with several
+consecutive kernel requests; counting those as repeated use (LRU recency,
+S3-FIFO's frequency bit) would let one ``cat`` of a big file flush the hot
+working set. 2Q treats them as one correlated reference, so a scan only ever
+cycles through ``A1in``.
+
+Every cached byte is held in the ``MemoryBudget``: ``insert`` takes over the
+reservation the fetch made, eviction releases it.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+from collections.abc import Iterator
+
+from stfs.backing import FileIdentity
+from stfs.budget import MemoryBudget
+
+ChunkKey = tuple[FileIdentity, int]
+A1IN_SHARE = 0.25
+
+
+class _Entry:
+    __slots__ = ("data", "owner")
+
+    def __init__(self, data: bytes, owner: int) -> None:
+        self.data = data
+        self.owner = owner
+
+
+class ChunkCache:
+    """Chunks of file data under a byte capacity, accounted in a MemoryBudget."""
+
+    def __init__(self, capacity_bytes: int, budget: MemoryBudget) -> None:
+        self.capacity_bytes = capacity_bytes
+        self.floor_bytes = 0
+        self._budget = budget
+        self._a1in: collections.OrderedDict[ChunkKey, _Entry] = collections.OrderedDict()
+        self._am: collections.OrderedDict[ChunkKey, _Entry] = collections.OrderedDict()
+        self._a1out: collections.OrderedDict[ChunkKey, None] = collections.OrderedDict()
+        self._ghost_limit = max(64, capacity_bytes // (32 * 1024))
+        self._starts: dict[FileIdentity, list[int]] = {}
+        """Sorted chunk starts per identity, for containment lookups."""
+        self.a1in_bytes = 0
+        self.am_bytes = 0
+        self.hits = 0
+        self.misses = 0
+        self.evictions = 0
+
+    @property
+    def cached_bytes(self) -> int:
+        return self.a1in_bytes + self.am_bytes
+
+    def __len__(self) -> int:
+        return len(self._a1in) + len(self._am)
+
+    def __contains__(self, key: ChunkKey) -> bool:
+        return key in self._a1in or key in self._am
+
+    def keys(self) -> Iterator[ChunkKey]:
+        yield from self._a1in
+        yield from self._am
+
+    # -- lookup ------------------------------------------------------------
+
+    def lookup(self, identity: FileIdentity, offset: int, owner: int) -> tuple[int, bytes] | None:
+        """The cached chunk of *identity* holding byte *offset*: (start, data)."""
+        starts = self._starts.get(identity)
+        if starts:
+            i = bisect.bisect_right(starts, offset) - 1
+            if i >= 0:
+                start = starts[i]
+                data = self._get((identity, start), owner)
+                if data is not None and offset < start + len(data):
+                    self.hits += 1
+                    return start, data
+        self.misses += 1
+        return None
+
+    def _get(self, key: ChunkKey, owner: int) -> bytes | None:
+        entry = self._am.get(key)
+        if entry is not None:
+            self._am.move_to_end(key)
+            return entry.data
+        entry = self._a1in.get(key)
+        if entry is None:
+            return None
+        if entry.owner != owner:  # used by a second open: real reuse, not one stream's requests
+            del self._a1in[key]
+            self.a1in_bytes -= len(entry.data)
+            self._am[key] = entry
+            self.am_bytes += len(entry.data)
+        return entry.data
+
+    # -- insertion and eviction ---------------------------------------------
+
+    def insert(self, key: ChunkKey, data: bytes, reserved: int, owner: int) -> None:
+        """Cache *data*, taking over the *reserved* budget bytes its fetch held."""
+        if key in self or len(data) > self.capacity_bytes:
+            self._budget.release(reserved)
+            return
+        self._budget.release(reserved - len(data))
+        entry = _Entry(data, owner)
+        if key in self._a1out:
+            del self._a1out[key]
+            self._am[key] = entry
+            self.am_bytes += len(data)
+        else:
+            self._a1in[key] = entry
+            self.a1in_bytes += len(data)
+        bisect.insort(self._starts.setdefault(key[0], []), key[1])
+        self.shrink_to(self.capacity_bytes)
+
+    def _evict_one(self) -> int:
+        if self._a1in and (self.a1in_bytes > self.capacity_bytes * A1IN_SHARE or not self._am):
+            key, entry = self._a1in.popitem(last=False)
+            self.a1in_bytes -= len(entry.data)
+            self._a1out[key] = None
+            if len(self._a1out) > self._ghost_limit:
+                self._a1out.popitem(last=False)
+        elif self._am:
+            key, entry = self._am.popitem(last=False)
+            self.am_bytes -= len(entry.data)
+        else:
+            return 0
+        starts = self._starts[key[0]]
+        starts.pop(bisect.bisect_left(starts, key[1]))
+        if not starts:
+            del self._starts[key[0]]
+        self.evictions += 1
+        self._budget.release(len(entry.data))
+        return len(entry.data)
+
+    def shrink_to(self, target_bytes: int) -> int:
+        """Evict until at most *target_bytes* are cached; returns bytes freed."""
+        freed = 0
+        while self.cached_bytes > target_bytes:
+            n = self._evict_one()
+            if n == 0:
+                break
+            freed += n
+        return freed
+
+    def reclaim(self, n_bytes: int) -> int:
+        """Free at least *n_bytes* if possible, never below the floor (budget reclaimer)."""
+        return self.shrink_to(max(self.floor_bytes, self.cached_bytes - max(n_bytes, 0)))
+
+    def clear(self) -> int:
+        return self.shrink_to(0)

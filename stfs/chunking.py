@@ -1,0 +1,188 @@
+"""Chunk sizing decisions: pure code, no I/O, no clock of its own.
+
+The seeds' AdaptiveChunkSizer and ChunkPerformanceTracker, in file-system
+form:
+
+* ``AdaptiveChunkSizer.base_size`` is the seeds' formula: a base size by file
+  size class (<1 MiB 32K, <10 MiB 64K, <100 MiB 128K, larger 256K), times 0.5
+  above 80 % memory use, 0.75 above 60 %, 1.25 below 40 %, times 1.2 when the
+  recent average throughput is under 5 MB/s, clamped to the configured bounds.
+* ``AdaptiveChunkSizer.aligned`` turns a size into the chunk size the engine
+  uses: the largest power of two not above it (at least the 4 KiB page), so
+  chunks line up with the kernel's page-aligned requests and one request
+  usually falls inside one chunk (served without a copy).
+* ``StreamState`` is the per-handle part: the chunk size grows (doubles) while
+  access stays sequential and falls back to the base size on a seek, as
+  rclone and mountpoint-s3 do; the read-ahead window does the same.
+* ``ChunkPerformanceTracker`` keeps the last 10 chunks (size, throughput,
+  latency) and the seeds' 40/30/30 score.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from collections.abc import Iterable
+
+KIB = 1024
+MIB = 1024 * KIB
+PAGE = 4 * KIB
+
+STREAMING_TRIGGER = 1 * MIB
+"""Files smaller than this are read whole in one backing read and cached whole."""
+
+LOW_THROUGHPUT_BPS = 5 * MIB
+"""Below this average throughput the seeds try larger chunks (x1.2)."""
+
+HISTORY_SIZE = 10
+
+
+def file_class_size(file_size: int) -> int:
+    """The seeds' base chunk size for a file of *file_size* bytes."""
+    if file_size < 1 * MIB:
+        return 32 * KIB
+    if file_size < 10 * MIB:
+        return 64 * KIB
+    if file_size < 100 * MIB:
+        return 128 * KIB
+    return 256 * KIB
+
+
+def memory_factor(memory_use_pct: float) -> float:
+    """The seeds' scaling for memory use (percent of the limit)."""
+    if memory_use_pct > 80:
+        return 0.5
+    if memory_use_pct > 60:
+        return 0.75
+    if memory_use_pct < 40:
+        return 1.25
+    return 1.0
+
+
+def throughput_factor(throughputs_bps: Iterable[float]) -> float:
+    """x1.2 when the last (up to 5) chunks averaged under 5 MB/s; needs 3 samples."""
+    recent = list(throughputs_bps)[-5:]
+    if len(recent) < 3:
+        return 1.0
+    return 1.2 if sum(recent) / len(recent) < LOW_THROUGHPUT_BPS else 1.0
+
+
+def power_of_two_floor(n: int) -> int:
+    return 1 << (max(n, 1).bit_length() - 1)
+
+
+def power_of_two_ceil(n: int) -> int:
+    return 1 << (max(n, 1) - 1).bit_length()
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkSample:
+    """One backing read: how big, how long, how much of it was used."""
+
+    size: int
+    seconds: float
+    used_fraction: float = 1.0
+
+    @property
+    def throughput_bps(self) -> float:
+        return self.size / self.seconds if self.seconds > 0 else float("inf")
+
+    @property
+    def score(self) -> float:
+        """The seeds' weighting: 40 % throughput (50 MB/s is perfect), 30 % speed
+        (1 s is zero), 30 % memory efficiency (share of the chunk actually served)."""
+        throughput = min(self.throughput_bps / (50 * MIB), 1.0) * 0.4
+        speed = max(0.0, 1.0 - self.seconds) * 0.3
+        memory = min(max(self.used_fraction, 0.0), 1.0) * 0.3
+        return throughput + speed + memory
+
+
+class ChunkPerformanceTracker:
+    """The last ``HISTORY_SIZE`` chunk reads."""
+
+    def __init__(self, history: int = HISTORY_SIZE) -> None:
+        self._samples: collections.deque[ChunkSample] = collections.deque(maxlen=history)
+
+    def record(self, size: int, seconds: float, used_fraction: float = 1.0) -> None:
+        self._samples.append(ChunkSample(size, seconds, used_fraction))
+
+    def samples(self) -> list[ChunkSample]:
+        return list(self._samples)
+
+    def throughputs(self) -> list[float]:
+        return [s.throughput_bps for s in self._samples]
+
+    def latencies(self) -> list[float]:
+        return [s.seconds for s in self._samples]
+
+    def best_recent_size(self) -> int | None:
+        """Chunk size of the best-scoring of the last five reads (seeds' choice)."""
+        recent = list(self._samples)[-5:]
+        if not recent:
+            return None
+        return max(recent, key=lambda s: s.score).size
+
+
+class AdaptiveChunkSizer:
+    """Chunk size decisions within ``min_chunk``..``max_chunk``."""
+
+    def __init__(self, min_chunk: int, max_chunk: int) -> None:
+        self.min_chunk = min_chunk
+        self.max_chunk = max_chunk
+
+    def clamp(self, size: float) -> int:
+        return int(min(max(round(size), self.min_chunk), self.max_chunk))
+
+    def base_size(self, file_size: int, memory_use_pct: float,
+                  throughputs_bps: Iterable[float] = ()) -> int:
+        """The seeds' formula, before alignment."""
+        size = file_class_size(file_size) * memory_factor(memory_use_pct)
+        size *= throughput_factor(throughputs_bps)
+        return self.clamp(size)
+
+    def aligned(self, size: int) -> int:
+        """The engine's chunk size for *size*: a power of two within the bounds."""
+        aligned = power_of_two_floor(self.clamp(size))
+        if aligned < self.min_chunk:
+            aligned = power_of_two_floor(self.max_chunk)
+        return max(aligned, PAGE) if self.max_chunk >= PAGE else aligned
+
+    def cap(self, memory_use_pct: float) -> int:
+        """Largest chunk a stream may grow to at this memory use."""
+        return self.aligned(int(self.max_chunk * min(1.0, memory_factor(memory_use_pct))))
+
+
+@dataclasses.dataclass
+class StreamState:
+    """Per-handle access pattern: sequential detection, chunk size and read-ahead window."""
+
+    chunk_size: int
+    next_offset: int = 0
+    sequential_reads: int = 0
+    readahead_chunks: int = 0
+    """Read-ahead window in chunks; 0 until the stream proves sequential."""
+
+    def observe(self, offset: int, size: int, base_chunk: int, cap_chunk: int,
+                max_window_chunks: int) -> bool:
+        """Account one request; returns whether it continues a sequential stream.
+
+        Requests of one stream can arrive slightly out of order (the kernel keeps
+        several reads in flight), so "sequential" tolerates a small window around
+        the expected offset.
+        """
+        slack = 2 * max(self.chunk_size, size)
+        sequential = abs(offset - self.next_offset) <= slack
+        if sequential and offset + size > self.next_offset:
+            self.sequential_reads += 1
+            if self.sequential_reads >= 2:
+                # Grow, and never stay below the kernel's request size: a request
+                # inside one chunk is answered without assembling pieces.
+                grown = max(self.chunk_size * 2, power_of_two_ceil(size))
+                self.chunk_size = min(grown, cap_chunk)
+                self.readahead_chunks = min(max(1, self.readahead_chunks * 2), max_window_chunks)
+        elif not sequential:
+            self.sequential_reads = 0
+            self.chunk_size = min(base_chunk, cap_chunk)
+            self.readahead_chunks = 0
+        self.next_offset = max(self.next_offset, offset + size) if sequential else offset + size
+        return sequential
