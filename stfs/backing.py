@@ -37,6 +37,10 @@ class _OpenHow(ctypes.Structure):
     _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
 
 
+ChunkData = bytes | bytearray
+"""File data as read: never modified after the read that produced it."""
+
+
 class FileIdentity(NamedTuple):
     """What makes file content the same content: equal identities, equal bytes."""
 
@@ -226,7 +230,7 @@ def pread_full(fd: int, size: int, offset: int) -> bytes:
     return b"".join(parts)
 
 
-def pread_identified(fd: int, size: int, offset: int) -> tuple[bytes, FileIdentity]:
+def pread_identified(fd: int, size: int, offset: int) -> tuple[ChunkData, FileIdentity]:
     """``pread_full`` plus the identity the bytes belong to.
 
     The descriptor is fstat'ed before and after the read; a change in between
@@ -241,3 +245,36 @@ def pread_identified(fd: int, size: int, offset: int) -> tuple[bytes, FileIdenti
             break
         before = after
     return data, before
+
+
+_RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
+
+
+def is_local_block_device_id(dev: int) -> bool:
+    """Whether device *dev* is a local block device (not NFS, FUSE, tmpfs...):
+    there fstat never waits on a network and the page cache is the only cache."""
+    return os.major(dev) != 0
+
+
+def pread_if_cached(fd: int, size: int, offset: int) -> tuple[ChunkData, FileIdentity] | None:
+    """Like ``pread_identified``, but only if every byte is in the page cache.
+
+    Uses ``preadv2(RWF_NOWAIT)``, which fails with EAGAIN instead of waiting for
+    the disk, so it may run on the event loop. Returns None when any part would
+    have to come from the device (the caller then reads in a worker thread).
+    """
+    if not _RWF_NOWAIT:
+        return None
+    before = FileIdentity.of(os.fstat(fd))
+    buf = bytearray(size)
+    try:
+        n = os.preadv(fd, [buf], offset, _RWF_NOWAIT)
+    except (BlockingIOError, OSError):
+        return None
+    if n < size and offset + n < before.size:
+        return None  # a partial read: the rest is not cached
+    after = FileIdentity.of(os.fstat(fd))
+    if after != before:
+        return None
+    del buf[n:]
+    return buf, after

@@ -27,7 +27,7 @@ import bisect
 import collections
 from collections.abc import Iterator
 
-from stfs.backing import FileIdentity
+from stfs.backing import ChunkData, FileIdentity
 from stfs.budget import MemoryBudget
 
 ChunkKey = tuple[FileIdentity, int]
@@ -37,7 +37,7 @@ A1IN_SHARE = 0.25
 class _Entry:
     __slots__ = ("data", "owner")
 
-    def __init__(self, data: bytes, owner: int) -> None:
+    def __init__(self, data: ChunkData, owner: int) -> None:
         self.data = data
         self.owner = owner
 
@@ -77,7 +77,7 @@ class ChunkCache:
 
     # -- lookup ------------------------------------------------------------
 
-    def lookup(self, identity: FileIdentity, offset: int, owner: int) -> tuple[int, bytes] | None:
+    def lookup(self, identity: FileIdentity, offset: int, owner: int) -> tuple[int, ChunkData] | None:
         """The cached chunk of *identity* holding byte *offset*: (start, data)."""
         starts = self._starts.get(identity)
         if starts:
@@ -91,7 +91,7 @@ class ChunkCache:
         self.misses += 1
         return None
 
-    def _get(self, key: ChunkKey, owner: int) -> bytes | None:
+    def _get(self, key: ChunkKey, owner: int) -> ChunkData | None:
         entry = self._am.get(key)
         if entry is not None:
             self._am.move_to_end(key)
@@ -108,7 +108,7 @@ class ChunkCache:
 
     # -- insertion and eviction ---------------------------------------------
 
-    def insert(self, key: ChunkKey, data: bytes, reserved: int, owner: int) -> None:
+    def insert(self, key: ChunkKey, data: ChunkData, reserved: int, owner: int) -> None:
         """Cache *data*, taking over the *reserved* budget bytes its fetch held."""
         if key in self or len(data) > self.capacity_bytes:
             self._budget.release(reserved)

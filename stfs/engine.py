@@ -28,7 +28,13 @@ from typing import Any
 
 import trio
 
-from stfs.backing import FileIdentity, pread_identified
+from stfs.backing import (
+    ChunkData,
+    FileIdentity,
+    is_local_block_device_id,
+    pread_identified,
+    pread_if_cached,
+)
 from stfs.budget import MemoryBudget
 from stfs.cache import ChunkCache
 from stfs.chunking import (
@@ -60,6 +66,8 @@ class EngineConfig:
     max_streams: int
     min_chunk: int
     max_chunk: int
+    inline_cached_reads: bool = True
+    """Copy page-cache hits on the event loop (RWF_NOWAIT) instead of in a thread."""
 
 
 @dataclasses.dataclass
@@ -85,7 +93,7 @@ class _Flight:
         self.start = start
         self.size = size
         self.done = trio.Event()
-        self.data: bytes | None = None
+        self.data: ChunkData | None = None
         self.error: BaseException | None = None
 
 
@@ -109,6 +117,7 @@ class ReadEngine:
         self.latencies_s: collections.deque[float] = collections.deque(maxlen=LATENCY_SAMPLES)
         self.request_sizes: collections.Counter[int] = collections.Counter()
         self.backing_reads = 0
+        self.inline_reads = 0
         self.backing_read_sizes: collections.Counter[int] = collections.Counter()
         self.readahead_chunks = 0
         self.readahead_hits = 0
@@ -249,7 +258,7 @@ class ReadEngine:
         return max(0, per_stream // max(chunk_size, 1))
 
     async def _chunk_at(self, handle: OpenFile, offset: int, chunk_size: int,
-                        sequential: bool, want_end: int) -> tuple[int, bytes]:
+                        sequential: bool, want_end: int) -> tuple[int, ChunkData]:
         """The chunk holding *offset* as (start, data): from the cache, a read in
         flight, or a new backing read.
 
@@ -276,7 +285,7 @@ class ReadEngine:
             if flight.error is not None:
                 raise flight.error
             # Landed in the cache (or was cancelled): look again.
-            landed: bytes | None = flight.data
+            landed: ChunkData | None = flight.data
             if landed is not None and flight.start <= offset < flight.start + len(landed):
                 if flight.start + len(landed) >= min(want_end, identity.size) or not sequential:
                     self.counters.cache_hits += 1
@@ -296,11 +305,11 @@ class ReadEngine:
         return None
 
     async def _fetch(self, handle: OpenFile, stream: _Stream, start: int, chunk_size: int,
-                     speculative: bool) -> bytes | None:
+                     speculative: bool) -> ChunkData | None:
         """Read one chunk from SOURCE into the cache (single flight per chunk)."""
         identity = handle.identity
         if speculative:
-            if self._flight_at(identity, start) is not None:
+            if self._covered_to(identity, start, chunk_size) is not None:
                 return None
             if not self.budget.try_reserve_speculative(chunk_size):
                 return None
@@ -338,11 +347,21 @@ class ReadEngine:
 
     async def _backing_read(self, handle: OpenFile, stream: _Stream, start: int, size: int,
                             extra_limiter: trio.CapacityLimiter | None
-                            ) -> tuple[bytes, FileIdentity]:
-        async with _maybe(extra_limiter):
-            began = time.monotonic()
-            data, identity = await trio.to_thread.run_sync(pread_identified, handle.fd, size,
-                                                           start, limiter=self._limiter)
+                            ) -> tuple[ChunkData, FileIdentity]:
+        began = time.monotonic()
+        cached = None
+        if self.config.inline_cached_reads and is_local_block_device_id(handle.identity.dev):
+            # Bytes already in the kernel's page cache: a memory copy that cannot
+            # wait on the disk (RWF_NOWAIT), cheaper here than a thread round trip.
+            cached = pread_if_cached(handle.fd, size, start)
+        if cached is not None:
+            data, identity = cached
+            self.inline_reads += 1
+            await trio.lowlevel.checkpoint()
+        else:
+            async with _maybe(extra_limiter):
+                data, identity = await trio.to_thread.run_sync(
+                    pread_identified, handle.fd, size, start, limiter=self._limiter)
         seconds = time.monotonic() - began
         self.backing_reads += 1
         self.backing_read_sizes[size] += 1
@@ -365,17 +384,27 @@ class ReadEngine:
         for _ in range(window):
             if chunk_start >= identity.size or stream.readahead_bytes + chunk_size > limit_bytes:
                 break
-            found = self.cache.lookup(identity, chunk_start, -1)
-            if found is not None:
-                chunk_start = found[0] + len(found[1])
-                continue
-            flight = self._flight_at(identity, chunk_start)
-            if flight is not None:
-                chunk_start = flight.start + flight.size
+            covered_to = self._covered_to(identity, chunk_start, chunk_size)
+            if covered_to is not None:
+                chunk_start = covered_to
                 continue
             stream.readahead_bytes += chunk_size
             self._nursery.start_soon(self._readahead, handle, stream, chunk_start, chunk_size)
             chunk_start += chunk_size
+
+    def _covered_to(self, identity: FileIdentity, start: int, size: int) -> int | None:
+        """End of a cached or in-flight chunk covering all of [start, start + size)
+        (or to end of file), else None. A chunk covering only part does not count:
+        read-ahead must follow the kernel's request boundaries, and a misaligned
+        chain would leave every request straddling two chunks."""
+        want_end = min(start + size, identity.size)
+        found = self.cache.lookup(identity, start, -1)
+        if found is not None and found[0] + len(found[1]) >= want_end:
+            return found[0] + len(found[1])
+        flight = self._flight_at(identity, start)
+        if flight is not None and flight.start + flight.size >= want_end:
+            return flight.start + flight.size
+        return None
 
     async def _readahead(self, handle: OpenFile, stream: _Stream, start: int,
                          chunk_size: int) -> None:
