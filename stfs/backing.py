@@ -230,8 +230,9 @@ def pread_full(fd: int, size: int, offset: int) -> bytes:
     return b"".join(parts)
 
 
-def pread_identified(fd: int, size: int, offset: int) -> tuple[ChunkData, FileIdentity]:
-    """``pread_full`` plus the identity the bytes belong to.
+def pread_identified(fd: int, buf: bytearray, offset: int) -> tuple[bytearray, FileIdentity]:
+    """Fill *buf* from *offset* (shorter only at end of file) and say which
+    version of the file the bytes belong to.
 
     The descriptor is fstat'ed before and after the read; a change in between
     means the file was written during the read, so it is read again (the bytes
@@ -239,12 +240,27 @@ def pread_identified(fd: int, size: int, offset: int) -> tuple[ChunkData, FileId
     """
     before = FileIdentity.of(os.fstat(fd))
     for _ in range(3):
-        data = pread_full(fd, size, offset)
+        n = _preadv_full(fd, buf, offset, 0)
         after = FileIdentity.of(os.fstat(fd))
         if after == before:
             break
         before = after
-    return data, before
+    del buf[n:]
+    return buf, before
+
+
+def _preadv_full(fd: int, buf: bytearray, offset: int, flags: int) -> int:
+    view = memoryview(buf)
+    try:
+        got = 0
+        while got < len(buf):
+            n = os.preadv(fd, [view[got:]], offset + got, flags)
+            if n <= 0:
+                break
+            got += n
+        return got
+    finally:
+        view.release()
 
 
 _RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
@@ -256,7 +272,7 @@ def is_local_block_device_id(dev: int) -> bool:
     return os.major(dev) != 0
 
 
-def pread_if_cached(fd: int, size: int, offset: int) -> tuple[ChunkData, FileIdentity] | None:
+def pread_if_cached(fd: int, buf: bytearray, offset: int) -> tuple[bytearray, FileIdentity] | None:
     """Like ``pread_identified``, but only if every byte is in the page cache.
 
     Uses ``preadv2(RWF_NOWAIT)``, which fails with EAGAIN instead of waiting for
@@ -266,15 +282,13 @@ def pread_if_cached(fd: int, size: int, offset: int) -> tuple[ChunkData, FileIde
     if not _RWF_NOWAIT:
         return None
     before = FileIdentity.of(os.fstat(fd))
-    buf = bytearray(size)
     try:
         n = os.preadv(fd, [buf], offset, _RWF_NOWAIT)
-    except (BlockingIOError, OSError):
+    except OSError:  # EAGAIN: not all cached; EOPNOTSUPP: no RWF_NOWAIT here
         return None
-    if n < size and offset + n < before.size:
+    if n < len(buf) and offset + n < before.size:
         return None  # a partial read: the rest is not cached
-    after = FileIdentity.of(os.fstat(fd))
-    if after != before:
+    if FileIdentity.of(os.fstat(fd)) != before:
         return None
     del buf[n:]
-    return buf, after
+    return buf, before

@@ -29,6 +29,7 @@ from collections.abc import Iterator
 
 from stfs.backing import ChunkData, FileIdentity
 from stfs.budget import MemoryBudget
+from stfs.buffers import BufferPool
 
 ChunkKey = tuple[FileIdentity, int]
 A1IN_SHARE = 0.25
@@ -45,10 +46,12 @@ class _Entry:
 class ChunkCache:
     """Chunks of file data under a byte capacity, accounted in a MemoryBudget."""
 
-    def __init__(self, capacity_bytes: int, budget: MemoryBudget) -> None:
+    def __init__(self, capacity_bytes: int, budget: MemoryBudget,
+                 pool: BufferPool | None = None) -> None:
         self.capacity_bytes = capacity_bytes
         self.floor_bytes = 0
         self._budget = budget
+        self._pool = pool
         self._a1in: collections.OrderedDict[ChunkKey, _Entry] = collections.OrderedDict()
         self._am: collections.OrderedDict[ChunkKey, _Entry] = collections.OrderedDict()
         self._a1out: collections.OrderedDict[ChunkKey, None] = collections.OrderedDict()
@@ -125,7 +128,8 @@ class ChunkCache:
         bisect.insort(self._starts.setdefault(key[0], []), key[1])
         self.shrink_to(self.capacity_bytes)
 
-    def _evict_one(self) -> int:
+    def _evict_one(self) -> int | None:
+        """Evict one chunk; its size (0 for an empty chunk), or None if none is left."""
         if self._a1in and (self.a1in_bytes > self.capacity_bytes * A1IN_SHARE or not self._am):
             key, entry = self._a1in.popitem(last=False)
             self.a1in_bytes -= len(entry.data)
@@ -136,21 +140,26 @@ class ChunkCache:
             key, entry = self._am.popitem(last=False)
             self.am_bytes -= len(entry.data)
         else:
-            return 0
+            return None
         starts = self._starts[key[0]]
         starts.pop(bisect.bisect_left(starts, key[1]))
         if not starts:
             del self._starts[key[0]]
         self.evictions += 1
-        self._budget.release(len(entry.data))
-        return len(entry.data)
+        data, entry.data = entry.data, b""
+        del entry
+        size = len(data)
+        self._budget.release(size)
+        if self._pool is not None:
+            self._pool.give(data)  # reused only if nothing else still refers to it
+        return size
 
     def shrink_to(self, target_bytes: int) -> int:
         """Evict until at most *target_bytes* are cached; returns bytes freed."""
         freed = 0
         while self.cached_bytes > target_bytes:
             n = self._evict_one()
-            if n == 0:
+            if n is None:
                 break
             freed += n
         return freed

@@ -43,12 +43,16 @@ _VALUE_OPTIONS: dict[str, Any] = {
     "max_streams": lambda v: _parse_int(v, "--max-streams"),
     "attr_timeout": lambda v: _parse_seconds(v, "--attr-timeout"),
     "entry_timeout": lambda v: _parse_seconds(v, "--entry-timeout"),
-    "state_dir": lambda v: Path(os.path.abspath(v)),
+    "state_dir": lambda v: Path(_parse_path(v, "--state-dir")),
     "log_level": lambda v: _parse_log_level(v),
-    "log_file": os.path.abspath,
-    "fsname": str,
+    "log_file": lambda v: _parse_path(v, "--log-file"),
+    "fsname": lambda v: v or _fail("fsname= needs a name"),
 }
 _FLAG_OPTIONS = ("allow_other", "foreground")
+
+
+def _fail(message: str) -> str:
+    raise UsageError(message)
 
 
 def _parse_int(text: str, what: str) -> int:
@@ -63,6 +67,12 @@ def _parse_seconds(text: str, what: str) -> float:
         return float(text)
     except ValueError:
         raise UsageError(f"invalid {what} '{text}': expected seconds") from None
+
+
+def _parse_path(text: str, what: str) -> str:
+    if not text:
+        raise UsageError(f"{what} needs a path")
+    return os.path.abspath(text)
 
 
 def _parse_log_level(text: str) -> str:
@@ -172,20 +182,12 @@ def _build_parser() -> _Parser:
 
 def _mount_config(ns: argparse.Namespace) -> MountConfig:
     settings = parse_mount_options(ns.options)
-    explicit = {
-        "memory_limit": ns.memory_limit and parse_size(ns.memory_limit, "--memory-limit"),
-        "cache_size": ns.cache_size and parse_size(ns.cache_size, "--cache-size"),
-        "min_chunk": ns.min_chunk and parse_size(ns.min_chunk, "--min-chunk"),
-        "max_chunk": ns.max_chunk and parse_size(ns.max_chunk, "--max-chunk"),
-        "max_streams": ns.max_streams and _parse_int(ns.max_streams, "--max-streams"),
-        "attr_timeout": ns.attr_timeout and _parse_seconds(ns.attr_timeout, "--attr-timeout"),
-        "entry_timeout": ns.entry_timeout and _parse_seconds(ns.entry_timeout, "--entry-timeout"),
-        "state_dir": ns.state_dir and Path(os.path.abspath(ns.state_dir)),
-        "log_level": ns.log_level and _parse_log_level(ns.log_level),
-        "log_file": ns.log_file and os.path.abspath(ns.log_file),
-        "foreground": ns.foreground,
-    }
-    settings.update({k: v for k, v in explicit.items() if v is not None})
+    for name, parse in _VALUE_OPTIONS.items():  # long options win over -o
+        value = getattr(ns, name, None)
+        if value is not None:
+            settings[name] = parse(value)
+    if ns.foreground:
+        settings["foreground"] = True
     return MountConfig(source=ns.source, mountpoint=ns.mountpoint, **settings)
 
 

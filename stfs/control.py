@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -114,3 +115,18 @@ def request_stats(mountpoint: str, timeout: float = 5.0) -> dict[str, Any]:
     if not isinstance(reply, dict):
         raise StfsError(f"{mountpoint}: the stfs daemon sent an unreadable reply")
     return reply
+
+
+def wait_gone(mountpoint: str, timeout: float) -> None:
+    """Wait until no daemon answers on *mountpoint*'s socket (a socket file left
+    by a killed daemon refuses connections and counts as gone)."""
+    path = socket_path(mountpoint)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(0.5)
+                sock.connect(os.fspath(path))
+        except OSError:
+            return
+        time.sleep(0.05)

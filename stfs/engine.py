@@ -36,6 +36,7 @@ from stfs.backing import (
     pread_if_cached,
 )
 from stfs.budget import MemoryBudget
+from stfs.buffers import BufferPool
 from stfs.cache import ChunkCache
 from stfs.chunking import (
     PAGE,
@@ -52,6 +53,7 @@ log = logging.getLogger(__name__)
 
 LATENCY_SAMPLES = 2048
 IDENTITY_RETRIES = 4
+POOL_MAX_BYTES = 4 * 1024 * 1024
 
 
 class _IdentityChanged(Exception):
@@ -104,7 +106,8 @@ class ReadEngine:
         self.config = config
         self.counters = counters
         self.budget = MemoryBudget(config.memory_limit)
-        self.cache = ChunkCache(config.cache_limit, self.budget)
+        self.pool = BufferPool(min(POOL_MAX_BYTES, config.memory_limit // 4))
+        self.cache = ChunkCache(config.cache_limit, self.budget, self.pool)
         self.budget.set_reclaimer(self.cache.reclaim)
         self.sizer = AdaptiveChunkSizer(config.min_chunk, config.max_chunk)
         self.global_tracker = ChunkPerformanceTracker()
@@ -349,11 +352,12 @@ class ReadEngine:
                             extra_limiter: trio.CapacityLimiter | None
                             ) -> tuple[ChunkData, FileIdentity]:
         began = time.monotonic()
+        buf = self.pool.take(size)
         cached = None
         if self.config.inline_cached_reads and is_local_block_device_id(handle.identity.dev):
             # Bytes already in the kernel's page cache: a memory copy that cannot
             # wait on the disk (RWF_NOWAIT), cheaper here than a thread round trip.
-            cached = pread_if_cached(handle.fd, size, start)
+            cached = pread_if_cached(handle.fd, buf, start)
         if cached is not None:
             data, identity = cached
             self.inline_reads += 1
@@ -361,7 +365,8 @@ class ReadEngine:
         else:
             async with _maybe(extra_limiter):
                 data, identity = await trio.to_thread.run_sync(
-                    pread_identified, handle.fd, size, start, limiter=self._limiter)
+                    pread_identified, handle.fd, buf, start, limiter=self._limiter)
+        del buf
         seconds = time.monotonic() - began
         self.backing_reads += 1
         self.backing_read_sizes[size] += 1

@@ -53,12 +53,16 @@ _STALE_ERRNOS = (errno.ENOTCONN, errno.ECONNABORTED)
 def _probe(path: str, timeout: float = PROBE_TIMEOUT_S) -> os.stat_result | OSError | None:
     """stat *path* in a thread, since a hung FUSE mount never answers.
 
-    Returns the stat result, the OSError, or None when it did not answer in time.
+    statvfs comes first: unlike stat, which the kernel may answer from its
+    attribute cache, it always reaches the file system, so a dead daemon shows
+    as ENOTCONN at once. Returns the stat result, the OSError, or None when it
+    did not answer in time.
     """
     result: list[os.stat_result | OSError] = []
 
     def run() -> None:
         try:
+            os.statvfs(path)
             result.append(os.stat(path))
         except OSError as exc:
             result.append(exc)
@@ -308,8 +312,8 @@ def _redirect_stdio(log_file: str | None) -> None:
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)
     os.dup2(devnull, 1)
-    if log_file is None and not logs.stderr_is_journal():
-        os.dup2(devnull, 2)
+    if not logs.stderr_is_journal():
+        os.dup2(devnull, 2)  # never keep the caller's terminal or pipe open
     os.close(devnull)
 
 
@@ -421,9 +425,7 @@ def umount_command(mountpoint: str, lazy: bool) -> int:
             raise StfsError(f"{mountpoint}: mount point is busy (files or directories in use); "
                             "close them or use --lazy")
         raise StfsError(f"{mountpoint}: unmount failed: {said or 'fusermount3 failed'}")
-    # Let the daemon finish so that an immediate remount finds the place free.
-    socket_file = control.socket_path(path)
-    deadline = time.monotonic() + 10
-    while socket_file.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    if not lazy:
+        # Let the daemon finish so that an immediate remount finds the place free.
+        control.wait_gone(path, timeout=10)
     return EXIT_OK

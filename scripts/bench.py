@@ -1,0 +1,474 @@
+"""stfs benchmark: reading SOURCE directly vs stfs vs peer FUSE mounts, side by side.
+
+Run through ``scripts/bench`` (root: it drops caches and mounts). One run
+generates the data once, then for every target (direct, stfs at each memory
+limit, bindfs, pyfuse3's passthroughfs example) measures:
+
+  cold      sequential read of the big file after dropping all caches (MB/s)
+  warm      first read through a fresh view with SOURCE in the page cache (MB/s)
+  reread    the same read again through the same mount (MB/s)
+  readers16 16 concurrent readers of different files (aggregate MB/s, p95 ms/read)
+  rand4k    4 KiB random preads, POSIX_FADV_RANDOM (IOPS, p95 ms/read)
+  find, du  over a tree of >= 20 000 small files (seconds; lower is better)
+
+and the daemon's peak RSS during each workload. Every figure is the median of
+several runs and is also given as a ratio to direct in the same run. Writes
+bench-results/bench.md, bench.json and (with matplotlib) bench.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import json
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+MIB = 1024 * 1024
+READ_SIZE = 1 * MIB
+READER_BLOCK = 128 * 1024
+
+
+# -- data -------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+    big_bytes: int
+    reader_bytes: int
+    readers: int
+    small_files: int
+    random_reads: int
+    runs: int
+
+
+FULL = Sizes(big_bytes=1024 * MIB, reader_bytes=64 * MIB, readers=16, small_files=20_000,
+             random_reads=20_000, runs=3)
+QUICK = Sizes(big_bytes=256 * MIB, reader_bytes=16 * MIB, readers=16, small_files=20_000,
+              random_reads=5_000, runs=1)
+
+
+def write_random(path: Path, size: int) -> None:
+    with open(path, "wb") as f:
+        remaining = size
+        while remaining:
+            n = min(remaining, 8 * MIB)
+            f.write(os.urandom(n))
+            remaining -= n
+
+
+def make_data(root: Path, sizes: Sizes) -> Path:
+    """SOURCE for every target, generated once and reused while it matches."""
+    source = root / "source"
+    manifest = root / "manifest.json"
+    wanted = dataclasses.asdict(sizes) | {"runs": 0, "random_reads": 0}
+    if manifest.exists() and json.loads(manifest.read_text()) == wanted and source.is_dir():
+        return source
+    shutil.rmtree(source, ignore_errors=True)
+    (source / "readers").mkdir(parents=True)
+    print(f"bench: generating data in {source}", file=sys.stderr)
+    write_random(source / "big.bin", sizes.big_bytes)
+    for i in range(sizes.readers):
+        write_random(source / "readers" / f"r{i:02d}.bin", sizes.reader_bytes)
+    tree = source / "tree"
+    for i in range(sizes.small_files):
+        d = tree / f"d{i // 500:03d}"
+        if i % 500 == 0:
+            d.mkdir(parents=True)
+        (d / f"f{i:05d}.txt").write_bytes(b"x" * (i % 2048))
+    manifest.write_text(json.dumps(wanted))
+    return source
+
+
+# -- targets ------------------------------------------------------------------
+
+
+def drop_caches() -> None:
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def is_mounted(path: Path) -> bool:
+    real = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == real for line in f)
+
+
+def wait_mounted(path: Path, proc: subprocess.Popen[bytes] | None, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"mount helper for {path} exited with {proc.returncode}")
+        if is_mounted(path):
+            os.statvfs(path)
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"{path} was not mounted within {timeout}s")
+
+
+@dataclasses.dataclass
+class Target:
+    """Something to read SOURCE through: a directory, maybe a mount with a daemon."""
+
+    name: str
+    command: list[str] | None  # foreground daemon command, None for direct reads
+    mountpoint: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    def mount(self) -> None:
+        if self.command is None:
+            return
+        self.mountpoint.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(self.command, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_mounted(self.mountpoint, self.proc)
+
+    def unmount(self) -> None:
+        if self.command is None:
+            return
+        if is_mounted(self.mountpoint):
+            subprocess.run(["fusermount3", "-u", str(self.mountpoint)], capture_output=True)
+        if self.proc is not None:
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        if is_mounted(self.mountpoint):
+            subprocess.run(["fusermount3", "-u", "-z", str(self.mountpoint)], capture_output=True)
+        self.proc = None
+
+    def remount(self) -> None:
+        self.unmount()
+        self.mount()
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def reset_peak_rss(self) -> None:
+        if self.pid is not None:
+            try:
+                Path(f"/proc/{self.pid}/clear_refs").write_text("5\n")
+            except OSError:
+                pass
+
+    def peak_rss_mib(self) -> float | None:
+        if self.pid is None:
+            return None
+        try:
+            for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+        except OSError:
+            pass
+        return None
+
+
+def passthroughfs_script(cache: Path) -> Path:
+    """pyfuse3's own passthroughfs.py example, from the pyfuse3 source distribution."""
+    script = cache / "passthroughfs.py"
+    if script.exists():
+        return script
+    cache.mkdir(parents=True, exist_ok=True)
+    import pyfuse3
+
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([PYTHON, "-m", "pip", "download", "-q", "--no-deps", "--no-binary",
+                        ":all:", f"pyfuse3=={pyfuse3.__version__}", "-d", tmp], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        archive = next(Path(tmp).glob("pyfuse3-*.tar.gz"))
+        with tarfile.open(archive) as tar:
+            member = next(m for m in tar.getmembers() if m.name.endswith("examples/passthroughfs.py"))
+            extracted = tar.extractfile(member)
+            assert extracted is not None
+            script.write_bytes(extracted.read())
+    return script
+
+
+# -- workloads ------------------------------------------------------------------
+
+
+def read_sequential(path: Path) -> tuple[int, float]:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        began = time.perf_counter()
+        total = 0
+        while chunk := os.read(fd, READ_SIZE):
+            total += len(chunk)
+        return total, time.perf_counter() - began
+    finally:
+        os.close(fd)
+
+
+def read_with_latencies(path: Path) -> tuple[int, list[float]]:
+    fd = os.open(path, os.O_RDONLY)
+    latencies = []
+    total = 0
+    try:
+        while True:
+            began = time.perf_counter()
+            chunk = os.read(fd, READER_BLOCK)
+            latencies.append(time.perf_counter() - began)
+            if not chunk:
+                return total, latencies
+            total += len(chunk)
+    finally:
+        os.close(fd)
+
+
+def p95_ms(latencies: list[float]) -> float:
+    ordered = sorted(latencies)
+    return 1000 * ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
+
+
+def warm_source(source: Path, *names: str) -> None:
+    for name in names:
+        for path in sorted((source / name).rglob("*")) if (source / name).is_dir() else [source / name]:
+            if path.is_file():
+                read_sequential(path)
+
+
+class Workloads:
+    def __init__(self, source: Path, sizes: Sizes) -> None:
+        self.source = source
+        self.sizes = sizes
+
+    def cold(self, t: Target) -> dict[str, float]:
+        drop_caches()
+        n, seconds = read_sequential(t.mountpoint / "big.bin")
+        return {"MB/s": n / seconds / 1e6}
+
+    def warm(self, t: Target) -> dict[str, float]:
+        t.remount()
+        drop_caches()
+        warm_source(self.source, "big.bin")
+        t.reset_peak_rss()
+        n, seconds = read_sequential(t.mountpoint / "big.bin")
+        return {"MB/s": n / seconds / 1e6}
+
+    def reread(self, t: Target) -> dict[str, float]:
+        read_sequential(t.mountpoint / "big.bin")
+        n, seconds = read_sequential(t.mountpoint / "big.bin")
+        return {"MB/s": n / seconds / 1e6}
+
+    def readers16(self, t: Target) -> dict[str, float]:
+        t.remount()
+        drop_caches()
+        warm_source(self.source, "readers")
+        t.reset_peak_rss()
+        paths = sorted((t.mountpoint / "readers").iterdir())
+        began = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(len(paths)) as pool:
+            results = list(pool.map(read_with_latencies, paths))
+        seconds = time.perf_counter() - began
+        total = sum(n for n, _ in results)
+        latencies = [x for _, lat in results for x in lat]
+        return {"MB/s": total / seconds / 1e6, "p95 ms": p95_ms(latencies)}
+
+    def rand4k(self, t: Target) -> dict[str, float]:
+        t.remount()
+        drop_caches()
+        warm_source(self.source, "big.bin")
+        t.reset_peak_rss()
+        rng = random.Random(4096)
+        pages = self.sizes.big_bytes // 4096
+        offsets = [rng.randrange(pages) * 4096 for _ in range(self.sizes.random_reads)]
+        fd = os.open(t.mountpoint / "big.bin", os.O_RDONLY)
+        latencies = []
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+            began = time.perf_counter()
+            for offset in offsets:
+                t0 = time.perf_counter()
+                os.pread(fd, 4096, offset)
+                latencies.append(time.perf_counter() - t0)
+            seconds = time.perf_counter() - began
+        finally:
+            os.close(fd)
+        return {"IOPS": len(offsets) / seconds, "p95 ms": p95_ms(latencies)}
+
+    def _tree_command(self, t: Target, argv: Callable[[Path], list[str]]) -> dict[str, float]:
+        t.remount()
+        drop_caches()
+        subprocess.run(argv(self.source / "tree"), stdout=subprocess.DEVNULL, check=True)
+        t.reset_peak_rss()
+        began = time.perf_counter()
+        subprocess.run(argv(t.mountpoint / "tree"), stdout=subprocess.DEVNULL, check=True)
+        return {"s": time.perf_counter() - began}
+
+    def find(self, t: Target) -> dict[str, float]:
+        return self._tree_command(t, lambda p: ["find", str(p)])
+
+    def du(self, t: Target) -> dict[str, float]:
+        return self._tree_command(t, lambda p: ["du", "-s", str(p)])
+
+
+WORKLOADS = ("cold", "warm", "reread", "readers16", "rand4k", "find", "du")
+HIGHER_IS_BETTER = {"MB/s": True, "IOPS": True, "p95 ms": False, "s": False}
+
+
+# -- the run ------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> dict[str, object]:
+    sizes = QUICK if args.quick else FULL
+    runs = args.runs or sizes.runs
+    root = Path(args.data_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    source = make_data(root, sizes)
+    mnt = root / "mnt"
+    stfs = [PYTHON, "-m", "stfs", "mount", "-f", "--log-file", str(root / "stfs.log")]
+    targets = [Target("direct", None, source)]
+    for limit in args.limits:
+        targets.append(Target(f"stfs {limit}", [*stfs, "--memory-limit", limit, str(source),
+                                                str(mnt / f"stfs-{limit}")],
+                              mnt / f"stfs-{limit}"))
+    if shutil.which("bindfs") and "bindfs" in args.peers:
+        targets.append(Target("bindfs", ["bindfs", "-f", "-r", "--no-allow-other", str(source),
+                                         str(mnt / "bindfs")], mnt / "bindfs"))
+    if "passthroughfs" in args.peers:
+        script = passthroughfs_script(root / "peers")
+        targets.append(Target("passthroughfs", [PYTHON, str(script), str(source),
+                                                str(mnt / "passthroughfs")],
+                              mnt / "passthroughfs"))
+    workloads = Workloads(source, sizes)
+    selected = [w for w in WORKLOADS if w in args.workloads]
+    # results[workload][target] = list of per-run dicts
+    results: dict[str, dict[str, list[dict[str, float]]]] = {w: {} for w in selected}
+    idle_rss: dict[str, float | None] = {}
+    try:
+        for target in targets:
+            target.mount()
+            idle_rss[target.name] = target.peak_rss_mib()
+        for run_index in range(runs):
+            for workload in selected:
+                for target in targets:  # interleaved, so drift hits every target alike
+                    target.reset_peak_rss()
+                    figures = getattr(workloads, workload)(target)
+                    rss = target.peak_rss_mib()
+                    if rss is not None:
+                        figures["peak RSS MiB"] = rss
+                    results[workload].setdefault(target.name, []).append(figures)
+                    print(f"bench: run {run_index + 1}/{runs} {workload:9s} {target.name:14s} "
+                          + ", ".join(f"{k} {v:.1f}" for k, v in figures.items()),
+                          file=sys.stderr)
+    finally:
+        for target in targets:
+            target.unmount()
+    return summarize(results, idle_rss, sizes, runs, args)
+
+
+def summarize(results: dict[str, dict[str, list[dict[str, float]]]],
+              idle_rss: dict[str, float | None], sizes: Sizes, runs: int,
+              args: argparse.Namespace) -> dict[str, object]:
+    table: dict[str, dict[str, dict[str, float]]] = {}
+    for workload, by_target in results.items():
+        table[workload] = {}
+        direct = by_target.get("direct", [])
+        for target, per_run in by_target.items():
+            medians = {k: statistics.median(r[k] for r in per_run) for k in per_run[0]}
+            # Ratio to direct, pair by pair within the same run, then the median.
+            for metric in HIGHER_IS_BETTER:
+                if metric in medians and direct and metric in direct[0]:
+                    ratios = [r[metric] / d[metric] for r, d in zip(per_run, direct) if d[metric]]
+                    medians[f"{metric} ×direct"] = statistics.median(ratios)
+            table[workload][target] = medians
+    return {
+        "machine": {"cpus": os.cpu_count(), "kernel": os.uname().release},
+        "sizes": dataclasses.asdict(sizes) | {"runs": runs},
+        "idle_rss_mib": idle_rss,
+        "results": table,
+        "command": " ".join(["scripts/bench", *sys.argv[1:]]),
+    }
+
+
+def markdown(summary: dict[str, object]) -> str:
+    results = summary["results"]
+    assert isinstance(results, dict)
+    lines = [f"`{summary['command']}` — medians of {summary['sizes']['runs']} run(s); "  # type: ignore[index]
+             "ratios are to direct reads in the same run.", ""]
+    for workload, by_target in results.items():
+        metrics = [m for m in HIGHER_IS_BETTER if m in next(iter(by_target.values()))]
+        header = ["target", *metrics, *[f"{m} ×direct" for m in metrics], "peak RSS MiB"]
+        lines += [f"**{workload}**", "", "| " + " | ".join(header) + " |",
+                  "|" + "---|" * len(header)]
+        for target, figures in by_target.items():
+            cells = [target]
+            for key in header[1:]:
+                value = figures.get(key)
+                cells.append("" if value is None else f"{value:.3g}" if "×" in key else f"{value:.1f}")
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    lines.append(f"idle RSS MiB: {summary['idle_rss_mib']}")
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict[str, object], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    results = summary["results"]
+    assert isinstance(results, dict)
+    workloads = list(results)
+    fig, axes = plt.subplots(1, len(workloads), figsize=(3.2 * len(workloads), 3.6))
+    for ax, workload in zip(axes if len(workloads) > 1 else [axes], workloads):
+        by_target = results[workload]
+        metric = next(m for m in HIGHER_IS_BETTER if m in next(iter(by_target.values())))
+        names = list(by_target)
+        ax.bar(range(len(names)), [by_target[n][metric] for n in names],
+               color=["#888" if n == "direct" else "#1f77b4" if n.startswith("stfs") else "#ff7f0e"
+                      for n in names])
+        ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
+        ax.set_title(f"{workload} ({metric})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="scripts/bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smaller data, one run (< 2 min)")
+    parser.add_argument("--runs", type=int, help="runs per workload (default 3, quick 1)")
+    parser.add_argument("--limits", nargs="+", default=["50M", "16M"],
+                        help="stfs --memory-limit values to measure")
+    parser.add_argument("--peers", nargs="*", default=["bindfs", "passthroughfs"])
+    parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
+    parser.add_argument("--data-dir", default="/var/tmp/stfs-bench")
+    parser.add_argument("--out", default=str(REPO / "bench-results"))
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        print("bench: needs root (drops caches, mounts)", file=sys.stderr)
+        return 1
+    summary = run(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(summary, indent=2) + "\n")
+    table = markdown(summary)
+    (out / "bench.md").write_text(table)
+    plotted = plot(summary, out / "bench.png")
+    print(table)
+    print(f"bench: wrote {out / 'bench.md'}, bench.json" + (", bench.png" if plotted else
+                                                              " (no matplotlib: no plot)"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
