@@ -143,8 +143,8 @@ class AdaptiveChunkSizer:
     def aligned(self, size: int) -> int:
         """The engine's chunk size for *size*: a power of two within the bounds."""
         aligned = power_of_two_floor(self.clamp(size))
-        if aligned < self.min_chunk:
-            aligned = power_of_two_floor(self.max_chunk)
+        if aligned < self.min_chunk:  # an odd min_chunk: the next power of two up
+            aligned = min(power_of_two_ceil(self.min_chunk), power_of_two_floor(self.max_chunk))
         return max(aligned, PAGE) if self.max_chunk >= PAGE else aligned
 
     def cap(self, memory_use_pct: float) -> int:

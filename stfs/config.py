@@ -20,6 +20,9 @@ GIB = 1024 * MIB
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmg]?)(i?b)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "k": KIB, "m": MIB, "g": GIB}
 
+MAX_REQUEST = 1 * MIB
+"""Largest read the kernel sends a FUSE file system (256 pages)."""
+
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -92,10 +95,10 @@ class MountConfig:
                 f"--min-chunk ({format_size(self.min_chunk)}) is larger than "
                 f"--max-chunk ({format_size(self.max_chunk)})"
             )
-        if self.max_chunk > self.memory_limit:
+        if self.memory_limit < self.max_chunk + MAX_REQUEST:
             raise UsageError(
-                f"--max-chunk ({format_size(self.max_chunk)}) is larger than "
-                f"--memory-limit ({format_size(self.memory_limit)})"
+                f"--memory-limit ({format_size(self.memory_limit)}) must be at least "
+                f"--max-chunk ({format_size(self.max_chunk)}) plus 1M for a kernel request"
             )
         if self.cache_size is not None and self.cache_size > self.memory_limit:
             raise UsageError(

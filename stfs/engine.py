@@ -114,6 +114,7 @@ class ReadEngine:
         self._limiter = trio.CapacityLimiter(config.max_streams)
         self._readahead_limiter = trio.CapacityLimiter(max(1, config.max_streams // 2))
         self._flights: dict[FileIdentity, list[_Flight]] = {}
+        self._assembly_lock = trio.Lock()
         self._streams: dict[int, _Stream] = {}
         self._nursery: trio.Nursery | None = None
         self.readahead_enabled = True
@@ -168,6 +169,8 @@ class ReadEngine:
 
     async def _read(self, handle: OpenFile, offset: int, size: int) -> bytes | memoryview:
         self.request_sizes[size] += 1
+        if offset >= handle.identity.size:
+            return b""  # the kernel asks past the end only when it knows a new size
         stream = self._stream(handle)
         chunk_size, sequential = self._plan(handle, stream, offset, size)
         end = offset + size
@@ -196,26 +199,37 @@ class ReadEngine:
         after the read handler returns, before any other reservation can be
         granted on the event loop.
         """
-        await self.budget.reserve(size)
-        try:
-            reply = bytearray(size)
-            n = 0
-            chunk_end = offset
-            while n < size:
-                start, data = await self._chunk_at(handle, offset + n, chunk_size, False,
-                                                   offset + size)
-                chunk_end = start + len(data)
-                piece = memoryview(data)[offset + n - start:min(offset + size, chunk_end) - start]
-                taken = len(piece)
-                reply[n:n + taken] = piece
-                piece.release()
-                n += taken
-                if not taken or chunk_end >= handle.identity.size:
-                    break
-            del reply[n:]
-            return reply, chunk_end
-        finally:
-            self.budget.release(size)
+        identity = handle.identity  # one reply, one version
+        # One assembly at a time: its reply reservation is the only one that waits
+        # for chunk reservations while held, so serializing assemblies keeps every
+        # other reservation either in flight (finishing) or evictable cache.
+        async with self._assembly_lock:
+            await self.budget.reserve(size)
+            try:
+                return await self._assemble_reserved(handle, identity, offset, size, chunk_size)
+            finally:
+                self.budget.release(size)
+
+    async def _assemble_reserved(self, handle: OpenFile, identity: FileIdentity, offset: int,
+                                 size: int, chunk_size: int) -> tuple[bytearray, int]:
+        reply = bytearray(size)
+        n = 0
+        chunk_end = offset
+        while n < size:
+            start, data = await self._chunk_at(handle, offset + n, chunk_size, False,
+                                               offset + size)
+            if handle.identity != identity:
+                raise _IdentityChanged  # pieces of two versions must never meet
+            chunk_end = start + len(data)
+            piece = memoryview(data)[offset + n - start:min(offset + size, chunk_end) - start]
+            taken = len(piece)
+            reply[n:n + taken] = piece
+            piece.release()
+            n += taken
+            if not taken or chunk_end >= identity.size:
+                break
+        del reply[n:]
+        return reply, chunk_end
 
     def _stream(self, handle: OpenFile) -> _Stream:
         stream = self._streams.get(handle.fh)
@@ -276,7 +290,8 @@ class ReadEngine:
             found = self.cache.lookup(identity, offset, handle.fh)
             if found is not None:
                 start, data = found
-                covered = start + len(data) >= min(want_end, identity.size)
+                # Covered as far as a new chunk of this size from here could reach?
+                covered = start + len(data) >= min(want_end, identity.size, offset + chunk_size)
                 if covered or not sequential:
                     self.counters.cache_hits += 1
                     return found
@@ -290,7 +305,8 @@ class ReadEngine:
             # Landed in the cache (or was cancelled): look again.
             landed: ChunkData | None = flight.data
             if landed is not None and flight.start <= offset < flight.start + len(landed):
-                if flight.start + len(landed) >= min(want_end, identity.size) or not sequential:
+                reach = min(want_end, identity.size, offset + chunk_size)
+                if flight.start + len(landed) >= reach or not sequential:
                     self.counters.cache_hits += 1
                     return flight.start, landed
                 break
