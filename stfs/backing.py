@@ -214,22 +214,6 @@ class Backing:
         return fd, st
 
 
-def pread_full(fd: int, size: int, offset: int) -> bytes:
-    """Read *size* bytes at *offset*, fewer only at end of file."""
-    data = os.pread(fd, size, offset)
-    if len(data) == size or not data:
-        return data
-    parts = [data]
-    got = len(data)
-    while got < size:
-        more = os.pread(fd, size - got, offset + got)
-        if not more:
-            break
-        parts.append(more)
-        got += len(more)
-    return b"".join(parts)
-
-
 def pread_identified(fd: int, buf: bytearray, offset: int) -> tuple[bytearray, FileIdentity]:
     """Fill *buf* from *offset* (shorter only at end of file) and say which
     version of the file the bytes belong to.

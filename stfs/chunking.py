@@ -161,17 +161,24 @@ class StreamState:
     sequential_reads: int = 0
     readahead_chunks: int = 0
     """Read-ahead window in chunks; 0 until the stream proves sequential."""
+    seeks: int = 0
+    """Consecutive non-sequential requests."""
+
+    def is_sequential(self, offset: int, size: int) -> bool:
+        """Whether a request at *offset* continues the stream (within the slack)."""
+        return abs(offset - self.next_offset) <= 2 * max(self.chunk_size, size)
 
     def observe(self, offset: int, size: int, base_chunk: int, cap_chunk: int,
-                max_window_chunks: int) -> bool:
+                max_window_chunks: int, random_chunk: int | None = None) -> bool:
         """Account one request; returns whether it continues a sequential stream.
 
         Requests of one stream can arrive slightly out of order (the kernel keeps
         several reads in flight), so "sequential" tolerates a small window around
-        the expected offset.
+        the expected offset. A first seek falls back to the base size; a stream
+        that keeps seeking (random access) uses *random_chunk* (its request size),
+        since a 256K chunk per 4K read would read 64 times what is asked.
         """
-        slack = 2 * max(self.chunk_size, size)
-        sequential = abs(offset - self.next_offset) <= slack
+        sequential = self.is_sequential(offset, size)
         if sequential and offset + size > self.next_offset:
             self.sequential_reads += 1
             if self.sequential_reads >= 2:
@@ -182,7 +189,13 @@ class StreamState:
                 self.readahead_chunks = min(max(1, self.readahead_chunks * 2), max_window_chunks)
         elif not sequential:
             self.sequential_reads = 0
-            self.chunk_size = min(base_chunk, cap_chunk)
+            self.seeks += 1
+            fallback = base_chunk
+            if random_chunk is not None and self.seeks >= 2:
+                fallback = random_chunk
+            self.chunk_size = min(fallback, cap_chunk)
             self.readahead_chunks = 0
+        if sequential:
+            self.seeks = 0
         self.next_offset = max(self.next_offset, offset + size) if sequential else offset + size
         return sequential

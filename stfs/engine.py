@@ -259,14 +259,24 @@ class ReadEngine:
         if self._is_small(identity):
             return self.whole_file_chunk(identity.size), False
         memory_pct = self.memory_use_pct()
-        base = self.sizer.aligned(self.sizer.base_size(identity.size, memory_pct,
-                                                       stream.tracker.throughputs()))
         cap = self.sizer.cap(memory_pct)
         window = self._max_window_chunks(stream.state.chunk_size)
-        sequential = stream.state.observe(offset, size, base, cap, window)
+        base = random_chunk = 0  # only a seek needs them; skip the arithmetic otherwise
+        if not stream.state.is_sequential(offset, size):
+            base = self.sizer.aligned(self.sizer.base_size(identity.size, memory_pct,
+                                                           stream.tracker.throughputs()))
+            random_chunk = self._random_chunk(offset, size)
+        sequential = stream.state.observe(offset, size, base, cap, window, random_chunk)
         if not sequential:
             stream.cancel_readahead()
         return stream.state.chunk_size, sequential
+
+    def _random_chunk(self, offset: int, size: int) -> int:
+        """The smallest aligned chunk holding the whole request at *offset*."""
+        chunk = self.sizer.aligned(power_of_two_ceil(size))
+        while offset % chunk + size > chunk and chunk < self.sizer.max_chunk:
+            chunk *= 2
+        return self.sizer.aligned(chunk)
 
     def _max_window_chunks(self, chunk_size: int) -> int:
         """Read-ahead window bound: a share of the cache per active stream."""
