@@ -43,6 +43,7 @@ _VALUE_OPTIONS: dict[str, Any] = {
     "max_streams": lambda v: _parse_int(v, "--max-streams"),
     "attr_timeout": lambda v: _parse_seconds(v, "--attr-timeout"),
     "entry_timeout": lambda v: _parse_seconds(v, "--entry-timeout"),
+    "monitor_interval": lambda v: _parse_seconds(v, "--monitor-interval"),
     "state_dir": lambda v: Path(_parse_path(v, "--state-dir")),
     "log_level": lambda v: _parse_log_level(v),
     "log_file": lambda v: _parse_path(v, "--log-file"),
@@ -160,6 +161,8 @@ def _build_parser() -> _Parser:
                        help="how long the kernel may cache attributes (default 1)")
     mount.add_argument("--entry-timeout", metavar="SECONDS",
                        help="how long the kernel may cache names (default 1)")
+    mount.add_argument("--monitor-interval", metavar="SECONDS",
+                       help="how often memory pressure is sampled (default 1)")
     mount.add_argument("--state-dir", metavar="DIR",
                        help="what stfs keeps between mounts (default $XDG_STATE_HOME/stfs)")
     mount.add_argument("--log-level", metavar="LEVEL",

@@ -79,6 +79,8 @@ class MountConfig:
     max_streams: int = 10
     min_chunk: int = 4 * KIB
     max_chunk: int = 1 * MIB
+    monitor_interval: float = 1.0
+    """Seconds between memory snapshots and pressure decisions."""
     attr_timeout: float = 1.0
     entry_timeout: float = 1.0
     state_dir: Path = dataclasses.field(default_factory=default_state_dir)
@@ -109,6 +111,8 @@ class MountConfig:
             raise UsageError("--max-streams must be at least 1")
         if not 0 <= self.attr_timeout <= 3600 or not 0 <= self.entry_timeout <= 3600:
             raise UsageError("--attr-timeout and --entry-timeout must be between 0 and 3600 seconds")
+        if not 0.05 <= self.monitor_interval <= 60:
+            raise UsageError("--monitor-interval must be between 0.05 and 60 seconds")
         if self.log_level not in LOG_LEVELS:
             raise UsageError(f"invalid --log-level '{self.log_level}': choose from {', '.join(LOG_LEVELS)}")
 

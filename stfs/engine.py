@@ -48,6 +48,7 @@ from stfs.chunking import (
 )
 from stfs.handles import OpenFile
 from stfs.metrics import Counters
+from stfs.pressure import CACHE_SHARE, Level
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,13 @@ class ReadEngine:
         self._streams: dict[int, _Stream] = {}
         self._nursery: trio.Nursery | None = None
         self.readahead_enabled = True
+        self.level = Level.NONE
+        self.concurrency_cap = config.max_streams
+        self.max_streams = config.max_streams
+        self.memory_limit = config.memory_limit
+        self.cache_capacity_bytes = config.cache_limit
+        self.monitor_memory_pct = 0.0
+        self.recent: collections.deque[tuple[float, int, float]] = collections.deque(maxlen=4096)
         self.latencies_s: collections.deque[float] = collections.deque(maxlen=LATENCY_SAMPLES)
         self.request_sizes: collections.Counter[int] = collections.Counter()
         self.backing_reads = 0
@@ -135,12 +143,48 @@ class ReadEngine:
             task_status.started()
             await trio.sleep_forever()
 
+    # -- pressure (steered by pressure.PressureController) ----------------------
+
+    def backing_reads_in_flight(self) -> int:
+        return int(self._limiter.borrowed_tokens)
+
+    def unevictable_bytes(self) -> int:
+        return self.budget.held_bytes - self.cache.cached_bytes
+
+    def held_bytes(self) -> int:
+        return self.budget.held_bytes
+
+    def recent_reads(self, since: float) -> list[tuple[int, float]]:
+        return [(size, seconds) for at, size, seconds in self.recent if at >= since]
+
+    def apply_pressure(self, level: Level, cap: int, memory_use_pct: float) -> None:
+        """Cap concurrent backing reads, switch read-ahead, shed cache.
+
+        Reads are never failed for pressure: a lower cap only makes them wait.
+        """
+        self.level = level
+        self.monitor_memory_pct = memory_use_pct
+        if cap != self.concurrency_cap:
+            self.concurrency_cap = cap
+            self._limiter.total_tokens = cap
+            self._readahead_limiter.total_tokens = max(1, cap // 2)
+        self.readahead_enabled = level < Level.HEAVY
+        if not self.readahead_enabled:
+            for stream in self._streams.values():
+                stream.cancel_readahead()
+        floor = min(self.cache_capacity_bytes, 2 * self.config.max_chunk)
+        self.cache.floor_bytes = floor if level >= Level.CRITICAL else 0
+        capacity = max(floor, int(self.cache_capacity_bytes * CACHE_SHARE[level]))
+        if capacity != self.cache.capacity_bytes:
+            self.cache.capacity_bytes = capacity
+            self.cache.shrink_to(capacity)
+
     def memory_use_pct(self) -> float:
         """Share of the memory limit held by data that cannot be dropped at once
         (in flight, read-ahead, replies); cached chunks are evictable on demand, so
         a full cache is not pressure. The pressure monitor refines this."""
-        unevictable = self.budget.held_bytes - self.cache.cached_bytes
-        return 100.0 * unevictable / self.config.memory_limit
+        own = 100.0 * self.unevictable_bytes() / self.config.memory_limit
+        return max(own, self.monitor_memory_pct)
 
     # -- the read path -------------------------------------------------------
 
@@ -377,26 +421,27 @@ class ReadEngine:
     async def _backing_read(self, handle: OpenFile, stream: _Stream, start: int, size: int,
                             extra_limiter: trio.CapacityLimiter | None
                             ) -> tuple[ChunkData, FileIdentity]:
-        began = time.monotonic()
         buf = self.pool.take(size)
-        cached = None
+        cached: tuple[ChunkData, FileIdentity] | None = None
+        began = time.monotonic()
         if self.config.inline_cached_reads and is_local_block_device_id(handle.identity.dev):
             # Bytes already in the kernel's page cache: a memory copy that cannot
             # wait on the disk (RWF_NOWAIT), cheaper here than a thread round trip.
             cached = pread_if_cached(handle.fd, buf, start)
         if cached is not None:
             data, identity = cached
+            seconds = time.monotonic() - began
             self.inline_reads += 1
             await trio.lowlevel.checkpoint()
         else:
             async with _maybe(extra_limiter):
-                data, identity = await trio.to_thread.run_sync(
-                    pread_identified, handle.fd, buf, start, limiter=self._limiter)
+                data, identity, seconds = await trio.to_thread.run_sync(
+                    _timed_pread, handle.fd, buf, start, limiter=self._limiter)
         del buf
-        seconds = time.monotonic() - began
         self.backing_reads += 1
         self.backing_read_sizes[size] += 1
         self.latencies_s.append(seconds)
+        self.recent.append((time.monotonic(), size, seconds))
         stream.tracker.record(size, seconds)
         self.global_tracker.record(size, seconds)
         return data, identity
@@ -482,6 +527,13 @@ class ReadEngine:
         if not self.request_sizes:
             return 0
         return max(self.request_sizes.items(), key=lambda kv: (kv[1], kv[0]))[0]
+
+
+def _timed_pread(fd: int, buf: bytearray, offset: int) -> tuple[bytearray, FileIdentity, float]:
+    """The backing read as the device served it, without time queued for a thread."""
+    began = time.monotonic()
+    data, identity = pread_identified(fd, buf, offset)
+    return data, identity, time.monotonic() - began
 
 
 class _maybe:

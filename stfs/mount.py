@@ -28,7 +28,7 @@ from typing import Any
 import pyfuse3
 import trio
 
-from stfs import control, demo, kernel, logs, metrics
+from stfs import control, demo, kernel, logs, metrics, pressure
 from stfs.backing import Backing
 from stfs.config import MountConfig
 from stfs.engine import EngineConfig, ReadEngine
@@ -198,6 +198,7 @@ class Daemon:
         self.view: View | None = None
         self.engine: ReadEngine
         self.kernel = kernel.KernelTuning()
+        self.pressure: pressure.PressureController | None = None
         self.unmount_on_exit = False
 
     def stats(self) -> dict[str, Any]:
@@ -229,7 +230,11 @@ class Daemon:
             "inline_reads": engine.inline_reads,
             "readahead_chunks": engine.readahead_chunks,
             "readahead_refused": engine.budget.refused_speculative,
-            "pressure_level": "none",
+            "pressure_level": engine.level.label,
+            "pressure_score": self.pressure.last_score.total if self.pressure else 0,
+            "pressure_level_changes": self.pressure.level_changes if self.pressure else 0,
+            "concurrency_cap": engine.concurrency_cap,
+            "memory_use_pct": round(engine.memory_use_pct(), 1),
             "rss_bytes": metrics.rss_bytes(),
             "open_fds": metrics.open_fd_count(),
             "retries": c.retries,
@@ -283,6 +288,7 @@ class Daemon:
                 nursery.cancel_scope.cancel()
 
             await nursery.start(self.engine.run)
+            nursery.start_soon(self._control_pressure)
             nursery.start_soon(fuse_main)
             nursery.start_soon(self._watch_signals)
             await nursery.start(control.serve, control.socket_path(self.mountpoint), self.stats)
@@ -295,6 +301,14 @@ class Daemon:
             log.info("mounted %s on %s (memory limit %d bytes)", self.source, self.mountpoint,
                      self.config.memory_limit)
             on_ready()
+
+    async def _control_pressure(self) -> None:
+        """Sample memory and steer the engine once per ``--monitor-interval``."""
+        monitor = pressure.MemoryMonitor()
+        self.pressure = pressure.PressureController(self.engine, monitor, metrics.rss_bytes())
+        while True:
+            await trio.sleep(self.config.monitor_interval)
+            self.pressure.tick()
 
     async def _watch_signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:

@@ -53,7 +53,9 @@ def wait_for(predicate, timeout: float, interval: float = 0.02) -> bool:  # type
 class Mount:
     """One foreground stfs daemon serving SOURCE at MOUNTPOINT."""
 
-    def __init__(self, source: Path, mountpoint: Path, log_file: Path, args: list[str]) -> None:
+    def __init__(self, source: Path, mountpoint: Path, log_file: Path, args: list[str],
+                 prefix: list[str] | None = None) -> None:
+        self.prefix = prefix or []
         self.source = source
         self.mountpoint = mountpoint
         self.log_file = log_file
@@ -62,7 +64,7 @@ class Mount:
 
     def start(self) -> Mount:
         self.proc = subprocess.Popen(
-            [*STFS, "mount", "-f", "--log-file", str(self.log_file), *self.args,
+            [*self.prefix, *STFS, "mount", "-f", "--log-file", str(self.log_file), *self.args,
              str(self.source), str(self.mountpoint)],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + MOUNT_TIMEOUT_S
@@ -126,12 +128,12 @@ def mounter(tmp_path: Path) -> Iterator:  # type: ignore[type-arg]
     allowed: list[str] = []
 
     def make(source: Path, *args: str, mountpoint: Path | None = None,
-             allow_log: tuple[str, ...] = ()) -> Mount:
+             allow_log: tuple[str, ...] = (), prefix: list[str] | None = None) -> Mount:
         if mountpoint is None:
             mountpoint = tmp_path / f"mnt{len(mounts)}"
             mountpoint.mkdir()
         allowed.extend(allow_log)
-        mount = Mount(source, mountpoint, tmp_path / f"stfs{len(mounts)}.log", list(args))
+        mount = Mount(source, mountpoint, tmp_path / f"stfs{len(mounts)}.log", list(args), prefix)
         mounts.append(mount)
         return mount.start()
 

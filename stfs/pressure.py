@@ -1,0 +1,393 @@
+"""Memory monitor, backpressure score and adaptive concurrency.
+
+The seeds' MemoryMonitor, AdaptiveMemoryManager, BackpressureController and
+AdaptiveRateLimiter in file-system form:
+
+* ``MemoryMonitor`` takes a snapshot a second (configurable): the process RSS
+  and system available memory (psutil), the memory control group's use and
+  limit (cgroup v2 ``memory.current``/``memory.max`` or v1
+  ``memory.usage_in_bytes``/``memory.limit_in_bytes``), and the engine's own
+  held bytes. It keeps the last 60 and reports growth rate and trend.
+  Memory use is the worst of: the engine's unevictable data (in flight,
+  read-ahead, replies; cached chunks are dropped on demand) against
+  ``--memory-limit``, RSS growth past idle RSS (less cached chunks) against
+  the limit (100 % is the RSS target's idle + limit), the cgroup's working
+  set against its max, and the system's used share.
+* ``score`` is the seeds' 100 points: memory 0-40, concurrency 0-30 (active
+  backing reads against ``--max-streams``), latency/throughput 0-30 (recent
+  chunk reads); levels none <20, light <40, moderate <60, heavy <80,
+  critical >=80.
+* Each level caps concurrent backing reads at 10/6/3/1/1, scaled to
+  ``--max-streams``; read-ahead is off from heavy up; the cache is shed to a
+  share of its capacity (critical: a floor). Reads are never failed for being
+  busy: they wait.
+* ``AimdLimiter`` lowers the cap multiplicatively while backing latency is
+  above target (a struggling disk or share) and raises it by one per interval
+  once it recovers, always within the level's cap.
+
+Everything here except ``MemoryMonitor.sample`` is pure and takes its inputs
+as arguments, so it is tested with plain numbers.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import enum
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Protocol
+
+import psutil
+
+MIB = 1024 * 1024
+log = logging.getLogger(__name__)
+
+
+class Level(enum.IntEnum):
+    NONE = 0
+    LIGHT = 1
+    MODERATE = 2
+    HEAVY = 3
+    CRITICAL = 4
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+LEVEL_CAPS = {Level.NONE: 10, Level.LIGHT: 6, Level.MODERATE: 3, Level.HEAVY: 1,
+              Level.CRITICAL: 1}
+"""The seeds' concurrent-stream caps, for ``--max-streams 10``."""
+
+CACHE_SHARE = {Level.NONE: 1.0, Level.LIGHT: 1.0, Level.MODERATE: 0.5, Level.HEAVY: 0.25,
+               Level.CRITICAL: 0.0}
+"""Share of the cache capacity kept at each level (critical: down to the floor)."""
+
+MEMORY_LEVELS = (60.0, 75.0, 85.0)
+"""The seeds' AdaptiveMemoryManager thresholds (warning, critical, emergency)."""
+
+
+def level_for(score: float) -> Level:
+    if score >= 80:
+        return Level.CRITICAL
+    if score >= 60:
+        return Level.HEAVY
+    if score >= 40:
+        return Level.MODERATE
+    if score >= 20:
+        return Level.LIGHT
+    return Level.NONE
+
+
+def cap_for(level: Level, max_streams: int) -> int:
+    """The level's concurrency cap scaled to ``--max-streams`` (at least 1)."""
+    return max(1, round(max_streams * LEVEL_CAPS[level] / 10))
+
+
+def memory_points(memory_use_pct: float) -> int:
+    """The seeds' memory factor, 0-40."""
+    if memory_use_pct > 80:
+        return 40
+    if memory_use_pct > 70:
+        return 30
+    if memory_use_pct > 60:
+        return 20
+    if memory_use_pct > 50:
+        return 10
+    return 0
+
+
+def concurrency_points(active_reads: int, max_streams: int) -> int:
+    """The seeds' concurrency factor (>3, >5, >8 of 10 streams), 0-30, scaled."""
+    share = active_reads / max(1, max_streams)
+    if share > 0.8:
+        return 30
+    if share > 0.5:
+        return 20
+    if share > 0.3:
+        return 10
+    return 0
+
+
+def latency_points(throughput_bps: float | None, latency_s: float | None) -> int:
+    """The seeds' throughput factor (<2, <5, <10 MB/s), plus slow reads, 0-30.
+
+    Throughput counts only reads of at least 64 KiB (small random reads are slow
+    per byte without anything being wrong); latency is the recent p95 of chunk
+    reads, with the seeds' 0.5 s / 1 s steps brought down to file-system scale
+    (the target per read is 200 ms).
+    """
+    points = 0
+    if throughput_bps is not None:
+        if throughput_bps < 2 * MIB:
+            points = 30
+        elif throughput_bps < 5 * MIB:
+            points = 20
+        elif throughput_bps < 10 * MIB:
+            points = 10
+    if latency_s is not None:
+        if latency_s > 0.2:
+            points += 20
+        elif latency_s > 0.1:
+            points += 10
+    return min(30, points)
+
+
+@dataclasses.dataclass(frozen=True)
+class Score:
+    memory: int
+    concurrency: int
+    latency: int
+
+    @property
+    def total(self) -> int:
+        return self.memory + self.concurrency + self.latency
+
+    @property
+    def level(self) -> Level:
+        return level_for(self.total)
+
+
+def score(memory_use_pct: float, active_reads: int, max_streams: int,
+          throughput_bps: float | None, latency_s: float | None) -> Score:
+    return Score(memory_points(memory_use_pct), concurrency_points(active_reads, max_streams),
+                 latency_points(throughput_bps, latency_s))
+
+
+class AimdLimiter:
+    """Additive-increase / multiplicative-decrease of the concurrency cap."""
+
+    def __init__(self, ceiling: int, target_latency_s: float = 0.1,
+                 decrease: float = 0.5) -> None:
+        self.ceiling = ceiling
+        self.target_latency_s = target_latency_s
+        self.decrease = decrease
+        self.limit = float(ceiling)
+
+    def update(self, latency_s: float | None, level_cap: int) -> int:
+        """One interval: *latency_s* is the recent p95 of backing reads (None: idle)."""
+        if latency_s is not None and latency_s > self.target_latency_s:
+            self.limit = max(1.0, self.limit * self.decrease)
+        else:
+            self.limit = min(float(self.ceiling), self.limit + 1)
+        return max(1, min(level_cap, int(self.limit)))
+
+
+# -- the monitor ---------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class MemorySnapshot:
+    at: float
+    rss_bytes: int
+    available_bytes: int
+    total_bytes: int
+    cgroup_usage_bytes: int | None
+    cgroup_limit_bytes: int | None
+    held_bytes: int
+    unevictable_bytes: int
+
+
+def memory_use_pct(snap: MemorySnapshot, memory_limit: int, idle_rss: int) -> float:
+    """The worst of the engine, RSS, cgroup and system views, in percent."""
+    cached = max(0, snap.held_bytes - snap.unevictable_bytes)
+    views = [
+        100.0 * snap.unevictable_bytes / memory_limit,
+        # RSS growth past idle, less the (evictable) cached chunks it contains
+        100.0 * max(0, snap.rss_bytes - idle_rss - cached) / memory_limit,
+        100.0 * (1 - snap.available_bytes / snap.total_bytes) if snap.total_bytes else 0.0,
+    ]
+    if snap.cgroup_usage_bytes is not None and snap.cgroup_limit_bytes:
+        views.append(100.0 * snap.cgroup_usage_bytes / snap.cgroup_limit_bytes)
+    return max(views)
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    if text == "max":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
+class CgroupFiles:
+    usage: Path
+    limit: Path
+    stat: Path
+    cache_key: str
+
+    def working_set(self) -> int | None:
+        """Use minus file-backed page cache, which the kernel reclaims before it
+        runs out: reading SOURCE through the page cache is not pressure."""
+        usage = _read_int(self.usage)
+        if usage is None:
+            return None
+        try:
+            for line in self.stat.read_text().splitlines():
+                key, _, value = line.partition(" ")
+                if key == self.cache_key:
+                    return max(0, usage - int(value))
+        except (OSError, ValueError):
+            pass
+        return usage
+
+
+def find_memory_cgroup(proc_cgroup: str = "/proc/self/cgroup",
+                       root: Path = Path("/sys/fs/cgroup")) -> CgroupFiles | None:
+    """This process's memory cgroup files, v2 or v1, if it has a real limit."""
+    try:
+        lines = Path(proc_cgroup).read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        rel = path.lstrip("/")
+        if "memory" in controllers.split(","):  # v1
+            base = root / "memory" / rel
+            files = CgroupFiles(base / "memory.usage_in_bytes", base / "memory.limit_in_bytes",
+                                base / "memory.stat", "total_cache")
+        elif controllers == "":  # v2 unified
+            base = root / rel
+            files = CgroupFiles(base / "memory.current", base / "memory.max",
+                                base / "memory.stat", "file")
+        else:
+            continue
+        limit = _read_int(files.limit)
+        if limit is not None and limit < (1 << 60) and files.usage.exists():
+            return files
+    return None
+
+
+class MemoryMonitor:
+    """Periodic memory snapshots (the last ``history`` kept)."""
+
+    def __init__(self, history: int = 60) -> None:
+        self._process = psutil.Process(os.getpid())
+        self.snapshots: collections.deque[MemorySnapshot] = collections.deque(maxlen=history)
+        self.cgroup = find_memory_cgroup()
+
+    def sample(self, held_bytes: int, unevictable_bytes: int) -> MemorySnapshot:
+        vm = psutil.virtual_memory()
+        usage = limit = None
+        if self.cgroup is not None:
+            usage = self.cgroup.working_set()
+            limit = _read_int(self.cgroup.limit)
+        snap = MemorySnapshot(time.monotonic(), int(self._process.memory_info().rss),
+                              int(vm.available), int(vm.total), usage, limit, held_bytes,
+                              unevictable_bytes)
+        self.snapshots.append(snap)
+        return snap
+
+    def growth_bytes_per_s(self, window: int = 5) -> float:
+        """RSS growth over the last *window* snapshots."""
+        recent = list(self.snapshots)[-window:]
+        if len(recent) < 2 or recent[-1].at <= recent[0].at:
+            return 0.0
+        return (recent[-1].rss_bytes - recent[0].rss_bytes) / (recent[-1].at - recent[0].at)
+
+    def trend(self) -> str:
+        rate = self.growth_bytes_per_s()
+        if rate > 1 * MIB:
+            return "rising"
+        if rate < -1 * MIB:
+            return "falling"
+        return "steady"
+
+
+# -- the controller --------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class PressureSample:
+    """One controller tick, kept for stats and plots."""
+
+    at: float
+    level: Level
+    score: int
+    memory_use_pct: float
+    cap: int
+    rss_bytes: int
+
+
+class PressureTarget(Protocol):
+    """What the controller steers (the read engine implements it)."""
+
+    max_streams: int
+    memory_limit: int
+
+    def backing_reads_in_flight(self) -> int: ...
+
+    def unevictable_bytes(self) -> int: ...
+
+    def held_bytes(self) -> int: ...
+
+    def recent_reads(self, since: float) -> list[tuple[int, float]]: ...
+
+    def apply_pressure(self, level: Level, cap: int,
+                       memory_use_pct: float) -> None: ...
+
+
+def recent_figures(reads: list[tuple[int, float]]) -> tuple[float | None, float | None]:
+    """(throughput of reads of >= 64 KiB, p95 latency) of (size, seconds) samples."""
+    if not reads:
+        return None, None
+    latencies = sorted(seconds for _, seconds in reads)
+    p95 = latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))]
+    big = [(size, seconds) for size, seconds in reads if size >= 64 * 1024]
+    throughput = None
+    if big:
+        total_s = sum(seconds for _, seconds in big)
+        throughput = sum(size for size, _ in big) / total_s if total_s > 0 else None
+    return throughput, p95
+
+
+class PressureController:
+    """Samples memory, scores pressure, and applies level, cap and shedding."""
+
+    def __init__(self, target: PressureTarget, monitor: MemoryMonitor, idle_rss: int,
+                 target_latency_s: float = 0.1) -> None:
+        self.target = target
+        self.monitor = monitor
+        self.idle_rss = idle_rss
+        self.aimd = AimdLimiter(target.max_streams, target_latency_s)
+        self.level = Level.NONE
+        self.cap = target.max_streams
+        self.level_changes = 0
+        self.history: collections.deque[PressureSample] = collections.deque(maxlen=600)
+        self.last_score = Score(0, 0, 0)
+        self._since = time.monotonic()
+
+    def tick(self, now: float | None = None) -> Level:
+        """One interval: sample, score, decide, apply. Returns the level."""
+        now = time.monotonic() if now is None else now
+        target = self.target
+        snap = self.monitor.sample(target.held_bytes(), target.unevictable_bytes())
+        use_pct = memory_use_pct(snap, target.memory_limit, self.idle_rss)
+        throughput, p95 = recent_figures(target.recent_reads(self._since))
+        self._since = now
+        result = score(use_pct, target.backing_reads_in_flight(), target.max_streams,
+                       throughput, p95)
+        level = result.level
+        self.cap = self.aimd.update(p95, cap_for(level, target.max_streams))
+        if level != self.level:
+            self.level_changes += 1
+            log.info(
+                "pressure %s -> %s (score %d: memory %d, concurrency %d, latency %d; "
+                "memory use %.0f%%); backing reads capped at %d",
+                self.level.label, level.label, result.total, result.memory,
+                result.concurrency, result.latency, use_pct, self.cap)
+            self.level = level
+        self.last_score = result
+        target.apply_pressure(level, self.cap, use_pct)
+        self.history.append(PressureSample(now, level, result.total, use_pct, self.cap,
+                                           snap.rss_bytes))
+        return level

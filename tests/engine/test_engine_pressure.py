@@ -1,0 +1,133 @@
+"""The engine under each pressure level: caps, read-ahead switch, cache shedding,
+and every read still answered with the right bytes (slow fake backing, no FUSE)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+import trio
+import trio.lowlevel
+
+import stfs.engine
+from stfs.engine import EngineConfig, ReadEngine
+from stfs.metrics import Counters
+from stfs.pressure import CACHE_SHARE, Level, cap_for
+from tests.engine.test_engine import Source, run, src  # noqa: F401  (fixture)
+
+MIB = 1024 * 1024
+
+
+class SlowBacking:
+    """Wraps the engine's thread read: sleeps and counts reads in flight."""
+
+    def __init__(self, delay_s: float) -> None:
+        self.delay_s = delay_s
+        self.in_flight = 0
+        self.peak = 0
+        self._lock = threading.Lock()
+        self._real = stfs.engine._timed_pread
+
+    def __call__(self, fd: int, buf: bytearray, offset: int) -> Any:
+        with self._lock:
+            self.in_flight += 1
+            self.peak = max(self.peak, self.in_flight)
+        try:
+            time.sleep(self.delay_s)
+            return self._real(fd, buf, offset)
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+
+
+def make_engine() -> ReadEngine:
+    return ReadEngine(EngineConfig(memory_limit=32 * MIB, cache_limit=24 * MIB, max_streams=10,
+                                   min_chunk=4096, max_chunk=256 * 1024,
+                                   inline_cached_reads=False), Counters())
+
+
+@pytest.mark.parametrize("level", list(Level))
+def test_each_level_caps_backing_reads_and_still_serves_right_bytes(
+        src: Source, monkeypatch: pytest.MonkeyPatch, level: Level) -> None:  # noqa: F811
+    slow = SlowBacking(0.01)
+    monkeypatch.setattr(stfs.engine, "_timed_pread", slow)
+    names = [f"f{i}" for i in range(16)]
+    for name in names:
+        src.write(name, 2 * MIB)
+    engine = make_engine()
+    cap = cap_for(level, 10)
+
+    async def body() -> None:
+        engine.apply_pressure(level, cap, 0.0)
+
+        async def reader(name: str) -> None:
+            handle = src.open(name)
+            offset = 0
+            out = bytearray()
+            while chunk := await engine.read(handle, offset, 128 * 1024):
+                out += chunk
+                offset += len(chunk)
+            assert bytes(out) == src.data[name]
+            await engine.release(handle)
+
+        async with trio.open_nursery() as nursery:
+            for name in names:
+                nursery.start_soon(reader, name)
+
+    run(engine, body, timeout=60)
+    assert slow.peak <= cap
+    assert engine.counters.errors == 0
+    if level >= Level.HEAVY:
+        assert engine.readahead_chunks == 0
+    assert engine.cache.capacity_bytes == max(min(24 * MIB, 512 * 1024),
+                                              int(24 * MIB * CACHE_SHARE[level]))
+
+
+def test_rising_pressure_sheds_cache_and_cancels_read_ahead(
+        src: Source, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    monkeypatch.setattr(stfs.engine, "_timed_pread", SlowBacking(0.005))
+    data = src.write("big", 12 * MIB)
+    engine = make_engine()
+
+    async def body() -> None:
+        handle = src.open("big")
+        offset = 0
+        while offset < 6 * MIB:
+            chunk = await engine.read(handle, offset, 128 * 1024)
+            assert bytes(chunk) == data[offset:offset + len(chunk)]
+            offset += len(chunk)
+            await trio.lowlevel.checkpoint()
+        await trio.sleep(0.2)
+        assert engine.cache.cached_bytes > 2 * MIB
+        assert engine.readahead_chunks > 0
+        engine.apply_pressure(Level.CRITICAL, 1, 90.0)
+        assert engine.cache.cached_bytes <= 512 * 1024           # shed to the floor
+        assert not engine.readahead_enabled
+        before = engine.readahead_chunks
+        while chunk := await engine.read(handle, offset, 128 * 1024):
+            assert bytes(chunk) == data[offset:offset + len(chunk)]
+            offset += len(chunk)
+        assert offset == len(data)
+        await trio.sleep(0.1)
+        assert engine.readahead_chunks == before                  # none while critical
+        engine.apply_pressure(Level.NONE, 10, 0.0)
+        assert engine.readahead_enabled
+        assert engine.cache.capacity_bytes == 24 * MIB
+
+    run(engine, body, timeout=60)
+
+
+def test_critical_memory_use_shrinks_new_chunks(src: Source) -> None:  # noqa: F811
+    src.write("big", 200 * MIB // 64)                              # a 3 MiB file: 64K class
+    engine = make_engine()
+
+    async def body() -> int:
+        engine.apply_pressure(Level.CRITICAL, 1, 90.0)               # > 80 %: x0.5
+        handle = src.open("big")
+        await engine.read(handle, 1 * MIB, 4096)
+        await engine.read(handle, 2 * MIB, 4096)                     # a seek: base size
+        return int(engine.stream_info(handle.fh)["chunk_size"])
+
+    assert run(engine, body) <= 32 * 1024
