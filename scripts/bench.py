@@ -316,7 +316,8 @@ class Workloads:
         return self._tree_command(t, lambda p: ["du", "-s", str(p)])
 
 
-WORKLOADS = ("cold", "warm", "reread", "readers16", "rand4k", "find", "du")
+WORKLOADS = ("cold", "warm", "reread", "readers16", "rand4k", "find", "du", "pressure")
+MAIN_WORKLOADS = WORKLOADS[:-1]
 HIGHER_IS_BETTER = {"MB/s": True, "IOPS": True, "p95 ms": False, "s": False}
 
 
@@ -345,7 +346,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
                                                 str(mnt / "passthroughfs")],
                               mnt / "passthroughfs"))
     workloads = Workloads(source, sizes)
-    selected = [w for w in WORKLOADS if w in args.workloads]
+    selected = [w for w in MAIN_WORKLOADS if w in args.workloads]
     # results[workload][target] = list of per-run dicts
     results: dict[str, dict[str, list[dict[str, float]]]] = {w: {} for w in selected}
     idle_rss: dict[str, float | None] = {}
@@ -368,7 +369,151 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     finally:
         for target in targets:
             target.unmount()
-    return summarize(results, idle_rss, sizes, runs, args)
+    summary = summarize(results, idle_rss, sizes, runs, args)
+    if "pressure" in args.workloads:
+        summary["pressure"] = pressure_scenario(source, root, Path(args.out))
+    return summary
+
+
+# -- the pressure scenario -------------------------------------------------------
+
+PRESSURE_CGROUP_LIMIT = 320 * MIB
+LEVELS = ["none", "light", "moderate", "heavy", "critical"]
+HOG_BYTES = 250 * MIB
+
+
+def child_memory_cgroup(name: str) -> tuple[Path, str] | None:
+    """A new child of this process's memory cgroup (v1 or v2), or None."""
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):
+            group, limit = Path("/sys/fs/cgroup/memory") / path.lstrip("/") / name, "memory.limit_in_bytes"
+            break
+        if controllers == "" and Path("/sys/fs/cgroup/cgroup.controllers").exists():
+            group, limit = Path("/sys/fs/cgroup") / path.lstrip("/") / name, "memory.max"
+            break
+    else:
+        return None
+    try:
+        group.mkdir(exist_ok=True)
+        (group / limit).write_text(f"{PRESSURE_CGROUP_LIMIT}\n")
+    except OSError:
+        return None
+    return group, limit
+
+
+def in_cgroup(group: Path, argv: list[str]) -> list[str]:
+    return ["sh", "-c", f'echo $$ > {group}/cgroup.procs && exec "$@"', "sh", *argv]
+
+
+def _stats(mountpoint: Path, command: str = "stats") -> dict[str, object]:
+    from stfs import control
+
+    return control.request_stats(str(mountpoint), command=command)
+
+
+def _readers(target: Target, paths: list[Path], source: Path) -> dict[str, float]:
+    drop_caches()  # nothing left in the mount's page cache from the phase before
+    warm_source(source, "readers")
+    target.reset_peak_rss()
+    began = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(len(paths)) as pool:
+        results = list(pool.map(read_with_latencies, paths))
+    seconds = time.perf_counter() - began
+    return {"MB/s": sum(n for n, _ in results) / seconds / 1e6,
+            "p95 ms": p95_ms([x for _, lat in results for x in lat]),
+            "peak RSS MiB": target.peak_rss_mib() or 0.0}
+
+
+def pressure_scenario(source: Path, root: Path, out: Path) -> dict[str, object]:
+    """16 readers at --memory-limit 16M inside a memory cgroup, without and with
+    a hog in the same cgroup; level, cap and RSS over time from the daemon."""
+    made = child_memory_cgroup(f"stfs-bench-{os.getpid()}")
+    if made is None:
+        print("bench: pressure scenario skipped (no memory cgroup to make a child of)",
+              file=sys.stderr)
+        return {"skipped": "no memory cgroup"}
+    group, _ = made
+    mountpoint = root / "mnt" / "stfs-pressure"
+    command = in_cgroup(group, [PYTHON, "-m", "stfs", "mount", "-f", "--memory-limit", "16M",
+                                "--monitor-interval", "0.25", "--log-file",
+                                str(root / "stfs-pressure.log"), str(source), str(mountpoint)])
+    target = Target("stfs 16M (cgroup)", command, mountpoint)
+    paths: list[Path] = []
+    phases: dict[str, dict[str, float]] = {}
+    hog: subprocess.Popen[bytes] | None = None
+    recovery_s = None
+    try:
+        target.mount()
+        paths = sorted((mountpoint / "readers").iterdir())
+        phases["no hog"] = _readers(target, paths, source)
+        hog = subprocess.Popen(in_cgroup(group, [PYTHON, "-c",
+                               f"import time; b = b'x' * {HOG_BYTES}; print('ready', flush=True);"
+                               " time.sleep(600)"]), stdout=subprocess.PIPE,
+                               stdin=subprocess.DEVNULL)
+        assert hog.stdout is not None
+        hog.stdout.readline()
+        time.sleep(1.0)
+        phases["with hog"] = _readers(target, paths, source)
+        phases["with hog"]["level"] = float(LEVELS.index(str(_stats(mountpoint)["pressure_level"])))
+        hog.kill()
+        hog.wait(10)
+        hog = None
+        gone = time.monotonic()
+        while time.monotonic() - gone < 30:
+            if _stats(mountpoint)["pressure_level"] == "none":
+                recovery_s = time.monotonic() - gone
+                break
+            time.sleep(0.1)
+        phases["after hog"] = _readers(target, paths, source)
+        history = _stats(mountpoint, "history")["pressure"]
+    finally:
+        if hog is not None:
+            hog.kill()
+            hog.wait(10)
+        target.unmount()
+        for _ in range(50):
+            try:
+                group.rmdir()
+                break
+            except OSError:
+                time.sleep(0.1)
+    baseline = phases["no hog"]["MB/s"]
+    result: dict[str, object] = {
+        "phases": phases,
+        "level_back_to_none_s": recovery_s,
+        "throughput_after_vs_before": phases["after hog"]["MB/s"] / baseline if baseline else None,
+        "history": history,
+    }
+    plot_pressure(history, out / "bench-pressure.png")
+    return result
+
+
+def plot_pressure(history: object, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    assert isinstance(history, list)
+    if not history:
+        return False
+    levels = LEVELS
+    t = [h["t"] for h in history]
+    fig, ax = plt.subplots(3, 1, figsize=(8, 6), sharex=True)
+    ax[0].step(t, [levels.index(h["level"]) for h in history], where="post")
+    ax[0].set_yticks(range(5), levels, fontsize=7)
+    ax[0].set_title("pressure level")
+    ax[1].step(t, [h["cap"] for h in history], where="post", color="#ff7f0e")
+    ax[1].set_title("concurrent backing reads allowed")
+    ax[2].plot(t, [h["rss_bytes"] / MIB for h in history], color="#2ca02c")
+    ax[2].set_title("daemon RSS (MiB)")
+    ax[2].set_xlabel("seconds since mount")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
 
 
 def summarize(results: dict[str, dict[str, list[dict[str, float]]]],
@@ -413,6 +558,17 @@ def markdown(summary: dict[str, object]) -> str:
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     lines.append(f"idle RSS MiB: {summary['idle_rss_mib']}")
+    scenario = summary.get("pressure")
+    if isinstance(scenario, dict) and "phases" in scenario:
+        lines += ["", "**pressure** (16 readers, `--memory-limit 16M`, in a "
+                  f"{PRESSURE_CGROUP_LIMIT // MIB} MiB memory cgroup; hog {HOG_BYTES // MIB} MiB "
+                  "in the same cgroup)", "", "| phase | MB/s | p95 ms | peak RSS MiB |",
+                  "|---|---|---|---|"]
+        for phase, figures in scenario["phases"].items():
+            lines.append(f"| {phase} | {figures['MB/s']:.1f} | {figures['p95 ms']:.1f} | "
+                         f"{figures['peak RSS MiB']:.1f} |")
+        lines += ["", f"level back to none {scenario['level_back_to_none_s']} s after the hog "
+                  f"ended; throughput after / before: {scenario['throughput_after_vs_before']:.2f}"]
     return "\n".join(lines) + "\n"
 
 
@@ -427,6 +583,8 @@ def plot(summary: dict[str, object], path: Path) -> bool:
     results = summary["results"]
     assert isinstance(results, dict)
     workloads = list(results)
+    if not workloads:
+        return False
     fig, axes = plt.subplots(1, len(workloads), figsize=(3.2 * len(workloads), 3.6))
     for ax, workload in zip(axes if len(workloads) > 1 else [axes], workloads):
         by_target = results[workload]

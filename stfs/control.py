@@ -2,7 +2,7 @@
 
 One Unix stream socket per mount under the runtime directory, named by a hash
 of the mount point, owner-only (directory 0700, socket 0600). The protocol is
-one request line (``stats``) answered by one JSON line. Stats never come from a
+one request line (``stats`` or ``history``) answered by one JSON line. Stats never come from a
 file inside the mounted view.
 """
 
@@ -37,7 +37,7 @@ def socket_path(mountpoint: str) -> Path:
 
 async def serve(
     path: Path,
-    snapshot: Callable[[], dict[str, Any]],
+    handlers: dict[str, Callable[[], dict[str, Any]]],
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -67,8 +67,9 @@ async def serve(
                         break
                     request += chunk
             command = request.strip().decode("ascii", "replace")
-            if command == "stats":
-                reply: dict[str, Any] = snapshot()
+            handler = handlers.get(command)
+            if handler is not None:
+                reply: dict[str, Any] = handler()
             else:
                 reply = {"error": f"unknown request {command!r}"}
             try:
@@ -86,14 +87,15 @@ async def serve(
             pass
 
 
-def request_stats(mountpoint: str, timeout: float = 5.0) -> dict[str, Any]:
-    """Ask the daemon serving *mountpoint* for its stats (blocking client)."""
+def request_stats(mountpoint: str, timeout: float = 5.0, command: str = "stats") -> dict[str, Any]:
+    """Ask the daemon serving *mountpoint* for its stats, or another *command*'s
+    reply (``history``: the pressure controller's samples); blocking client."""
     path = socket_path(mountpoint)
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(timeout)
             sock.connect(os.fspath(path))
-            sock.sendall(b"stats\n")
+            sock.sendall(command.encode("ascii") + b"\n")
             data = b""
             while not data.endswith(b"\n"):
                 chunk = sock.recv(65536)

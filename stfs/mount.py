@@ -253,6 +253,15 @@ class Daemon:
             ],
         })
 
+    def history(self) -> dict[str, Any]:
+        """The pressure controller's recent samples (level, cap, RSS over time)."""
+        samples = list(self.pressure.history) if self.pressure else []
+        started = self.counters.started_at
+        return {"pressure": [
+            {"t": round(s.at - started, 3), "level": s.level.label, "score": s.score,
+             "memory_use_pct": round(s.memory_use_pct, 1), "cap": s.cap,
+             "rss_bytes": s.rss_bytes} for s in samples]}
+
     def run(self, on_ready: Callable[[], None]) -> int:
         """Mount, serve until unmounted or signalled, clean up. Returns the exit status."""
         try:
@@ -291,7 +300,8 @@ class Daemon:
             nursery.start_soon(self._control_pressure)
             nursery.start_soon(fuse_main)
             nursery.start_soon(self._watch_signals)
-            await nursery.start(control.serve, control.socket_path(self.mountpoint), self.stats)
+            await nursery.start(control.serve, control.socket_path(self.mountpoint),
+                                {"stats": self.stats, "history": self.history})
             # A statfs through our own handlers proves the mount answers.
             with trio.fail_after(READY_TIMEOUT_S):
                 await trio.to_thread.run_sync(os.statvfs, self.mountpoint, abandon_on_cancel=True)

@@ -11,8 +11,8 @@ AdaptiveRateLimiter in file-system form:
   Memory use is the worst of: the engine's unevictable data (in flight,
   read-ahead, replies; cached chunks are dropped on demand) against
   ``--memory-limit``, RSS growth past idle RSS (less cached chunks) against
-  the limit (100 % is the RSS target's idle + limit), the cgroup's working
-  set against its max, and the system's used share.
+  the RSS target's room (limit + 16 MiB), the cgroup's working set against
+  its max, and the system's used share.
 * ``score`` is the seeds' 100 points: memory 0-40, concurrency 0-30 (active
   backing reads against ``--max-streams``), latency/throughput 0-30 (recent
   chunk reads); levels none <20, light <40, moderate <60, heavy <80,
@@ -32,6 +32,7 @@ as arguments, so it is tested with plain numbers.
 from __future__ import annotations
 
 import collections
+import ctypes
 import dataclasses
 import enum
 import logging
@@ -66,8 +67,19 @@ CACHE_SHARE = {Level.NONE: 1.0, Level.LIGHT: 1.0, Level.MODERATE: 0.5, Level.HEA
                Level.CRITICAL: 0.0}
 """Share of the cache capacity kept at each level (critical: down to the floor)."""
 
-MEMORY_LEVELS = (60.0, 75.0, 85.0)
-"""The seeds' AdaptiveMemoryManager thresholds (warning, critical, emergency)."""
+MEMORY_FLOORS = ((85.0, Level.HEAVY), (75.0, Level.MODERATE), (60.0, Level.LIGHT))
+"""The seeds' AdaptiveMemoryManager thresholds (warning 60, critical 75, emergency
+85 %): memory use alone holds the level at least this high, whatever the score."""
+
+RSS_SLACK_BYTES = 16 * MIB
+"""The "small constant" of the RSS target: idle + limit + this."""
+
+
+def memory_floor(memory_use_pct: float) -> Level:
+    for threshold, level in MEMORY_FLOORS:
+        if memory_use_pct >= threshold:
+            return level
+    return Level.NONE
 
 
 def level_for(score: float) -> Level:
@@ -196,8 +208,9 @@ def memory_use_pct(snap: MemorySnapshot, memory_limit: int, idle_rss: int) -> fl
     cached = max(0, snap.held_bytes - snap.unevictable_bytes)
     views = [
         100.0 * snap.unevictable_bytes / memory_limit,
-        # RSS growth past idle, less the (evictable) cached chunks it contains
-        100.0 * max(0, snap.rss_bytes - idle_rss - cached) / memory_limit,
+        # RSS growth past idle, less the (evictable) cached chunks it holds, against
+        # the room the RSS target leaves: limit + the small constant
+        100.0 * max(0, snap.rss_bytes - idle_rss - cached) / (memory_limit + RSS_SLACK_BYTES),
         100.0 * (1 - snap.available_bytes / snap.total_bytes) if snap.total_bytes else 0.0,
     ]
     if snap.cgroup_usage_bytes is not None and snap.cgroup_limit_bytes:
@@ -267,6 +280,20 @@ def find_memory_cgroup(proc_cgroup: str = "/proc/self/cgroup",
     return None
 
 
+def _release_free_heap() -> None:
+    """Give freed heap pages back to the system (glibc ``malloc_trim``), so RSS
+    shows the memory in use rather than what the allocator kept after a burst."""
+    trim = getattr(_LIBC, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
+try:
+    _LIBC: ctypes.CDLL | None = ctypes.CDLL(None)
+except OSError:  # pragma: no cover - not glibc
+    _LIBC = None
+
+
 class MemoryMonitor:
     """Periodic memory snapshots (the last ``history`` kept)."""
 
@@ -276,6 +303,7 @@ class MemoryMonitor:
         self.cgroup = find_memory_cgroup()
 
     def sample(self, held_bytes: int, unevictable_bytes: int) -> MemorySnapshot:
+        _release_free_heap()
         vm = psutil.virtual_memory()
         usage = limit = None
         if self.cgroup is not None:
@@ -376,7 +404,7 @@ class PressureController:
         self._since = now
         result = score(use_pct, target.backing_reads_in_flight(), target.max_streams,
                        throughput, p95)
-        level = result.level
+        level = max(result.level, memory_floor(use_pct))
         self.cap = self.aimd.update(p95, cap_for(level, target.max_streams))
         if level != self.level:
             self.level_changes += 1

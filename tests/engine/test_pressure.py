@@ -52,6 +52,12 @@ def test_latency_points_combine_throughput_and_slow_reads(
     assert pressure.latency_points(throughput, latency) == points
 
 
+@pytest.mark.parametrize(("pct", "level"), [(59, Level.NONE), (60, Level.LIGHT),
+                                           (75, Level.MODERATE), (85, Level.HEAVY)])
+def test_memory_use_alone_sets_a_floor_level(pct: float, level: Level) -> None:
+    assert pressure.memory_floor(pct) is level
+
+
 def test_score_adds_the_three_factors() -> None:
     s = pressure.score(85, 9, 10, 1 * MIB, 0.5)
     assert (s.memory, s.concurrency, s.latency, s.total, s.level) == (40, 30, 30, 100,
@@ -70,9 +76,10 @@ def snapshot(**kw: int | None) -> MemorySnapshot:
 
 def test_memory_use_is_the_worst_view() -> None:
     limit, idle = 50 * MIB, 30 * MIB
-    assert pressure.memory_use_pct(snapshot(), limit, idle) == pytest.approx(20.0)  # (40-30)/50
-    assert pressure.memory_use_pct(snapshot(rss_bytes=75 * MIB), limit, idle) == \
-        pytest.approx(90.0)
+    assert pressure.memory_use_pct(snapshot(), limit, idle) == pytest.approx(
+        max(100 * 10 / 66, 100 * (1 - 20_000 / 24_000)))           # (40-30)/(50+16), system
+    assert pressure.memory_use_pct(snapshot(rss_bytes=90 * MIB), limit, idle) == \
+        pytest.approx(100 * 60 / 66)
     assert pressure.memory_use_pct(snapshot(held_bytes=45 * MIB, unevictable_bytes=45 * MIB),
                                    limit, idle) == \
         pytest.approx(90.0)
