@@ -235,6 +235,10 @@ class Daemon:
             "pressure_level_changes": self.pressure.level_changes if self.pressure else 0,
             "concurrency_cap": engine.concurrency_cap,
             "memory_use_pct": round(engine.memory_use_pct(), 1),
+            "memory_trend": self.pressure.monitor.trend() if self.pressure else "steady",
+            "rss_growth_bytes_per_s": (round(self.pressure.monitor.growth_bytes_per_s())
+                                       if self.pressure else 0),
+            "cgroup_memory_limit_bytes": self._cgroup_limit(),
             "rss_bytes": metrics.rss_bytes(),
             "open_fds": metrics.open_fd_count(),
             "retries": c.retries,
@@ -252,6 +256,11 @@ class Daemon:
                 for h in handles.files()
             ],
         })
+
+    def _cgroup_limit(self) -> int | None:
+        if self.pressure is None or not self.pressure.monitor.snapshots:
+            return None
+        return self.pressure.monitor.snapshots[-1].cgroup_limit_bytes
 
     def history(self) -> dict[str, Any]:
         """The pressure controller's recent samples (level, cap, RSS over time)."""

@@ -95,6 +95,8 @@ def test_sixteen_readers_in_a_memory_limited_cgroup_get_every_byte(
         got = list(pool.map(lambda n: hashlib.sha256(read_all(mount.mountpoint / n)).digest(),
                             names))
     assert got == [hashlib.sha256((pressure_source / n).read_bytes()).digest() for n in names]
+    # The monitor found the group's limit (one snapshot a second).
+    assert wait_for(lambda: mount.stats()["cgroup_memory_limit_bytes"] == 320 * MIB, 5)
     stats = mount.stats()
     assert stats["errors"] == 0
     assert stats["peak_held_bytes"] <= 16 * MIB
