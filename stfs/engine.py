@@ -201,7 +201,7 @@ class ReadEngine:
                     continue  # the file changed under the handle: serve the new version whole
             else:
                 raise OSError(errno.EIO, "file keeps changing while being read")
-        except BaseException:
+        except Exception:  # not Cancelled: an unmount cutting a read short is no error
             counters.errors += 1
             raise
         finally:
