@@ -47,7 +47,7 @@ from stfs.chunking import (
     power_of_two_ceil,
 )
 from stfs.handles import OpenFile
-from stfs.metrics import Counters
+from stfs.metrics import Counters, Histogram
 from stfs.pressure import CACHE_SHARE, Level
 
 log = logging.getLogger(__name__)
@@ -129,6 +129,8 @@ class ReadEngine:
         self.latencies_s: collections.deque[float] = collections.deque(maxlen=LATENCY_SAMPLES)
         self.request_sizes: collections.Counter[int] = collections.Counter()
         self.backing_reads = 0
+        self.read_latency = Histogram()
+        """Time to answer each FUSE read (cache hit or backing read)."""
         self.inline_reads = 0
         self.backing_read_sizes: collections.Counter[int] = collections.Counter()
         self.readahead_chunks = 0
@@ -192,6 +194,7 @@ class ReadEngine:
         """Up to *size* bytes of *handle* at *offset*; fewer only at end of file."""
         counters = self.counters
         counters.active_reads += 1
+        began = time.monotonic()
         try:
             for _attempt in range(IDENTITY_RETRIES):
                 try:
@@ -206,6 +209,7 @@ class ReadEngine:
             raise
         finally:
             counters.active_reads -= 1
+        self.read_latency.observe(time.monotonic() - began)
         counters.reads += 1
         counters.bytes_served += len(data)
         handle.bytes_read += len(data)

@@ -53,3 +53,34 @@ def open_fd_count() -> int:
 def snapshot_json_ready(values: dict[str, Any]) -> dict[str, Any]:
     """Round floats so the JSON stays readable."""
     return {k: round(v, 3) if isinstance(v, float) else v for k, v in values.items()}
+
+
+LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+@dataclasses.dataclass
+class Histogram:
+    """Cumulative-bucket histogram (Prometheus style) of durations in seconds."""
+
+    bounds: tuple[float, ...] = LATENCY_BUCKETS_S
+    counts: list[int] = dataclasses.field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS_S) + 1))
+    total: float = 0.0
+    count: int = 0
+
+    def observe(self, seconds: float) -> None:
+        for i, bound in enumerate(self.bounds):
+            if seconds <= bound:
+                self.counts[i] += 1
+                break
+        else:
+            self.counts[-1] += 1
+        self.total += seconds
+        self.count += 1
+
+    def as_dict(self) -> dict[str, Any]:
+        cumulative, buckets = 0, []
+        for bound, n in zip(self.bounds, self.counts):
+            cumulative += n
+            buckets.append([bound, cumulative])
+        buckets.append(["+Inf", self.count])
+        return {"buckets": buckets, "sum": round(self.total, 6), "count": self.count}

@@ -246,6 +246,8 @@ class Daemon:
             "errors": c.errors,
             "uptime_s": c.uptime_s(),
             "chunk_latency_ms": engine.latency_percentiles_ms(),
+            "read_latency_seconds": engine.read_latency.as_dict(),
+            "cache_hit_ratio": round(c.cache_hits / max(1, c.cache_hits + c.cache_misses), 4),
             "kernel_request_bytes": engine.typical_request_bytes(),
             "kernel": self.kernel.as_dict(),
             "chunk_sizes": {str(k): v for k, v in sorted(engine.backing_read_sizes.items())},
