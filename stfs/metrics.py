@@ -78,7 +78,8 @@ class Histogram:
         self.count += 1
 
     def as_dict(self) -> dict[str, Any]:
-        cumulative, buckets = 0, []
+        cumulative = 0
+        buckets: list[list[float | str | int]] = []
         for bound, n in zip(self.bounds, self.counts):
             cumulative += n
             buckets.append([bound, cumulative])
