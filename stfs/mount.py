@@ -15,6 +15,7 @@ import ctypes
 import errno
 import logging
 import os
+import resource
 import signal
 import stat
 import subprocess
@@ -28,7 +29,7 @@ from typing import Any
 import pyfuse3
 import trio
 
-from stfs import control, demo, kernel, logs, metrics, pressure
+from stfs import control, demo, kernel, logs, metrics, notify, pressure
 from stfs.backing import Backing
 from stfs.config import MountConfig
 from stfs.engine import EngineConfig, ReadEngine
@@ -44,6 +45,7 @@ FSTYPE = "fuse.stfs"
 _M_ARENA_MAX = -8
 PROBE_TIMEOUT_S = 5.0
 READY_TIMEOUT_S = 30.0
+NOTIFY_STATUS_INTERVAL_S = 5.0
 _STALE_ERRNOS = (errno.ENOTCONN, errno.ECONNABORTED)
 
 
@@ -293,18 +295,42 @@ class Daemon:
                 trio.run(self._serve, on_ready)
             finally:
                 pyfuse3.close(unmount=self.unmount_on_exit)
-                log.info("unmounted %s: %d bytes served in %d reads, %d errors",
-                         self.mountpoint, self.counters.bytes_served, self.counters.reads,
-                         self.counters.errors)
+                log.info("unmounted %s", self.summary())
         finally:
             self.view.close()
         return EXIT_OK
+
+    def summary(self) -> str:
+        """The unmount log line's figures."""
+        c = self.counters
+        ratio = c.cache_hits / max(1, c.cache_hits + c.cache_misses)
+        peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+        peak_held = self.engine.budget.peak_held_bytes if hasattr(self, "engine") else 0
+        return (f"{self.mountpoint}: {c.bytes_served} bytes served in {c.reads} reads, "
+                f"cache hit ratio {ratio:.1%}, peak RSS {peak_rss} bytes, "
+                f"peak held {peak_held} bytes, {c.retries} retries, {c.recoveries} recoveries, "
+                f"{c.errors} errors, up {c.uptime_s():.0f} s")
+
+    def status_line(self) -> str:
+        """A short stats line for systemd's STATUS=."""
+        c = self.counters
+        handles = self.view.handles.open_files if self.view else 0
+        return (f"served {_human(c.bytes_served)}, {c.reads} reads, "
+                f"pressure {self.engine.level.label}, {handles} open")
+
+    async def _notify_status(self) -> None:
+        """STATUS= every few seconds: 5 monitor intervals, within 1..5 s."""
+        interval = min(NOTIFY_STATUS_INTERVAL_S, max(1.0, 5 * self.config.monitor_interval))
+        while True:
+            await trio.sleep(interval)
+            notify.status(self.status_line())
 
     async def _serve(self, on_ready: Callable[[], None]) -> None:
         async with trio.open_nursery() as nursery:
 
             async def fuse_main() -> None:
                 await pyfuse3.main()
+                notify.stopping(f"unmounted: {self.status_line()}")
                 nursery.cancel_scope.cancel()
 
             await nursery.start(self.engine.run)
@@ -322,6 +348,9 @@ class Daemon:
             log.info("mounted %s on %s (memory limit %d bytes)", self.source, self.mountpoint,
                      self.config.memory_limit)
             on_ready()
+            if notify.enabled():
+                notify.ready(self.status_line())
+                nursery.start_soon(self._notify_status)
 
     async def _control_pressure(self) -> None:
         """Sample memory and steer the engine once per ``--monitor-interval``."""
@@ -335,9 +364,18 @@ class Daemon:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
                 log.info("%s received: unmounting %s", signal.Signals(signum).name, self.mountpoint)
+                notify.stopping(f"unmounting on {signal.Signals(signum).name}")
                 self.unmount_on_exit = True
                 pyfuse3.terminate()
                 return
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
 
 
 # -- commands --------------------------------------------------------------
