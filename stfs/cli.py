@@ -12,6 +12,7 @@ OPTS`` without the ``mount`` word; that form is accepted as ``stfs mount``.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -68,6 +69,16 @@ def _parse_seconds(text: str, what: str) -> float:
         return float(text)
     except ValueError:
         raise UsageError(f"invalid {what} '{text}': expected seconds") from None
+
+
+def _parse_interval(text: str, what: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise UsageError(f"invalid {what} '{text}': expected a positive number of seconds")
+    return value
 
 
 def _parse_path(text: str, what: str) -> str:
@@ -177,9 +188,17 @@ def _build_parser() -> _Parser:
                         help="detach now, finish when no longer busy")
 
     stats = sub.add_parser("stats", help="show a running mount's statistics",
-                           description="Show live statistics of the daemon serving MOUNTPOINT.")
+                           description="Show live statistics of the daemon serving MOUNTPOINT: "
+                           "a table by default, or JSON, or Prometheus text exposition; "
+                           "--watch redraws the table in place until Ctrl-C.")
     stats.add_argument("mountpoint", metavar="MOUNTPOINT")
-    stats.add_argument("--json", action="store_true", help="one JSON object")
+    view = stats.add_mutually_exclusive_group()
+    view.add_argument("--json", action="store_true", help="one JSON object, every key the "
+                      "daemon sends")
+    view.add_argument("--prometheus", action="store_true",
+                      help="Prometheus text exposition format 0.0.4")
+    stats.add_argument("--watch", metavar="SECONDS",
+                       help="live view redrawn every SECONDS until Ctrl-C (table view only)")
     return parser
 
 
@@ -207,7 +226,14 @@ def _run(ns: argparse.Namespace) -> int:
     if ns.command == "stats":
         from stfs.stats_cmd import stats_command
 
-        return stats_command(ns.mountpoint, as_json=ns.json)
+        watch = None
+        if ns.watch is not None:
+            if ns.json or ns.prometheus:
+                raise UsageError("--watch shows the table view; it cannot be combined with "
+                                 f"{'--json' if ns.json else '--prometheus'}")
+            watch = _parse_interval(ns.watch, "--watch")
+        return stats_command(ns.mountpoint, as_json=ns.json, as_prometheus=ns.prometheus,
+                             watch=watch)
     raise UsageError("a command is required: mount, umount or stats (see stfs --help)")
 
 
