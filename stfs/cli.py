@@ -22,6 +22,7 @@ from typing import Any, NoReturn
 from stfs import __version__
 from stfs.config import LOG_LEVELS, MountConfig, parse_size
 from stfs.errors import EXIT_FAILURE, StfsError, UsageError
+from stfs.metrics_http import parse_listen
 
 COMMANDS = ("mount", "umount", "stats")
 
@@ -45,6 +46,7 @@ _VALUE_OPTIONS: dict[str, Any] = {
     "attr_timeout": lambda v: _parse_seconds(v, "--attr-timeout"),
     "entry_timeout": lambda v: _parse_seconds(v, "--entry-timeout"),
     "monitor_interval": lambda v: _parse_seconds(v, "--monitor-interval"),
+    "metrics_listen": lambda v: parse_listen(v),
     "state_dir": lambda v: Path(_parse_path(v, "--state-dir")),
     "log_level": lambda v: _parse_log_level(v),
     "log_file": lambda v: _parse_path(v, "--log-file"),
@@ -172,6 +174,8 @@ def _build_parser() -> _Parser:
                        help="how long the kernel may cache attributes (default 1)")
     mount.add_argument("--entry-timeout", metavar="SECONDS",
                        help="how long the kernel may cache names (default 1)")
+    mount.add_argument("--metrics-listen", metavar="[ADDR:]PORT",
+                       help="also serve Prometheus /metrics over HTTP (loopback by default)")
     mount.add_argument("--monitor-interval", metavar="SECONDS",
                        help="how often memory pressure is sampled (default 1)")
     mount.add_argument("--state-dir", metavar="DIR",

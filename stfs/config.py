@@ -79,6 +79,8 @@ class MountConfig:
     max_streams: int = 10
     min_chunk: int = 4 * KIB
     max_chunk: int = 1 * MIB
+    metrics_listen: tuple[str, int] | None = None
+    """Where to serve /metrics over HTTP, if anywhere."""
     monitor_interval: float = 1.0
     """Seconds between memory snapshots and pressure decisions."""
     attr_timeout: float = 1.0

@@ -29,7 +29,7 @@ from typing import Any
 import pyfuse3
 import trio
 
-from stfs import control, demo, kernel, logs, metrics, notify, pressure
+from stfs import control, demo, kernel, logs, metrics, metrics_http, notify, pressure
 from stfs.backing import Backing
 from stfs.config import MountConfig
 from stfs.engine import EngineConfig, ReadEngine
@@ -201,6 +201,7 @@ class Daemon:
         self.engine: ReadEngine
         self.kernel = kernel.KernelTuning()
         self.pressure: pressure.PressureController | None = None
+        self.metrics_port: int | None = None
         self.unmount_on_exit = False
 
     def stats(self) -> dict[str, Any]:
@@ -237,6 +238,7 @@ class Daemon:
             "pressure_level_changes": self.pressure.level_changes if self.pressure else 0,
             "concurrency_cap": engine.concurrency_cap,
             "memory_use_pct": round(engine.memory_use_pct(), 1),
+            "metrics_port": self.metrics_port,
             "memory_trend": self.pressure.monitor.trend() if self.pressure else "steady",
             "rss_growth_bytes_per_s": (round(self.pressure.monitor.growth_bytes_per_s())
                                        if self.pressure else 0),
@@ -293,6 +295,12 @@ class Daemon:
                     raise StfsError(f"{self.mountpoint}: mount failed: {cause}") from None
             try:
                 trio.run(self._serve, on_ready)
+            except BaseExceptionGroup as group:  # a nursery's: surface an expected error as is
+                expected = group.subgroup(StfsError)
+                if expected is not None:
+                    self.unmount_on_exit = True
+                    raise expected.exceptions[0] from None
+                raise
             finally:
                 pyfuse3.close(unmount=self.unmount_on_exit)
                 log.info("unmounted %s", self.summary())
@@ -335,6 +343,14 @@ class Daemon:
 
             await nursery.start(self.engine.run)
             nursery.start_soon(self._control_pressure)
+            if self.config.metrics_listen is not None:
+                host, port = self.config.metrics_listen
+                try:
+                    self.metrics_port = await nursery.start(metrics_http.serve, host, port,
+                                                            self.stats)
+                except OSError as exc:
+                    raise StfsError(f"--metrics-listen {host}:{port}: "
+                                    f"{os.strerror(exc.errno or 0).lower()}") from None
             nursery.start_soon(fuse_main)
             nursery.start_soon(self._watch_signals)
             await nursery.start(control.serve, control.socket_path(self.mountpoint),
