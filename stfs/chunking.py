@@ -106,6 +106,11 @@ class ChunkPerformanceTracker:
     def record(self, size: int, seconds: float, used_fraction: float = 1.0) -> None:
         self._samples.append(ChunkSample(size, seconds, used_fraction))
 
+    def seed(self, throughputs_bps: list[float]) -> None:
+        """Start from throughputs learned in an earlier mount (one second each)."""
+        for bps in throughputs_bps:
+            self._samples.append(ChunkSample(int(bps), 1.0))
+
     def samples(self) -> list[ChunkSample]:
         return list(self._samples)
 

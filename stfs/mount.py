@@ -14,6 +14,7 @@ import contextlib
 import ctypes
 import errno
 import logging
+import math
 import os
 import resource
 import signal
@@ -37,6 +38,7 @@ from stfs.errors import EXIT_FAILURE, EXIT_OK, StfsError, path_error
 from stfs.fs_ops import Operations
 from stfs.metrics import Counters
 from stfs.mountinfo import mount_at
+from stfs.state import StateStore
 from stfs.view import View
 
 log = logging.getLogger("stfs")
@@ -239,6 +241,8 @@ class Daemon:
             "concurrency_cap": engine.concurrency_cap,
             "memory_use_pct": round(engine.memory_use_pct(), 1),
             "metrics_port": self.metrics_port,
+            "learned_throughput_bps": [round(x) for x in engine.global_tracker.throughputs()
+                                       if math.isfinite(x)],
             "memory_trend": self.pressure.monitor.trend() if self.pressure else "steady",
             "rss_growth_bytes_per_s": (round(self.pressure.monitor.growth_bytes_per_s())
                                        if self.pressure else 0),
@@ -284,6 +288,11 @@ class Daemon:
         except OSError as exc:
             raise path_error(self.source, exc) from None
         self.engine = ReadEngine(engine_config(self.config), self.counters)
+        state_store = StateStore(self.config.state_dir)
+        learned = state_store.throughputs(backing.root_stat.st_dev)
+        if learned:
+            self.engine.global_tracker.seed(learned)
+            log.info("starting from %d throughput samples learned in earlier mounts", len(learned))
         self.view = View(backing, self.engine)
         ops = Operations(self.view, self.config.attr_timeout, self.config.entry_timeout)
         try:
@@ -303,6 +312,8 @@ class Daemon:
                 raise
             finally:
                 pyfuse3.close(unmount=self.unmount_on_exit)
+                state_store.save_throughputs(backing.root_stat.st_dev,
+                                             self.engine.global_tracker.throughputs())
                 log.info("unmounted %s", self.summary())
         finally:
             self.view.close()

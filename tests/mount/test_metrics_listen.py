@@ -49,7 +49,7 @@ def test_metrics_port_in_use_fails_the_mount_with_one_line(source: Path, tmp_pat
         result = run_stfs("mount", "--metrics-listen", f"127.0.0.1:{port}", str(source),
                           str(tmp_path / "m"))
     assert result.returncode == 1
-    assert result.stderr.splitlines() == [f"stfs: --metrics-listen 127.0.0.1:{port}: "
-                                          "address already in use"]
+    expected = f"stfs: --metrics-listen 127.0.0.1:{port}: address already in use"
+    assert result.stderr.splitlines() == [expected]
     with open("/proc/self/mountinfo") as f:
         assert str(tmp_path / "m") not in f.read()
