@@ -204,7 +204,7 @@ class ReadEngine:
                     continue  # the file changed under the handle: serve the new version whole
             else:
                 raise OSError(errno.EIO, "file keeps changing while being read")
-        except Exception:  # not Cancelled: an unmount cutting a read short is no error
+        except OSError:  # a failed backing read; internal errors are counted by fs_ops
             counters.errors += 1
             raise
         finally:
