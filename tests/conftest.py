@@ -50,6 +50,33 @@ def wait_for(predicate, timeout: float, interval: float = 0.02) -> bool:  # type
     return bool(predicate())
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether *pid* runs (a zombie waiting to be reaped counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    return state not in (b"Z", b"X")
+
+
+def daemon_pids(mountpoint: Path) -> list[int]:
+    """Our stfs daemons serving *mountpoint* (found by their command line)."""
+    pids = []
+    target = str(mountpoint)
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                args = f.read().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if "stfs" in " ".join(args) and any(a.rstrip("/") == target for a in args):
+            pids.append(int(entry))
+    return [p for p in pids if pid_alive(p)]
+
+
 class Mount:
     """One foreground stfs daemon serving SOURCE at MOUNTPOINT."""
 

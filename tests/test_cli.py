@@ -27,7 +27,16 @@ from stfs.cli import parse_mount_options
 from stfs.config import parse_size
 from stfs.errors import UsageError
 from stfs.mountinfo import mount_at, mounts
-from tests.conftest import STFS, Mount, force_unmount, is_mounted, run_stfs, wait_for
+from tests.conftest import (
+    STFS,
+    Mount,
+    daemon_pids,
+    force_unmount,
+    is_mounted,
+    pid_alive,
+    run_stfs,
+    wait_for,
+)
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -52,33 +61,6 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], status: int,
     if names:
         assert any(name in line for name in names), f"none of {names} in {line!r}"
     return line
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether *pid* runs (a zombie waiting to be reaped counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            state = f.read().rsplit(b")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
-    return state not in (b"Z", b"X")
-
-
-def daemon_pids(mountpoint: Path) -> list[int]:
-    """Our stfs daemons serving *mountpoint* (found by their command line)."""
-    pids = []
-    target = str(mountpoint)
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                args = f.read().decode(errors="replace").split("\0")
-        except OSError:
-            continue
-        if "stfs" in " ".join(args) and any(a.rstrip("/") == target for a in args):
-            pids.append(int(entry))
-    return [p for p in pids if pid_alive(p)]
 
 
 def stats_pid(mountpoint: Path) -> int | None:
