@@ -49,6 +49,7 @@ from stfs.chunking import (
 from stfs.handles import OpenFile
 from stfs.metrics import Counters, Histogram
 from stfs.pressure import CACHE_SHARE, Level
+from stfs.retry import READ_DEADLINE_S, policy_for, sheds_memory
 
 log = logging.getLogger(__name__)
 
@@ -438,9 +439,7 @@ class ReadEngine:
             self.inline_reads += 1
             await trio.lowlevel.checkpoint()
         else:
-            async with _maybe(extra_limiter):
-                data, identity, seconds = await trio.to_thread.run_sync(
-                    _timed_pread, handle.fd, buf, start, limiter=self._limiter)
+            data, identity, seconds = await self._thread_read(handle, buf, start, extra_limiter)
         del buf
         self.backing_reads += 1
         self.backing_read_sizes[size] += 1
@@ -449,6 +448,47 @@ class ReadEngine:
         stream.tracker.record(size, seconds)
         self.global_tracker.record(size, seconds)
         return data, identity
+
+    async def _thread_read(self, handle: OpenFile, buf: bytearray, start: int,
+                           extra_limiter: trio.CapacityLimiter | None
+                           ) -> tuple[ChunkData, FileIdentity, float]:
+        """A backing read in a worker thread, retried by its error's policy.
+
+        Read-ahead (with *extra_limiter*) is not retried: a failure just ends it,
+        and the reader's own demand read retries. Permission and missing-file
+        errors fail at once; ENOMEM sheds cache and read-ahead before retrying.
+        """
+        speculative = extra_limiter is not None
+        deadline = trio.current_time() + READ_DEADLINE_S
+        attempt = 0
+        while True:
+            try:
+                async with _maybe(extra_limiter):
+                    result = await trio.to_thread.run_sync(
+                        _timed_pread, handle.fd, buf, start, limiter=self._limiter)
+            except OSError as exc:
+                attempt += 1
+                policy = policy_for(exc.errno)
+                if speculative or attempt >= policy.attempts:
+                    raise
+                delay = policy.delay_s(attempt)
+                if trio.current_time() + delay > deadline:
+                    raise
+                if sheds_memory(exc.errno):
+                    self.cache.shrink_to(self.cache.floor_bytes)
+                    for stream in self._streams.values():
+                        stream.cancel_readahead()
+                self.counters.retries += 1
+                log.info("%s at %d: %s; retry %d of %d (%s policy) in %.2f s",
+                         os.fsdecode(handle.path), start, os.strerror(exc.errno or 0),
+                         attempt, policy.attempts - 1, policy.name, delay)
+                await trio.sleep(delay)
+                continue
+            if attempt:
+                self.counters.recoveries += 1
+                log.info("%s at %d: read recovered after %d retries",
+                         os.fsdecode(handle.path), start, attempt)
+            return result
 
     # -- read-ahead ----------------------------------------------------------
 
