@@ -8,17 +8,19 @@ fails the test if the daemon logged an unexpected error or traceback.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from stfs.mountinfo import mount_at
+from stfs.mountinfo import mount_at, mounts
 
 STFS = [sys.executable, "-m", "stfs"]
 MOUNT_TIMEOUT_S = 20.0
@@ -28,6 +30,18 @@ def run_stfs(*args: str, timeout: float = 60, **kwargs: object) -> subprocess.Co
     """Run the stfs command line; output captured as text."""
     return subprocess.run([*STFS, *args], capture_output=True, text=True, timeout=timeout,
                           stdin=subprocess.DEVNULL, **kwargs)  # type: ignore[call-overload]
+
+
+def run_stfs_detached(*args: str, timeout: float = 120,
+                      **kwargs: object) -> subprocess.CompletedProcess[str]:
+    """Like run_stfs, but output goes to files: a daemon that keeps the caller's
+    stdout/stderr open cannot make the call hang."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.run([*STFS, *args], stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                              timeout=timeout, check=False, **kwargs)  # type: ignore[call-overload]
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out.read(), err.read())
 
 
 def is_mounted(path: Path | str) -> bool:
@@ -75,6 +89,30 @@ def daemon_pids(mountpoint: Path) -> list[int]:
         if "stfs" in " ".join(args) and any(a.rstrip("/") == target for a in args):
             pids.append(int(entry))
     return [p for p in pids if pid_alive(p)]
+
+
+def cleanup_mount(mountpoint: Path, pids: list[int]) -> None:
+    """stfs umount, then end the daemon by PID, then fusermount3 -uz as the last resort."""
+    pids = sorted(set(pids) | set(daemon_pids(mountpoint)))
+    if is_mounted(mountpoint):
+        try:
+            os.statvfs(mountpoint)
+        except OSError:  # stale or hung: no daemon to talk to
+            force_unmount(mountpoint)
+        else:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                run_stfs("umount", str(mountpoint), timeout=20)
+    for pid in pids:
+        if pid_alive(pid) and not wait_for(lambda pid=pid: not pid_alive(pid), 3):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+            if not wait_for(lambda pid=pid: not pid_alive(pid), 5):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+    if mount_at(os.path.realpath(mountpoint)) is not None:
+        entry = mount_at(os.path.realpath(mountpoint))
+        if entry is not None and entry.fstype.startswith("fuse"):
+            force_unmount(mountpoint)
 
 
 class Mount:
@@ -193,3 +231,17 @@ def source(tmp_path: Path) -> Path:
 def mounted(mounter, source: Path) -> Mount:  # type: ignore[no-untyped-def]
     """SOURCE from the ``source`` fixture, mounted with default options."""
     return mounter(source)  # type: ignore[no-any-return]
+
+
+@pytest.fixture(autouse=True)
+def _no_mount_left_behind(tmp_path: Path) -> Iterator[None]:
+    """Whatever a test mounted under its tmp_path (even by mistake) is gone afterwards."""
+    yield
+    base = os.path.realpath(tmp_path) + "/"
+    for _ in range(5):
+        left = [e.mountpoint for e in mounts()
+                if e.fstype.startswith("fuse") and e.mountpoint.startswith(base)]
+        if not left:
+            break
+        for point in reversed(left):
+            cleanup_mount(Path(point), [])

@@ -14,7 +14,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -26,15 +25,15 @@ from stfs import __version__
 from stfs.cli import parse_mount_options
 from stfs.config import parse_size
 from stfs.errors import UsageError
-from stfs.mountinfo import mount_at, mounts
+from stfs.mountinfo import mount_at
 from tests.conftest import (
     STFS,
     Mount,
-    daemon_pids,
-    force_unmount,
+    cleanup_mount,
     is_mounted,
     pid_alive,
     run_stfs,
+    run_stfs_detached,
     wait_for,
 )
 
@@ -70,40 +69,6 @@ def stats_pid(mountpoint: Path) -> int | None:
     return int(json.loads(result.stdout)["pid"])
 
 
-def cleanup_mount(mountpoint: Path, pids: list[int]) -> None:
-    """stfs umount, then end the daemon by PID, then fusermount3 -uz as the last resort."""
-    pids = sorted(set(pids) | set(daemon_pids(mountpoint)))
-    if is_mounted(mountpoint):
-        try:
-            os.statvfs(mountpoint)
-        except OSError:  # stale or hung: no daemon to talk to
-            force_unmount(mountpoint)
-        else:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                run_stfs("umount", str(mountpoint), timeout=20)
-    for pid in pids:
-        if pid_alive(pid) and not wait_for(lambda pid=pid: not pid_alive(pid), 3):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-            if not wait_for(lambda pid=pid: not pid_alive(pid), 5):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-    if mount_at(os.path.realpath(mountpoint)) is not None and is_mounted(mountpoint):
-        force_unmount(mountpoint)
-
-
-def run_stfs_detached(*args: str, timeout: float = 120,
-                      **kwargs: object) -> subprocess.CompletedProcess[str]:
-    """Like run_stfs, but output goes to files: a daemon that keeps the caller's
-    stdout/stderr open cannot make the call hang."""
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.run([*STFS, *args], stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                              timeout=timeout, check=False, **kwargs)  # type: ignore[call-overload]
-        out.seek(0)
-        err.seek(0)
-        return subprocess.CompletedProcess(proc.args, proc.returncode, out.read(), err.read())
-
-
 @contextlib.contextmanager
 def daemon_mount(*args: str, mountpoint: Path) -> Iterator[subprocess.CompletedProcess[str]]:
     """Run ``stfs *args`` (which daemonizes) and always clean *mountpoint* afterwards."""
@@ -137,20 +102,6 @@ def assert_read_only(path: Path) -> None:
     with pytest.raises(OSError) as info:
         os.mkdir(path / "new-dir")
     assert info.value.errno == errno.EROFS
-
-
-@pytest.fixture(autouse=True)
-def _no_mount_left_behind(tmp_path: Path) -> Iterator[None]:
-    """Whatever a test mounted under its tmp_path (even by mistake) is gone afterwards."""
-    yield
-    base = os.path.realpath(tmp_path) + "/"
-    for _ in range(5):
-        left = [e.mountpoint for e in mounts()
-                if e.fstype.startswith("fuse") and e.mountpoint.startswith(base)]
-        if not left:
-            break
-        for point in reversed(left):
-            cleanup_mount(Path(point), [])
 
 
 @pytest.fixture

@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 
 from stfs.mountinfo import mount_at
-from tests.conftest import is_mounted, wait_for
-from tests.mount.test_lifecycle import cleanup_mount, pid_alive, stats_of
+from tests.conftest import cleanup_mount, is_mounted, pid_alive, wait_for
+from tests.mount.test_lifecycle import stats_of
 
 WRAPPER = Path("/usr/local/bin/stfs")
 SYSTEM_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"

@@ -22,15 +22,16 @@ from pathlib import Path
 
 import pytest
 
-from stfs.mountinfo import mount_at, mounts
+from stfs.mountinfo import mount_at
 from tests.conftest import (
     STFS,
     Mount,
+    cleanup_mount,
     daemon_pids,
-    force_unmount,
     is_mounted,
     pid_alive,
     run_stfs,
+    run_stfs_detached,
     wait_for,
 )
 
@@ -47,30 +48,6 @@ def stats_of(mountpoint: Path) -> dict[str, object]:
     return json.loads(result.stdout)  # type: ignore[no-any-return]
 
 
-def cleanup_mount(mountpoint: Path, pids: list[int]) -> None:
-    """stfs umount, then end the daemon by PID, then fusermount3 -uz as the last resort."""
-    pids = sorted(set(pids) | set(daemon_pids(mountpoint)))
-    if is_mounted(mountpoint):
-        try:
-            os.statvfs(mountpoint)
-        except OSError:  # stale or hung: no daemon to talk to
-            force_unmount(mountpoint)
-        else:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                run_stfs("umount", str(mountpoint), timeout=20)
-    for pid in pids:
-        if pid_alive(pid) and not wait_for(lambda pid=pid: not pid_alive(pid), 3):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-            if not wait_for(lambda pid=pid: not pid_alive(pid), 5):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-    if mount_at(os.path.realpath(mountpoint)) is not None:
-        entry = mount_at(os.path.realpath(mountpoint))
-        if entry is not None and entry.fstype.startswith("fuse"):
-            force_unmount(mountpoint)
-
-
 @contextlib.contextmanager
 def cleaned(mountpoint: Path) -> Iterator[list[int]]:
     """Whatever gets mounted at *mountpoint* inside is gone afterwards; add PIDs to the list."""
@@ -79,18 +56,6 @@ def cleaned(mountpoint: Path) -> Iterator[list[int]]:
         yield pids
     finally:
         cleanup_mount(mountpoint, pids)
-
-
-def run_stfs_detached(*args: str, timeout: float = 120,
-                      **kwargs: object) -> subprocess.CompletedProcess[str]:
-    """Like run_stfs, but output goes to files: a daemon that keeps the caller's
-    stdout/stderr open cannot make the call hang."""
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.run([*STFS, *args], stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                              timeout=timeout, check=False, **kwargs)  # type: ignore[call-overload]
-        out.seek(0)
-        err.seek(0)
-        return subprocess.CompletedProcess(proc.args, proc.returncode, out.read(), err.read())
 
 
 def daemon_mount(source: Path | None, mountpoint: Path, *options: str,
@@ -123,20 +88,6 @@ def inode_map(root: Path) -> dict[str, int]:
             full = os.path.join(dirpath, name)
             found[os.path.relpath(full, root)] = os.lstat(full).st_ino
     return found
-
-
-@pytest.fixture(autouse=True)
-def _no_mount_left_behind(tmp_path: Path) -> Iterator[None]:
-    """Whatever a test mounted under its tmp_path (even by mistake) is gone afterwards."""
-    yield
-    base = os.path.realpath(tmp_path) + "/"
-    for _ in range(5):
-        left = [e.mountpoint for e in mounts()
-                if e.fstype.startswith("fuse") and e.mountpoint.startswith(base)]
-        if not left:
-            break
-        for point in reversed(left):
-            cleanup_mount(Path(point), [])
 
 
 @pytest.fixture
