@@ -21,6 +21,8 @@ import os
 import stat
 from typing import NamedTuple
 
+import xxhash
+
 _libc = ctypes.CDLL(None, use_errno=True)
 
 _SYS_OPENAT2 = 437  # the same number on every architecture with the generic syscall table
@@ -245,6 +247,29 @@ def _preadv_full(fd: int, buf: bytearray, offset: int, flags: int) -> int:
         return got
     finally:
         view.release()
+
+
+def pread_digest(fd: int, scratch: bytearray, start: int, end: int) -> tuple[int, int, FileIdentity]:
+    """xxh3-64 of the bytes ``[start, end)`` (read through *scratch*, which is
+    not resized), how many there were, and the identity they were read under."""
+    before = FileIdentity.of(os.fstat(fd))
+    hasher = xxhash.xxh3_64()
+    view = memoryview(scratch)
+    got = 0
+    try:
+        while start + got < end:
+            piece = view[:min(len(view), end - start - got)]
+            n = os.preadv(fd, [piece], start + got)
+            if n <= 0:
+                break
+            hasher.update(piece[:n])
+            got += n
+    finally:
+        view.release()
+    if FileIdentity.of(os.fstat(fd)) != before:
+        before = FileIdentity.of(os.fstat(fd))
+        got = -1  # written meanwhile: the digest proves nothing
+    return hasher.intdigest(), got, before
 
 
 _RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)

@@ -23,6 +23,7 @@ from stfs import __version__
 from stfs.config import LOG_LEVELS, MountConfig, parse_size
 from stfs.errors import EXIT_FAILURE, StfsError, UsageError
 from stfs.metrics_http import parse_listen
+from stfs.retry import RetryPolicy
 
 COMMANDS = ("mount", "umount", "stats")
 
@@ -47,6 +48,12 @@ _VALUE_OPTIONS: dict[str, Any] = {
     "entry_timeout": lambda v: _parse_seconds(v, "--entry-timeout"),
     "monitor_interval": lambda v: _parse_seconds(v, "--monitor-interval"),
     "metrics_listen": lambda v: parse_listen(v),
+    "sweep_interval": lambda v: _parse_interval(v, "--sweep-interval"),
+    "max_open_fds": lambda v: _parse_int(v, "--max-open-fds"),
+    "retry_file_system": lambda v: _parse_policy("file_system", v, "--retry-file-system"),
+    "retry_network": lambda v: _parse_policy("network", v, "--retry-network"),
+    "retry_jitter": lambda v: _parse_seconds(v, "--retry-jitter"),
+    "read_deadline": lambda v: _parse_interval(v, "--read-deadline"),
     "state_dir": lambda v: Path(_parse_path(v, "--state-dir")),
     "log_level": lambda v: _parse_log_level(v),
     "log_file": lambda v: _parse_path(v, "--log-file"),
@@ -81,6 +88,13 @@ def _parse_interval(text: str, what: str) -> float:
     if not math.isfinite(value) or value <= 0:
         raise UsageError(f"invalid {what} '{text}': expected a positive number of seconds")
     return value
+
+
+def _parse_policy(name: str, text: str, what: str) -> RetryPolicy:
+    try:
+        return RetryPolicy.parse(name, text)
+    except ValueError as exc:
+        raise UsageError(f"invalid {what} '{text}': {exc}") from None
 
 
 def _parse_path(text: str, what: str) -> str:
@@ -178,6 +192,24 @@ def _build_parser() -> _Parser:
                        help="also serve Prometheus /metrics over HTTP (loopback by default)")
     mount.add_argument("--monitor-interval", metavar="SECONDS",
                        help="how often memory pressure is sampled (default 1)")
+    mount.add_argument("--sweep-interval", metavar="SECONDS",
+                       help="how often orphaned and idle resources are freed (default 30)")
+    mount.add_argument("--max-open-fds", metavar="N",
+                       help="backing descriptors kept open; idle ones beyond are closed and "
+                       "reopened on demand (default: from the open-file limit, at most 8192)")
+    mount.add_argument("--retry-file-system", metavar="A:B:M:X",
+                       help="retries of transient errors (EIO, EINTR, EAGAIN, EBUSY, ENOMEM, "
+                       "EMFILE, ENFILE): attempts, base delay s, multiplier, max delay s "
+                       "(default 3:1:2:5)")
+    mount.add_argument("--retry-network", metavar="A:B:M:X",
+                       help="retries of network-file-system errors (ETIMEDOUT, ESTALE, "
+                       "ENOTCONN, ECONNRESET, EHOSTUNREACH, ENETUNREACH, EREMOTEIO) "
+                       "(default 5:0.5:1.5:10)")
+    mount.add_argument("--retry-jitter", metavar="FRACTION",
+                       help="random spread of retry delays, 0 to 1 (default 0.25)")
+    mount.add_argument("--read-deadline", metavar="SECONDS",
+                       help="no retries of a read past this long after its first attempt "
+                       "(default 30)")
     mount.add_argument("--state-dir", metavar="DIR",
                        help="what stfs keeps between mounts (default $XDG_STATE_HOME/stfs)")
     mount.add_argument("--log-level", metavar="LEVEL",

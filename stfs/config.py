@@ -12,6 +12,8 @@ import re
 from pathlib import Path
 
 from stfs.errors import UsageError
+from stfs.resources import SWEEP_INTERVAL_S
+from stfs.retry import FILE_SYSTEM, JITTER, NETWORK, READ_DEADLINE_S, RetryPolicy, RetrySettings
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -83,6 +85,14 @@ class MountConfig:
     """Where to serve /metrics over HTTP, if anywhere."""
     monitor_interval: float = 1.0
     """Seconds between memory snapshots and pressure decisions."""
+    sweep_interval: float = SWEEP_INTERVAL_S
+    """Seconds between sweeps for orphaned and idle resources."""
+    max_open_fds: int = 0
+    """Backing descriptors kept open at once; 0: from the open-file limit."""
+    retry_file_system: RetryPolicy = FILE_SYSTEM
+    retry_network: RetryPolicy = NETWORK
+    retry_jitter: float = JITTER
+    read_deadline: float = READ_DEADLINE_S
     attr_timeout: float = 1.0
     entry_timeout: float = 1.0
     state_dir: Path = dataclasses.field(default_factory=default_state_dir)
@@ -115,8 +125,21 @@ class MountConfig:
             raise UsageError("--attr-timeout and --entry-timeout must be between 0 and 3600 seconds")
         if not 0.05 <= self.monitor_interval <= 60:
             raise UsageError("--monitor-interval must be between 0.05 and 60 seconds")
+        if not 0.1 <= self.sweep_interval <= 86400:
+            raise UsageError("--sweep-interval must be between 0.1 and 86400 seconds")
+        if self.max_open_fds < 0 or 0 < self.max_open_fds < 16:
+            raise UsageError("--max-open-fds must be at least 16 (or 0 for automatic)")
+        if not 0 <= self.retry_jitter <= 1:
+            raise UsageError("--retry-jitter must be between 0 and 1")
+        if not 0 < self.read_deadline <= 3600:
+            raise UsageError("--read-deadline must be between 0 and 3600 seconds")
         if self.log_level not in LOG_LEVELS:
             raise UsageError(f"invalid --log-level '{self.log_level}': choose from {', '.join(LOG_LEVELS)}")
+
+    @property
+    def retry(self) -> RetrySettings:
+        return RetrySettings(self.retry_file_system, self.retry_network, self.retry_jitter,
+                             self.read_deadline)
 
     @property
     def cache_limit_bytes(self) -> int:

@@ -23,8 +23,10 @@ import dataclasses
 import errno
 import logging
 import os
+import functools
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import trio
 
@@ -32,9 +34,11 @@ from stfs.backing import (
     ChunkData,
     FileIdentity,
     is_local_block_device_id,
+    pread_digest,
     pread_identified,
     pread_if_cached,
 )
+from stfs.checksums import ChecksumStore
 from stfs.budget import MemoryBudget
 from stfs.buffers import BufferPool
 from stfs.cache import ChunkCache
@@ -46,20 +50,31 @@ from stfs.chunking import (
     StreamState,
     power_of_two_ceil,
 )
+from stfs.descriptors import DEFAULT_LIMIT, DescriptorTable, FileReplacedError, Opener
 from stfs.handles import OpenFile
 from stfs.metrics import Counters, Histogram
 from stfs.pressure import CACHE_SHARE, Level
-from stfs.retry import READ_DEADLINE_S, policy_for, sheds_memory
+from stfs.recovery import Piece, StreamVerifier
+from stfs.resources import Priority, ResourceRegistry
+from stfs.retry import DEFAULT_SETTINGS, REOPEN_ERRNOS, RetrySettings, sheds_memory
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 LATENCY_SAMPLES = 2048
+RECENT_CHECKSUMS = 4096
 IDENTITY_RETRIES = 4
 POOL_MAX_BYTES = 4 * 1024 * 1024
 
 
 class _IdentityChanged(Exception):
-    """A backing read found the file changed since the handle last looked."""
+    """A check found the file changed since the handle last looked."""
+
+    def __init__(self, identity: FileIdentity) -> None:
+        super().__init__(identity)
+        self.identity = identity
+
+
 MAX_READAHEAD_BYTES = 16 * 1024 * 1024
 
 
@@ -72,6 +87,9 @@ class EngineConfig:
     max_chunk: int
     inline_cached_reads: bool = True
     """Copy page-cache hits on the event loop (RWF_NOWAIT) instead of in a thread."""
+    descriptor_limit: int = DEFAULT_LIMIT
+    """Backing descriptors kept open at once (least recently used closed first)."""
+    retry: RetrySettings = DEFAULT_SETTINGS
 
 
 @dataclasses.dataclass
@@ -80,8 +98,17 @@ class _Stream:
 
     state: StreamState
     tracker: ChunkPerformanceTracker
+    verifier: StreamVerifier
     readahead_scopes: set[trio.CancelScope] = dataclasses.field(default_factory=set)
     readahead_bytes: int = 0
+    chunk_seen: tuple[int, int] = (0, 0)
+    """The chunk the last request was served from: requests inside it skip the
+    identity check made before serving a new chunk."""
+    change_lock: trio.Lock = dataclasses.field(default_factory=trio.Lock)
+    sequential: bool = False
+    """Whether the latest request continued a sequential run."""
+    interrupted: bool = False
+    failed: bool = False
 
     def cancel_readahead(self) -> None:
         for scope in self.readahead_scopes:
@@ -104,13 +131,19 @@ class _Flight:
 class ReadEngine:
     """Serves file data for open handles through cache, budget and read-ahead."""
 
-    def __init__(self, config: EngineConfig, counters: Counters) -> None:
+    def __init__(self, config: EngineConfig, counters: Counters, *,
+                 opener: Opener | None = None, checksums: ChecksumStore | None = None) -> None:
         self.config = config
         self.counters = counters
+        self.resources = ResourceRegistry()
+        self.descriptors = DescriptorTable(config.descriptor_limit, opener)
+        self.checksums = checksums
+        self.recent_checksums: collections.OrderedDict[FileIdentity, str] = (
+            collections.OrderedDict())
         self.budget = MemoryBudget(config.memory_limit)
         self.pool = BufferPool(min(POOL_MAX_BYTES, config.memory_limit // 4))
         self.cache = ChunkCache(config.cache_limit, self.budget, self.pool)
-        self.budget.set_reclaimer(self.cache.reclaim)
+        self.budget.set_reclaimer(self._reclaim)
         self.sizer = AdaptiveChunkSizer(config.min_chunk, config.max_chunk)
         self.global_tracker = ChunkPerformanceTracker()
         self._limiter = trio.CapacityLimiter(config.max_streams)
@@ -165,6 +198,8 @@ class ReadEngine:
 
         Reads are never failed for pressure: a lower cap only makes them wait.
         """
+        if level >= Level.CRITICAL > self.level:
+            self.emergency_cleanup()
         self.level = level
         self.monitor_memory_pct = memory_use_pct
         if cap != self.concurrency_cap:
@@ -182,6 +217,37 @@ class ReadEngine:
             self.cache.capacity_bytes = capacity
             self.cache.shrink_to(capacity)
 
+    def _reclaim(self, n_bytes: int) -> int:
+        """Room for a reader: evict cache, then drop bytes waiting to be hashed."""
+        freed = self.cache.reclaim(n_bytes)
+        for stream in self._streams.values():
+            if freed >= n_bytes:
+                break
+            freed += stream.verifier.free_buffers()
+        return freed
+
+    def _release_speculative(self, n_bytes: int) -> None:
+        self.budget.speculative_done(n_bytes)
+        self.budget.release(n_bytes)
+
+    def emergency_cleanup(self) -> None:
+        """Critical pressure: free every speculative resource and buffer now."""
+        freed = sum(stream.verifier.free_buffers() for stream in self._streams.values())
+        if self._nursery is not None:
+            self._nursery.start_soon(self.resources.emergency)
+        log.warning("critical memory pressure: emergency cleanup (read-ahead cancelled, "
+                    "%d reorder bytes dropped, cache shrunk)", freed)
+
+    async def sweep(self, live_fhs: set[int], idle_s: float) -> int:
+        """Periodic cleanup: orphaned and idle resources, descriptors over the limit."""
+        freed = await self.resources.sweep(live_fhs, idle_s)
+        for fh in [fh for fh in self._streams if fh not in live_fhs]:
+            log.warning("sweep: dropping the stream state of closed handle %d", fh)
+            self._drop_stream(fh)
+            freed += 1
+        await self.descriptors.trim()
+        return freed
+
     def memory_use_pct(self) -> float:
         """Share of the memory limit held by data that cannot be dropped at once
         (in flight, read-ahead, replies); cached chunks are evictable on demand, so
@@ -196,35 +262,174 @@ class ReadEngine:
         counters = self.counters
         counters.active_reads += 1
         began = time.monotonic()
+        stream = self._stream(handle)
+        self.resources.touch(handle.fh)
         try:
             for _attempt in range(IDENTITY_RETRIES):
                 try:
-                    data = await self._read(handle, offset, size)
+                    data = await self._read(handle, stream, offset, size)
                     break
-                except _IdentityChanged:
-                    continue  # the file changed under the handle: serve the new version whole
+                except _IdentityChanged as changed:
+                    await self._on_changed(handle, stream, offset, changed.identity)
             else:
                 raise OSError(errno.EIO, "file keeps changing while being read")
         except OSError:  # a failed backing read; internal errors are counted by fs_ops
             counters.errors += 1
+            if stream.interrupted and not stream.failed:
+                stream.failed = True
+                counters.failed_streams += 1
             raise
         finally:
             counters.active_reads -= 1
+        digest = stream.verifier.served(offset, data, stream.state.chunk_size,
+                                        stream.sequential)
+        if digest is not None:
+            self._checksum_done(handle, stream.verifier.identity, digest)
         self.read_latency.observe(time.monotonic() - began)
         counters.reads += 1
         counters.bytes_served += len(data)
         handle.bytes_read += len(data)
         return data
 
-    async def _read(self, handle: OpenFile, offset: int, size: int) -> bytes | memoryview:
+    # -- files that change under a reader --------------------------------------
+
+    async def _check_identity(self, handle: OpenFile) -> None:
+        """fstat the open descriptor before serving a new chunk: a file changed
+        since the handle last looked raises ``_IdentityChanged``."""
+        seen = handle.seen_identity
+        if seen is not None and seen != handle.identity:
+            raise _IdentityChanged(seen)
+        fd = self.descriptors.fd_now(handle)
+        if fd < 0:
+            return  # closed for now; the reopen before the backing read checks
+        try:
+            if is_local_block_device_id(handle.identity.dev):
+                st = os.fstat(fd)  # inode attributes are in memory: no disk wait
+            else:
+                fd = await self.descriptors.pin(handle)
+                try:
+                    st = await trio.to_thread.run_sync(os.fstat, fd, limiter=self._limiter)
+                finally:
+                    self.descriptors.unpin(handle)
+        except OSError:
+            return  # the backing read meets the same error and deals with it
+        now = FileIdentity.of(st)
+        if now != handle.identity:
+            raise _IdentityChanged(now)
+
+    async def _on_changed(self, handle: OpenFile, stream: _Stream, offset: int,
+                          identity: FileIdentity) -> None:
+        """The file now has *identity*. A reader in the middle of a pass gets EIO
+        unless re-reading its last checkpointed chunk and everything since shows
+        the bytes it was served are still there (a touch, an append); anyone
+        else simply gets the new version from now on."""
+        async with stream.change_lock:
+            handle.seen_identity = identity
+            if handle.identity == identity:
+                return  # another request of this handle dealt with it
+            verifier = stream.verifier
+            if verifier.continues(offset) and verifier.served_anything():
+                if verifier.broken != identity:
+                    problem = await self._verify_pass(handle, stream, identity)
+                    if problem is not None:
+                        verifier.broken = identity
+                        self.counters.changed_files += 1
+                        log.warning("%s changed while being read (%s): reads continuing from "
+                                    "offset %d fail with EIO rather than mix two versions",
+                                    os.fsdecode(handle.path), problem, verifier.position)
+                if verifier.broken == identity:
+                    raise OSError(errno.EIO, "file changed while being read")
+                verifier.retarget(identity)
+                log.info("%s changed while being read, but the bytes read so far are "
+                         "unchanged: going on", os.fsdecode(handle.path))
+            else:
+                verifier.reset()
+                log.info("%s changed while open: serving its new version",
+                         os.fsdecode(handle.path))
+            handle.identity = identity
+            stream.chunk_seen = (0, 0)
+
+    async def _verify_pass(self, handle: OpenFile, stream: _Stream,
+                           identity: FileIdentity) -> str | None:
+        """Whether the bytes this stream was served are still the file's, under
+        *identity*: None if so, else what differs."""
+        verifier = stream.verifier
+        if identity.size < verifier.position:
+            return f"now {identity.size} bytes, {verifier.position} were already read"
+        pieces = verifier.pieces_to_verify()
+        if not pieces:
+            return None
+        scratch_size = min(max(p.end - p.start for p in pieces), self.config.max_chunk)
+        await self.budget.reserve(scratch_size)
+        scratch = self.pool.take(scratch_size)
+        try:
+            for piece in pieces:
+                problem = await self._verify_piece(handle, stream, piece, scratch, identity)
+                if problem is not None:
+                    return problem
+            return None
+        finally:
+            self.budget.release(scratch_size)
+            self.pool.give(scratch)
+
+    async def _verify_piece(self, handle: OpenFile, stream: _Stream, piece: Piece,
+                            scratch: bytearray, identity: FileIdentity) -> str | None:
+        """Re-read one served chunk (with retries) and compare its digest."""
+        digest, got, read_under = await self._retrying(
+            handle, stream, None,
+            lambda fd: pread_digest(fd, scratch, piece.start, piece.end))
+        if read_under != identity:
+            return "it changed again while being checked"
+        if got != piece.end - piece.start or digest != piece.digest:
+            return f"bytes {piece.start}-{piece.end} differ from what was served"
+        return None
+
+    def _checksum_done(self, handle: OpenFile, identity: FileIdentity, digest: str) -> None:
+        """A pass read the whole file: keep its xxh3-128 and compare with the last."""
+        self.counters.checksums_computed += 1
+        self.recent_checksums[identity] = digest
+        self.recent_checksums.move_to_end(identity)
+        while len(self.recent_checksums) > RECENT_CHECKSUMS:
+            self.recent_checksums.popitem(last=False)
+        if self.checksums is not None and self._nursery is not None:
+            self._nursery.start_soon(self._record_checksum, handle.path, identity, digest)
+
+    async def _record_checksum(self, path: bytes, identity: FileIdentity, digest: str) -> None:
+        assert self.checksums is not None
+        try:
+            previous = await trio.to_thread.run_sync(self.checksums.record, identity, digest,
+                                                     path)
+        except Exception:  # a background task: never take the mount down
+            log.exception("could not record the checksum of %s", os.fsdecode(path))
+            return
+        if previous is not None:
+            self.counters.corruptions_detected += 1
+            log.error("SOURCE CORRUPTION: %s read as xxh3-128 %s, but %s when last read with "
+                      "the same size, mtime and ctime: its bytes changed without its metadata",
+                      os.fsdecode(path), digest, previous)
+
+    async def checksum_of(self, identity: FileIdentity) -> str | None:
+        """The known whole-file checksum of *identity* (this session or the state dir)."""
+        known = self.recent_checksums.get(identity)
+        if known is None and self.checksums is not None:
+            known = await trio.to_thread.run_sync(self.checksums.get, identity)
+        return known
+
+    async def _read(self, handle: OpenFile, stream: _Stream, offset: int,
+                    size: int) -> bytes | memoryview:
         self.request_sizes[size] += 1
+        seen_start, seen_end = stream.chunk_seen
+        if not seen_start <= offset < seen_end or (
+                handle.seen_identity is not None and handle.seen_identity != handle.identity):
+            await self._check_identity(handle)
         if offset >= handle.identity.size:
             return b""  # the kernel asks past the end only when it knows a new size
-        stream = self._stream(handle)
         chunk_size, sequential = self._plan(handle, stream, offset, size)
+        stream.sequential = sequential
         end = offset + size
         start, data = await self._chunk_at(handle, offset, chunk_size, sequential, end)
         chunk_end = start + len(data)
+        stream.chunk_seen = (start, chunk_end)
         reply: bytes | memoryview | bytearray
         if end <= chunk_end or chunk_end >= handle.identity.size:
             # Inside one chunk (or the chunk ends the file): no copy.
@@ -268,7 +473,7 @@ class ReadEngine:
             start, data = await self._chunk_at(handle, offset + n, chunk_size, False,
                                                offset + size)
             if handle.identity != identity:
-                raise _IdentityChanged  # pieces of two versions must never meet
+                raise _IdentityChanged(handle.identity)  # two versions must never meet
             chunk_end = start + len(data)
             piece = memoryview(data)[offset + n - start:min(offset + size, chunk_end) - start]
             taken = len(piece)
@@ -284,9 +489,19 @@ class ReadEngine:
         stream = self._streams.get(handle.fh)
         if stream is None:
             base = self._base_chunk(handle.identity)
-            stream = _Stream(StreamState(chunk_size=base), ChunkPerformanceTracker())
+            verifier = StreamVerifier(handle.identity, self.budget.try_reserve_speculative,
+                                      self._release_speculative)
+            stream = _Stream(StreamState(chunk_size=base), ChunkPerformanceTracker(), verifier)
             self._streams[handle.fh] = stream
+            self.resources.register(handle.fh, "stream", Priority.STREAM,
+                                    functools.partial(self._drop_stream, handle.fh))
         return stream
+
+    def _drop_stream(self, fh: int) -> None:
+        stream = self._streams.pop(fh, None)
+        if stream is not None:
+            stream.cancel_readahead()
+            stream.verifier.reset()  # gives back what its reorder buffer reserved
 
     def _is_small(self, identity: FileIdentity) -> bool:
         return identity.size < STREAMING_TRIGGER and identity.size <= self.config.max_chunk
@@ -402,10 +617,8 @@ class ReadEngine:
             data, identity_now = await self._backing_read(handle, stream, start, chunk_size,
                                                           limiter)
             if identity_now != identity:
-                log.info("%s changed while open: serving its new version",
-                         os.fsdecode(handle.path))
-                handle.identity = identity_now
-                raise _IdentityChanged
+                handle.seen_identity = identity_now
+                raise _IdentityChanged(identity_now)
             flight.data = data
             self.cache.insert((identity, start), data, chunk_size, handle.fh)
             cached = True
@@ -429,17 +642,20 @@ class ReadEngine:
         buf = self.pool.take(size)
         cached: tuple[ChunkData, FileIdentity] | None = None
         began = time.monotonic()
-        if self.config.inline_cached_reads and is_local_block_device_id(handle.identity.dev):
+        fd = self.descriptors.fd_now(handle)
+        if (fd >= 0 and self.config.inline_cached_reads
+                and is_local_block_device_id(handle.identity.dev)):
             # Bytes already in the kernel's page cache: a memory copy that cannot
             # wait on the disk (RWF_NOWAIT), cheaper here than a thread round trip.
-            cached = pread_if_cached(handle.fd, buf, start)
+            cached = pread_if_cached(fd, buf, start)
         if cached is not None:
             data, identity = cached
             seconds = time.monotonic() - began
             self.inline_reads += 1
             await trio.lowlevel.checkpoint()
         else:
-            data, identity, seconds = await self._thread_read(handle, buf, start, extra_limiter)
+            data, identity, seconds = await self._thread_read(handle, stream, buf, start,
+                                                              extra_limiter)
         del buf
         self.backing_reads += 1
         self.backing_read_sizes[size] += 1
@@ -449,46 +665,87 @@ class ReadEngine:
         self.global_tracker.record(size, seconds)
         return data, identity
 
-    async def _thread_read(self, handle: OpenFile, buf: bytearray, start: int,
+    async def _thread_read(self, handle: OpenFile, stream: _Stream, buf: bytearray, start: int,
                            extra_limiter: trio.CapacityLimiter | None
                            ) -> tuple[ChunkData, FileIdentity, float]:
         """A backing read in a worker thread, retried by its error's policy.
 
         Read-ahead (with *extra_limiter*) is not retried: a failure just ends it,
-        and the reader's own demand read retries. Permission and missing-file
-        errors fail at once; ENOMEM sheds cache and read-ahead before retrying.
+        and the reader's own demand read retries. A demand read resuming after an
+        error first proves the file unchanged: it re-reads the stream's last
+        checkpointed chunk and compares its digest.
         """
+        async def resume() -> None:
+            pieces = stream.verifier.pieces_to_verify()
+            if not pieces:
+                return
+            problem = await self._verify_piece(handle, stream, pieces[0], buf, handle.identity)
+            if problem is not None:
+                stream.verifier.broken = handle.identity
+                self.counters.changed_files += 1
+                log.warning("%s changed while its read was being retried (%s): the read fails "
+                            "with EIO rather than mix two versions", os.fsdecode(handle.path),
+                            problem)
+                raise OSError(errno.EIO, "file changed while being read")
+
+        return await self._retrying(handle, stream, extra_limiter,
+                                    lambda fd: _timed_pread(fd, buf, start),
+                                    resume=None if extra_limiter is not None else resume)
+
+    async def _retrying(self, handle: OpenFile, stream: _Stream,
+                        extra_limiter: trio.CapacityLimiter | None,
+                        op: Callable[[int], T],
+                        resume: Callable[[], Awaitable[None]] | None = None) -> T:
+        """Run blocking *op(fd)* in a worker thread, retrying by the error's policy.
+
+        Speculative work (*extra_limiter* given) is never retried. Permission and
+        missing-file errors fail at once; ENOMEM sheds cache and read-ahead before
+        retrying; ESTALE and EBADF reopen the file (same device and inode, or
+        EIO) before retrying. *resume* runs before each retry.
+        """
+        settings = self.config.retry
         speculative = extra_limiter is not None
-        deadline = trio.current_time() + READ_DEADLINE_S
+        deadline = trio.current_time() + settings.deadline_s
         attempt = 0
         while True:
             try:
-                async with _maybe(extra_limiter):
-                    result = await trio.to_thread.run_sync(
-                        _timed_pread, handle.fd, buf, start, limiter=self._limiter)
+                fd = await self.descriptors.pin(handle)
+                try:
+                    async with _maybe(extra_limiter):
+                        result = await trio.to_thread.run_sync(op, fd, limiter=self._limiter)
+                finally:
+                    self.descriptors.unpin(handle)
+                if attempt:
+                    self.counters.recoveries += 1
+                    log.info("%s: read recovered after %d retries", os.fsdecode(handle.path),
+                             attempt)
+                return result
+            except FileReplacedError:
+                raise
             except OSError as exc:
                 attempt += 1
-                policy = policy_for(exc.errno)
+                policy = settings.policy_for(exc.errno)
                 if speculative or attempt >= policy.attempts:
                     raise
-                delay = policy.delay_s(attempt)
+                delay = settings.delay_s(policy, attempt)
                 if trio.current_time() + delay > deadline:
                     raise
+                if not stream.interrupted:
+                    stream.interrupted = True
+                    self.counters.interrupted_streams += 1
                 if sheds_memory(exc.errno):
                     self.cache.shrink_to(self.cache.floor_bytes)
-                    for stream in self._streams.values():
-                        stream.cancel_readahead()
+                    for other in self._streams.values():
+                        other.cancel_readahead()
                 self.counters.retries += 1
-                log.info("%s at %d: %s; retry %d of %d (%s policy) in %.2f s",
-                         os.fsdecode(handle.path), start, os.strerror(exc.errno or 0),
+                log.info("%s: %s; retry %d of %d (%s policy) in %.2f s",
+                         os.fsdecode(handle.path), os.strerror(exc.errno or 0),
                          attempt, policy.attempts - 1, policy.name, delay)
                 await trio.sleep(delay)
-                continue
-            if attempt:
-                self.counters.recoveries += 1
-                log.info("%s at %d: read recovered after %d retries",
-                         os.fsdecode(handle.path), start, attempt)
-            return result
+                if exc.errno in REOPEN_ERRNOS:
+                    await self.descriptors.reopen(handle)
+                if resume is not None:
+                    await resume()
 
     # -- read-ahead ----------------------------------------------------------
 
@@ -530,23 +787,41 @@ class ReadEngine:
                          chunk_size: int) -> None:
         scope = trio.CancelScope()
         stream.readahead_scopes.add(scope)
+        tracked = self.resources.register(handle.fh, "readahead", Priority.SPECULATIVE,
+                                          scope.cancel, chunk_size)
         try:
             with scope:
                 if await self._fetch(handle, stream, start, chunk_size, speculative=True):
                     self.readahead_chunks += 1
         except (OSError, _IdentityChanged) as exc:
             log.debug("read-ahead of %r at %d stopped: %r", handle.path, start, exc)
+        except Exception:  # a background task: never take the mount down
+            log.exception("read-ahead of %s at %d failed", os.fsdecode(handle.path), start)
         finally:
+            self.resources.forget(tracked)
             stream.readahead_scopes.discard(scope)
             stream.readahead_bytes -= chunk_size
 
     # -- handles -------------------------------------------------------------
 
+    def open(self, handle: OpenFile) -> None:
+        """Track a newly opened handle's descriptor (closed at release, or
+        earlier when idle and over the descriptor limit, then reopened lazily)."""
+        self.descriptors.track(handle)
+        self.resources.register(handle.fh, "descriptor", Priority.DESCRIPTOR,
+                                functools.partial(self.descriptors.close, handle))
+
     async def release(self, handle: OpenFile) -> None:
-        """Drop the engine's state for *handle*: its stream and its read-ahead."""
-        stream = self._streams.pop(handle.fh, None)
-        if stream is not None:
-            stream.cancel_readahead()
+        """Free everything *handle* holds, speculative work first, descriptor last."""
+        await self.resources.free_owner(handle.fh)
+        self._drop_stream(handle.fh)
+
+    async def close(self) -> None:
+        """Unmount: free every handle's resources, then any descriptor left."""
+        await self.resources.free_all()
+        for fh in list(self._streams):
+            self._drop_stream(fh)
+        self.descriptors.close_all()
 
     def stream_info(self, fh: int) -> dict[str, Any]:
         stream = self._streams.get(fh)

@@ -1,7 +1,8 @@
 """Open-file registry: every handle the kernel holds and the resources behind it.
 
-A handle owns its backing descriptor; ``release`` (or ``close_all`` at
-unmount) is the one place that closes it. Directory handles own a snapshot of
+A handle's backing descriptor is tracked by the engine (``descriptors`` and
+``resources``), which closes it on release; ``close_all`` closes whatever is
+left at unmount. Directory handles own a snapshot of
 the listing taken at ``opendir``, so offsets stay valid while the kernel pages
 through it.
 """
@@ -26,8 +27,11 @@ class OpenFile:
     path: bytes
     fd: int
     identity: FileIdentity
+    """The version this handle serves (changes only through the engine's checks)."""
     opened_at: float = dataclasses.field(default_factory=time.monotonic)
     bytes_read: int = 0
+    seen_identity: FileIdentity | None = None
+    """The newest identity anyone saw for the file (getattr); the engine acts on it."""
 
 
 @dataclasses.dataclass
@@ -101,12 +105,14 @@ class HandleTable:
         return list(self._files.values())
 
     def close_all(self) -> None:
-        """Close every descriptor (unmount)."""
+        """Close every descriptor still open (unmount, after the engine freed its own)."""
         for handle in self._files.values():
-            try:
-                os.close(handle.fd)
-            except OSError:
-                pass
+            if handle.fd >= 0:
+                try:
+                    os.close(handle.fd)
+                except OSError:
+                    pass
+                handle.fd = -1
         self._files.clear()
         self._by_node.clear()
         self._dirs.clear()

@@ -27,6 +27,14 @@ class Counters:
     cache_hits: int = 0
     cache_misses: int = 0
     active_reads: int = 0
+    interrupted_streams: int = 0
+    """Streams (open handles) whose reads met a transient backing error."""
+    failed_streams: int = 0
+    """Interrupted streams that got an error anyway (retries exhausted, or the file changed)."""
+    changed_files: int = 0
+    """Streams failed with EIO because the file changed under them."""
+    checksums_computed: int = 0
+    corruptions_detected: int = 0
 
     def uptime_s(self) -> float:
         return time.monotonic() - self.started_at

@@ -30,8 +30,9 @@ from typing import Any
 import pyfuse3
 import trio
 
-from stfs import control, demo, kernel, logs, metrics, metrics_http, notify, pressure
+from stfs import control, demo, descriptors, kernel, logs, metrics, metrics_http, notify, pressure
 from stfs.backing import Backing
+from stfs.checksums import ChecksumStore
 from stfs.config import MountConfig
 from stfs.engine import EngineConfig, ReadEngine
 from stfs.errors import EXIT_FAILURE, EXIT_OK, StfsError, path_error
@@ -185,10 +186,13 @@ def kernel_read_ahead_kb(config: MountConfig) -> int:
     return max(128, min(1024, config.max_chunk // 1024))
 
 
-def engine_config(config: MountConfig) -> EngineConfig:
+def engine_config(config: MountConfig, nofile_soft: int = 1024) -> EngineConfig:
     return EngineConfig(memory_limit=config.memory_limit, cache_limit=config.cache_limit_bytes,
                         max_streams=config.max_streams, min_chunk=config.min_chunk,
-                        max_chunk=config.max_chunk)
+                        max_chunk=config.max_chunk,
+                        descriptor_limit=config.max_open_fds or descriptors.default_limit(
+                            nofile_soft),
+                        retry=config.retry)
 
 
 class Daemon:
@@ -252,6 +256,14 @@ class Daemon:
             "retries": c.retries,
             "recoveries": c.recoveries,
             "errors": c.errors,
+            "interrupted_streams": c.interrupted_streams,
+            "recovered_streams": c.interrupted_streams - c.failed_streams,
+            "failed_streams": c.failed_streams,
+            "changed_files": c.changed_files,
+            "checksums_computed": c.checksums_computed,
+            "corruptions_detected": c.corruptions_detected,
+            "resources": engine.resources.as_dict(),
+            "backing_fds": engine.descriptors.as_dict(),
             "uptime_s": c.uptime_s(),
             "chunk_latency_ms": engine.latency_percentiles_ms(),
             "read_latency_seconds": engine.read_latency.as_dict(),
@@ -287,7 +299,11 @@ class Daemon:
             backing = Backing(self.source)
         except OSError as exc:
             raise path_error(self.source, exc) from None
-        self.engine = ReadEngine(engine_config(self.config), self.counters)
+        nofile = descriptors.raise_nofile_limit()
+        self.checksums = ChecksumStore(self.config.state_dir)
+        self.checksums.open()
+        self.engine = ReadEngine(engine_config(self.config, nofile), self.counters,
+                                 opener=backing.open_file, checksums=self.checksums)
         state_store = StateStore(self.config.state_dir)
         learned = state_store.throughputs(backing.root_stat.st_dev)
         if learned:
@@ -317,6 +333,7 @@ class Daemon:
                 log.info("unmounted %s", self.summary())
         finally:
             self.view.close()
+            self.checksums.close()
         return EXIT_OK
 
     def summary(self) -> str:
@@ -345,6 +362,24 @@ class Daemon:
             notify.status(self.status_line())
 
     async def _serve(self, on_ready: Callable[[], None]) -> None:
+        try:
+            await self._serve_until_unmounted(on_ready)
+        finally:
+            with trio.CancelScope(shield=True):
+                assert self.view is not None
+                await self.view.release_all()
+
+    async def _sweep(self) -> None:
+        """Free orphaned and idle resources every ``--sweep-interval``."""
+        assert self.view is not None
+        interval = self.config.sweep_interval
+        while True:
+            await trio.sleep(interval)
+            freed = await self.view.sweep(idle_s=interval)
+            if freed:
+                log.info("sweep freed %d idle or orphaned resources", freed)
+
+    async def _serve_until_unmounted(self, on_ready: Callable[[], None]) -> None:
         async with trio.open_nursery() as nursery:
 
             async def fuse_main() -> None:
@@ -354,6 +389,7 @@ class Daemon:
 
             await nursery.start(self.engine.run)
             nursery.start_soon(self._control_pressure)
+            nursery.start_soon(self._sweep)
             if self.config.metrics_listen is not None:
                 host, port = self.config.metrics_listen
                 try:

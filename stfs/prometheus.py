@@ -32,7 +32,19 @@ COUNTERS: tuple[tuple[str, str, str], ...] = (
     ("cache_hits", "cache_hits_total", "Chunk lookups answered from the cache."),
     ("cache_misses", "cache_misses_total", "Chunk lookups that needed a backing read."),
     ("retries", "retries_total", "Backing reads retried after a transient error."),
-    ("recoveries", "recoveries_total", "Interrupted streams recovered."),
+    ("recoveries", "recoveries_total", "Backing reads that succeeded after retries."),
+    ("interrupted_streams", "interrupted_streams_total",
+     "Streams (open handles) whose reads met a transient backing error."),
+    ("recovered_streams", "recovered_streams_total",
+     "Interrupted streams that went on without an error."),
+    ("failed_streams", "failed_streams_total",
+     "Interrupted streams that returned an error to the reader."),
+    ("changed_files", "changed_files_total",
+     "Streams failed with EIO because the file changed while being read."),
+    ("checksums_computed", "checksums_computed_total",
+     "Whole-file xxh3-128 checksums computed in a read pass."),
+    ("corruptions_detected", "corruptions_detected_total",
+     "Whole-file reads whose checksum differed from the one recorded for the same identity."),
     ("errors", "errors_total", "Reads that failed with an error returned to the reader."),
     ("backing_reads", "backing_reads_total", "Reads issued to the backing file system."),
     ("inline_reads", "inline_reads_total", "Backing reads of bytes already in the page cache, copied on the event loop (RWF_NOWAIT)."),
@@ -80,6 +92,20 @@ KERNEL_GAUGES: tuple[tuple[str, str, str, Scale], ...] = (
      _same),
     ("max_request_bytes", "kernel_max_request_bytes", "Largest read request the kernel may send.",
      _same),
+)
+
+RESOURCE_COUNTERS: tuple[tuple[str, str, str], ...] = (
+    ("sweeps", "resource_sweeps_total", "Periodic sweeps for orphaned and idle resources."),
+    ("swept", "resources_swept_total", "Resources freed by sweeps."),
+    ("emergency_cleanups", "emergency_cleanups_total",
+     "Emergency cleanups under critical memory pressure."),
+)
+
+BACKING_FD_METRICS: tuple[tuple[str, str, str, str], ...] = (
+    ("open", "backing_fds", "gauge", "Backing file descriptors open now."),
+    ("limit", "backing_fds_limit", "gauge", "Backing descriptors kept open at most."),
+    ("reopens", "backing_fd_reopens_total", "counter",
+     "Backing descriptors reopened (after ESTALE/EBADF, or closed while idle)."),
 )
 
 
@@ -180,6 +206,26 @@ def render(stats: dict[str, Any]) -> str:
                 if value is not None:
                     out.sample("chunk_latency_quantile_seconds", value / 1000.0,
                                [("quantile", str(int(key[1:]) / 100))])
+
+    resources = stats.get("resources")
+    if isinstance(resources, dict):
+        tracked = resources.get("tracked")
+        if isinstance(tracked, dict):
+            out.family("tracked_resources", "gauge",
+                       "Per-handle resources tracked now, by kind.")
+            for kind in ("descriptor", "stream", "readahead"):
+                out.sample("tracked_resources", _number(tracked.get(kind)) or 0,
+                           [("kind", kind)])
+        for key, name, help_text in RESOURCE_COUNTERS:
+            value = _number(resources.get(key))
+            if value is not None:
+                out.simple(name, "counter", help_text, value)
+    fds = stats.get("backing_fds")
+    if isinstance(fds, dict):
+        for key, name, kind, help_text in BACKING_FD_METRICS:
+            value = _number(fds.get(key))
+            if value is not None:
+                out.simple(name, kind, help_text, value)
 
     _histogram(out, stats.get("read_latency_seconds"))
     return "\n".join(out.lines) + "\n"

@@ -179,14 +179,31 @@ def render_table(stats: dict[str, Any]) -> str:
         ("inline reads", _count(s.get("inline_reads"))),
         ("read-ahead chunks", (f"{_count(s.get('readahead_chunks'))} "
                               f"({_count(s.get('readahead_refused'))} refused)")),
-        ("retries / recoveries", f"{_count(s.get('retries'))} / {_count(s.get('recoveries'))}"),
         ("errors", _count(s.get("errors"))),
     ])
+    lines += _section("Recovery", [
+        ("retries / recoveries", (f"{_count(s.get('retries'))} / "
+                                       f"{_count(s.get('recoveries'))}")),
+        ("interrupted streams", (f"{_count(s.get('interrupted_streams'))} "
+                                 f"({_count(s.get('recovered_streams'))} recovered, "
+                                 f"{_count(s.get('failed_streams'))} failed)")),
+        ("changed while read", _count(s.get("changed_files"))),
+        ("checksums / corruptions", (f"{_count(s.get('checksums_computed'))} / "
+                                     f"{_count(s.get('corruptions_detected'))}")),
+    ])
     handles = [h for h in s.get("handles", []) if isinstance(h, dict)]
+    resources = s.get("resources") if isinstance(s.get("resources"), dict) else {}
+    fds = s.get("backing_fds") if isinstance(s.get("backing_fds"), dict) else {}
+    tracked = resources.get("tracked") if isinstance(resources.get("tracked"), dict) else {}
     lines += _section("Handles", [
         ("open files / dirs", f"{_count(s.get('open_handles'))} / {_count(s.get('open_dirs'))}"),
         ("known inodes", _count(s.get("known_inodes"))),
-        ("open fds", _count(s.get("open_fds"))),
+        ("open fds", (f"{_count(s.get('open_fds'))} ({_count(fds.get('open'))} backing, "
+                      f"limit {_count(fds.get('limit'))}, {_count(fds.get('reopens'))} reopens)")),
+        ("tracked resources", ", ".join(f"{k} {_count(v)}" for k, v in tracked.items())
+         or "none"),
+        ("sweeps", (f"{_count(resources.get('sweeps'))} ({_count(resources.get('swept'))} freed, "
+                    f"{_count(resources.get('emergency_cleanups'))} emergencies)")),
     ])[:-1]
     if handles:
         lines += ["", *_table(HANDLE_HEADER, _handle_rows(handles, 48))]

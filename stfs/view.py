@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import trio
 
 from stfs.backing import Backing, FileIdentity, join
+from stfs.checksums import XATTR_NAME
 from stfs.engine import ReadEngine
 from stfs.handles import HandleTable, OpenDir, OpenFile
 from stfs.inodes import Inode, InodeTable
@@ -71,8 +73,9 @@ class View:
         link gone), an open descriptor still reaches it; otherwise the answer is
         ESTALE, on which the kernel looks the name up again (so another hard link,
         or a new file under the name, is found, and a removed one gives ENOENT).
-        A changed identity seen here also retargets the open handles, so their
-        next reads fetch the new content instead of cached chunks of the old.
+        A changed identity seen here is passed to the open handles: the engine
+        decides on their next read whether they go on with the new version or,
+        in the middle of a pass, fail rather than mix versions.
         """
         node = self.inodes.get(nodeid)
         try:
@@ -86,20 +89,44 @@ class View:
             if handles:
                 identity = FileIdentity.of(st)
                 for handle in handles:
-                    handle.identity = identity
+                    handle.seen_identity = identity
             return st
-        if handles:
-            return await self._blocking(os.fstat, handles[0].fd)
+        for handle in handles:
+            if handle.fd >= 0:
+                fd = await self.engine.descriptors.pin(handle)
+                try:
+                    return await self._blocking(os.fstat, fd)
+                finally:
+                    self.engine.descriptors.unpin(handle)
         raise _err(errno.ESTALE)
 
     async def readlink(self, nodeid: int) -> bytes:
         return await self._blocking(self.backing.readlink, self.inodes.get(nodeid).path)
 
     async def listxattr(self, nodeid: int) -> list[bytes]:
-        return await self._blocking(self.backing.listxattr, self.inodes.get(nodeid).path)
+        """The backing attributes, plus ``user.stfs.xxh3_128`` once the file's
+        checksum is known."""
+        path = self.inodes.get(nodeid).path
+        names = await self._blocking(self.backing.listxattr, path)
+        if await self._checksum(path) is not None:
+            names.append(XATTR_NAME)
+        return names
 
     async def getxattr(self, nodeid: int, name: bytes) -> bytes:
-        return await self._blocking(self.backing.getxattr, self.inodes.get(nodeid).path, name)
+        path = self.inodes.get(nodeid).path
+        if name == XATTR_NAME:
+            digest = await self._checksum(path)
+            if digest is None:
+                raise _err(errno.ENODATA)
+            return digest.encode()
+        return await self._blocking(self.backing.getxattr, path, name)
+
+    async def _checksum(self, path: bytes) -> str | None:
+        """The whole-file checksum of regular file *path* as it is now, if known."""
+        st = await self._blocking(self.backing.lstat, path)
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        return await self.engine.checksum_of(FileIdentity.of(st))
 
     async def statfs(self) -> os.statvfs_result:
         return await self._blocking(self.backing.statvfs)
@@ -141,7 +168,9 @@ class View:
         identity = FileIdentity.of(st)
         keep_cache = node.cached_identity == identity
         node.cached_identity = identity
-        return self.handles.add_file(nodeid, node.path, fd, identity), keep_cache
+        handle = self.handles.add_file(nodeid, node.path, fd, identity)
+        self.engine.open(handle)
+        return handle, keep_cache
 
     async def read(self, fh: int, offset: int, size: int) -> bytes | memoryview:
         return await self.engine.read(self.handles.file(fh), offset, size)
@@ -150,10 +179,18 @@ class View:
         handle = self.handles.pop_file(fh)
         if handle is None:
             return
-        await self.engine.release(handle)
-        await self._blocking(os.close, handle.fd)
+        await self.engine.release(handle)  # closes its descriptor, whatever it held
+
+    async def sweep(self, idle_s: float) -> int:
+        """Periodic cleanup of what no open handle should still hold."""
+        return await self.engine.sweep({h.fh for h in self.handles.files()}, idle_s)
+
+    async def release_all(self) -> None:
+        """Unmount: free every open handle's resources through the engine."""
+        await self.engine.close()
 
     def close(self) -> None:
-        """Free everything (unmount)."""
+        """Close whatever descriptor is left, and SOURCE (unmount, last step)."""
+        self.engine.descriptors.close_all()
         self.handles.close_all()
         self.backing.close()

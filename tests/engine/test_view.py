@@ -26,7 +26,7 @@ def make_view(source: Path) -> View:
     """A View over *source* with the engine at its default settings."""
     config = MountConfig(source=str(source), mountpoint="/nonexistent-mountpoint")
     backing = Backing(str(source))
-    return View(backing, ReadEngine(engine_config(config), Counters()))
+    return View(backing, ReadEngine(engine_config(config), Counters(), opener=backing.open_file))
 
 
 def run_with_view(source: Path, body: Callable[[View], Awaitable[Any]]) -> Any:

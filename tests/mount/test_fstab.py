@@ -32,22 +32,21 @@ MIB = 1024 * 1024
 
 @pytest.fixture(scope="module")
 def installed() -> Iterator[Path]:
-    """/usr/local/bin/stfs, installed for this module if scripts/setup has not done it."""
+    """/usr/local/bin/stfs running this checkout's stfs for the module (as scripts/setup
+    installs it); whatever was installed before is put back afterwards."""
     if os.geteuid() != 0:
         pytest.skip("mount -t fuse.stfs and fstab mounts need root")
     if shutil.which("mount.fuse3") is None:
         pytest.skip("mount.fuse3 (package fuse3) is not installed")
-    ours = False
-    if not WRAPPER.exists():
-        target = Path(sys.executable).parent / "stfs"
-        if not os.access(target, os.X_OK):
-            pytest.skip(f"/usr/local/bin/stfs cannot be installed: no {target}")
-        try:
-            WRAPPER.write_text(f"#!/bin/sh\nexec '{target}' \"$@\"\n")
-            WRAPPER.chmod(0o755)
-        except OSError as exc:
-            pytest.skip(f"/usr/local/bin/stfs cannot be installed: {exc}")
-        ours = True
+    target = Path(sys.executable).parent / "stfs"
+    if not os.access(target, os.X_OK):
+        pytest.skip(f"/usr/local/bin/stfs cannot be installed: no {target}")
+    before = WRAPPER.read_bytes() if WRAPPER.exists() else None
+    try:
+        WRAPPER.write_text(f"#!/bin/sh\nexec '{target}' \"$@\"\n")
+        WRAPPER.chmod(0o755)
+    except OSError as exc:
+        pytest.skip(f"/usr/local/bin/stfs cannot be installed: {exc}")
     try:
         check = subprocess.run(["stfs", "--version"], check=False, capture_output=True, text=True, timeout=30,
                                env={"PATH": "/usr/local/bin:" + SYSTEM_PATH},
@@ -55,9 +54,11 @@ def installed() -> Iterator[Path]:
         assert check.returncode == 0 and check.stdout.startswith("stfs "), check
         yield WRAPPER
     finally:
-        if ours:
+        if before is None:
             with contextlib.suppress(FileNotFoundError):
                 WRAPPER.unlink()
+        else:
+            WRAPPER.write_bytes(before)
 
 
 @contextlib.contextmanager

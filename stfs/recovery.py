@@ -1,0 +1,217 @@
+"""Checkpoints and single-pass checksums of what each stream served (seeds'
+StreamRecoveryManager and seed 004's single-pass pipeline).
+
+A ``StreamVerifier`` follows one open handle. The bytes it serves are hashed
+in file order as they go out (requests the kernel answers out of order wait
+in a small reorder buffer), with no extra read:
+
+* per chunk, an xxh3-64 digest; every ``CHECKPOINT_CHUNKS`` chunks a
+  ``Checkpoint`` records the offset reached, the file identity and the xxh3 of
+  the chunks since the previous one. When the stream must resume after an
+  error, or finds the file's identity changed, the engine re-reads the last
+  checkpointed chunk and every chunk served since, and compares digests: any
+  difference means the file changed under the reader, and the read fails
+  with EIO instead of mixing two versions;
+* for a pass that starts at offset 0 and reaches the end of the file, the
+  whole file's xxh3-128, which the engine records by file identity.
+
+Pure bookkeeping: the engine does the reads and decides what a mismatch means.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import xxhash
+
+from stfs.backing import FileIdentity
+
+CHECKPOINT_CHUNKS = 5
+"""Chunks between two checkpoints."""
+MAX_REORDER_BYTES = 4 * 1024 * 1024
+"""Bytes served ahead of the hashed position that may wait to be hashed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Piece:
+    """A chunk of a stream as served: ``[start, end)`` and its xxh3-64."""
+
+    start: int
+    end: int
+    digest: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    """Where a stream had got to, and proof of what it had read."""
+
+    offset: int
+    identity: FileIdentity
+    digest: int
+    """xxh3-64 of the chunk digests since the previous checkpoint."""
+    last: Piece
+    """The last chunk before *offset*: re-read to verify on resume."""
+
+
+def digest_of(data: bytes | bytearray | memoryview) -> int:
+    """The digest a ``Piece`` of these bytes carries."""
+    return xxhash.xxh3_64_intdigest(data)
+
+
+class StreamVerifier:
+    """Hashes one stream's served bytes in file order.
+
+    *reserve* and *release* account the reorder buffer in the memory budget;
+    when *reserve* refuses, the run is given up (its checksum is just not
+    known) rather than holding memory outside the limit.
+    """
+
+    def __init__(self, identity: FileIdentity, reserve: Callable[[int], bool],
+                 release: Callable[[int], None]) -> None:
+        self.identity = identity
+        self._reserve = reserve
+        self._release = release
+        self.run_start: int | None = None
+        self.position = 0
+        """End of the bytes hashed so far (meaningful while a run is on)."""
+        self.checkpoint: Checkpoint | None = None
+        self.checkpoints = 0
+        self.pending_pieces: list[Piece] = []
+        self._piece_start = 0
+        self._piece_hash = xxhash.xxh3_64()
+        self._piece_bytes = 0
+        self._full: xxhash.xxh3_128 | None = None
+        self._ahead: dict[int, bytes] = {}
+        self.ahead_bytes = 0
+        self.broken: FileIdentity | None = None
+        """Set when the stream was failed for a change to this identity."""
+
+    # -- the run ----------------------------------------------------------
+
+    def continues(self, offset: int) -> bool:
+        """Whether a request at *offset* goes on from where the run got to
+        (a re-read of bytes already served does not)."""
+        return (self.run_start is not None
+                and self.position <= offset <= self.position + MAX_REORDER_BYTES)
+
+    def served_anything(self) -> bool:
+        return self.run_start is not None and self.position > self.run_start
+
+    def reset(self) -> None:
+        """Forget the run (a seek elsewhere, or a new version served from scratch)."""
+        self.run_start = None
+        self.position = 0
+        self.checkpoint = None
+        self.pending_pieces = []
+        self._piece_bytes = 0
+        self._full = None
+        self.broken = None
+        self._drop_ahead()
+
+    def retarget(self, identity: FileIdentity) -> None:
+        """The file changed but everything verified: go on under *identity*.
+
+        The whole-file checksum is given up (its bytes spanned two identities)."""
+        self.identity = identity
+        self._full = None
+        self.checkpoint = None if self.checkpoint is None else dataclasses.replace(
+            self.checkpoint, identity=identity)
+
+    def _start(self, offset: int) -> None:
+        self.reset()
+        self.run_start = self.position = self._piece_start = offset
+        self._piece_hash.reset()
+        self._full = xxhash.xxh3_128() if offset == 0 else None
+
+    def served(self, offset: int, data: bytes | bytearray | memoryview, chunk_size: int,
+               sequential: bool = True) -> str | None:
+        """Account bytes served at *offset*; returns the file's xxh3-128 (hex)
+        when this completes a pass over the whole file from offset 0.
+
+        Only a *sequential* request may wait in the reorder buffer for the bytes
+        before it; any other request not exactly at ``position`` starts a new run.
+        """
+        end = offset + len(data)
+        overlaps = self.run_start is not None and self.run_start <= offset <= self.position
+        if overlaps and end <= self.position:
+            return None  # served again (the kernel re-read pages it dropped)
+        if not overlaps and (not self.continues(offset) or not sequential):
+            self._start(offset)
+        if offset > self.position:
+            if (self.ahead_bytes + len(data) > MAX_REORDER_BYTES
+                    or not self._reserve(len(data))):
+                self._start(offset)  # no room to wait for the gap: begin again here
+            else:
+                self._ahead[offset] = bytes(data)
+                self.ahead_bytes += len(data)
+                return None
+        self._feed(memoryview(data)[self.position - offset:], chunk_size)
+        while self._ahead:
+            next_offset = min(self._ahead)
+            if next_offset > self.position:
+                break
+            waiting = self._ahead.pop(next_offset)
+            self.ahead_bytes -= len(waiting)
+            self._release(len(waiting))
+            if next_offset + len(waiting) > self.position:
+                self._feed(memoryview(waiting)[self.position - next_offset:], chunk_size)
+        if self._full is not None and self.run_start == 0 and self.position >= self.identity.size:
+            digest = self._full.hexdigest()
+            self._full = None
+            return digest
+        return None
+
+    def _feed(self, data: memoryview, chunk_size: int) -> None:
+        """Hash bytes that start exactly at ``position``."""
+        if self._full is not None:
+            self._full.update(data)
+        while len(data):
+            room = max(1, chunk_size - self._piece_bytes)
+            part = data[:room]
+            self._piece_hash.update(part)
+            self._piece_bytes += len(part)
+            self.position += len(part)
+            data = data[len(part):]
+            if self._piece_bytes >= chunk_size:
+                self._close_piece()
+
+    def _close_piece(self) -> None:
+        piece = Piece(self._piece_start, self.position, self._piece_hash.intdigest())
+        self.pending_pieces.append(piece)
+        self._piece_start = self.position
+        self._piece_hash.reset()
+        self._piece_bytes = 0
+        if len(self.pending_pieces) >= CHECKPOINT_CHUNKS:
+            span = xxhash.xxh3_64()
+            for p in self.pending_pieces:
+                span.update(p.digest.to_bytes(8, "little"))
+            self.checkpoint = Checkpoint(self.position, self.identity, span.intdigest(), piece)
+            self.checkpoints += 1
+            self.pending_pieces = []
+
+    def _drop_ahead(self) -> None:
+        if self.ahead_bytes:
+            self._release(self.ahead_bytes)
+        self._ahead.clear()
+        self.ahead_bytes = 0
+
+    def free_buffers(self) -> int:
+        """Drop bytes waiting to be hashed (emergency cleanup); returns how many.
+        The run is given up: its checkpoints and checksum can no longer be trusted
+        to cover what was served."""
+        freed = self.ahead_bytes
+        if freed:
+            self.reset()
+        return freed
+
+    # -- verification -----------------------------------------------------
+
+    def pieces_to_verify(self) -> list[Piece]:
+        """What to re-read to prove the file unchanged: the last checkpointed
+        chunk, every chunk since, and the chunk being hashed now."""
+        pieces = [self.checkpoint.last] if self.checkpoint is not None else []
+        pieces.extend(self.pending_pieces)
+        if self._piece_bytes:
+            pieces.append(Piece(self._piece_start, self.position, self._piece_hash.intdigest()))
+        return pieces
