@@ -254,18 +254,18 @@ def pread_digest(fd: int, scratch: bytearray, start: int, end: int) -> tuple[int
     not resized), how many there were, and the identity they were read under."""
     before = FileIdentity.of(os.fstat(fd))
     hasher = xxhash.xxh3_64()
-    view = memoryview(scratch)
     got = 0
-    try:
+    # Every view is released on the way out, even on an error: a traceback that
+    # kept one alive would pin *scratch* (a chunk buffer) against resizing.
+    with memoryview(scratch) as view:
         while start + got < end:
-            piece = view[:min(len(view), end - start - got)]
-            n = os.preadv(fd, [piece], start + got)
-            if n <= 0:
-                break
-            hasher.update(piece[:n])
+            with view[:min(len(view), end - start - got)] as piece:
+                n = os.preadv(fd, [piece], start + got)
+                if n <= 0:
+                    break
+                with piece[:n] as part:
+                    hasher.update(part)
             got += n
-    finally:
-        view.release()
     if FileIdentity.of(os.fstat(fd)) != before:
         before = FileIdentity.of(os.fstat(fd))
         got = -1  # written meanwhile: the digest proves nothing

@@ -73,6 +73,7 @@ class DescriptorTable:
         self._lru: collections.OrderedDict[int, OpenFile] = collections.OrderedDict()
         self._pins: collections.Counter[int] = collections.Counter()
         self._released: dict[int, OpenFile] = {}
+        self._reopening: dict[int, trio.Event] = {}
         self.reopens = 0
         self.closed_idle = 0
 
@@ -99,6 +100,8 @@ class DescriptorTable:
     async def pin(self, handle: OpenFile) -> int:
         """The handle's descriptor, reopened if it was closed; stays open until
         ``unpin``. Raises EIO when the path now holds another file."""
+        if handle.released:
+            raise OSError(errno.EBADF, "handle already released")
         self._pins[handle.fh] += 1
         try:
             if self.fd_now(handle) < 0:
@@ -128,6 +131,19 @@ class DescriptorTable:
         return handle.fd
 
     async def _reopen(self, handle: OpenFile) -> None:
+        """Open the handle's file again; concurrent callers share one reopen."""
+        while (busy := self._reopening.get(handle.fh)) is not None:
+            await busy.wait()
+            if handle.fd >= 0:
+                return
+        done = self._reopening[handle.fh] = trio.Event()
+        try:
+            await self._open_again(handle)
+        finally:
+            del self._reopening[handle.fh]
+            done.set()
+
+    async def _open_again(self, handle: OpenFile) -> None:
         if self._opener is None:
             raise OSError(errno.EBADF, "descriptor closed and no way to reopen it")
         fd, st = await self._run(self._opener, handle.path)
@@ -140,6 +156,9 @@ class DescriptorTable:
         handle.fd = fd
         self.reopens += 1
         self.track(handle)
+
+    def over_limit(self) -> bool:
+        return len(self._lru) > self.limit
 
     async def trim(self) -> None:
         """Close least recently used descriptors of idle handles down to the limit."""
@@ -159,7 +178,8 @@ class DescriptorTable:
 
     async def close(self, handle: OpenFile) -> None:
         """The handle is released: close its descriptor (at once, or when the
-        last backing read using it ends)."""
+        last backing read using it ends); it is never reopened."""
+        handle.released = True
         self._lru.pop(handle.fh, None)
         if handle.fd < 0:
             return

@@ -281,8 +281,10 @@ class ReadEngine:
             raise
         finally:
             counters.active_reads -= 1
+        # Small files are planned as one chunk, never "sequential", but their
+        # replies can still complete out of order.
         digest = stream.verifier.served(offset, data, stream.state.chunk_size,
-                                        stream.sequential)
+                                        stream.sequential or self._is_small(handle.identity))
         if digest is not None:
             self._checksum_done(handle, stream.verifier.identity, digest)
         self.read_latency.observe(time.monotonic() - began)
@@ -328,7 +330,7 @@ class ReadEngine:
             if handle.identity == identity:
                 return  # another request of this handle dealt with it
             verifier = stream.verifier
-            if verifier.continues(offset) and verifier.served_anything():
+            if verifier.mid_pass(offset):
                 if verifier.broken != identity:
                     problem = await self._verify_pass(handle, stream, identity)
                     if problem is not None:
@@ -343,7 +345,7 @@ class ReadEngine:
                 log.info("%s changed while being read, but the bytes read so far are "
                          "unchanged: going on", os.fsdecode(handle.path))
             else:
-                verifier.reset()
+                verifier.reset(identity)
                 log.info("%s changed while open: serving its new version",
                          os.fsdecode(handle.path))
             handle.identity = identity
@@ -387,12 +389,15 @@ class ReadEngine:
     def _checksum_done(self, handle: OpenFile, identity: FileIdentity, digest: str) -> None:
         """A pass read the whole file: keep its xxh3-128 and compare with the last."""
         self.counters.checksums_computed += 1
+        self._remember_checksum(identity, digest)
+        if self.checksums is not None and self._nursery is not None:
+            self._nursery.start_soon(self._record_checksum, handle.path, identity, digest)
+
+    def _remember_checksum(self, identity: FileIdentity, digest: str) -> None:
         self.recent_checksums[identity] = digest
         self.recent_checksums.move_to_end(identity)
         while len(self.recent_checksums) > RECENT_CHECKSUMS:
             self.recent_checksums.popitem(last=False)
-        if self.checksums is not None and self._nursery is not None:
-            self._nursery.start_soon(self._record_checksum, handle.path, identity, digest)
 
     async def _record_checksum(self, path: bytes, identity: FileIdentity, digest: str) -> None:
         assert self.checksums is not None
@@ -403,6 +408,7 @@ class ReadEngine:
             log.exception("could not record the checksum of %s", os.fsdecode(path))
             return
         if previous is not None:
+            self._remember_checksum(identity, previous)  # the recorded one stands
             self.counters.corruptions_detected += 1
             log.error("SOURCE CORRUPTION: %s read as xxh3-128 %s, but %s when last read with "
                       "the same size, mtime and ctime: its bytes changed without its metadata",
@@ -785,6 +791,9 @@ class ReadEngine:
 
     async def _readahead(self, handle: OpenFile, stream: _Stream, start: int,
                          chunk_size: int) -> None:
+        if self._streams.get(handle.fh) is not stream:  # released before this task ran
+            stream.readahead_bytes -= chunk_size
+            return
         scope = trio.CancelScope()
         stream.readahead_scopes.add(scope)
         tracked = self.resources.register(handle.fh, "readahead", Priority.SPECULATIVE,
@@ -810,6 +819,8 @@ class ReadEngine:
         self.descriptors.track(handle)
         self.resources.register(handle.fh, "descriptor", Priority.DESCRIPTOR,
                                 functools.partial(self.descriptors.close, handle))
+        if self.descriptors.over_limit() and self._nursery is not None:
+            self._nursery.start_soon(self.descriptors.trim)
 
     async def release(self, handle: OpenFile) -> None:
         """Free everything *handle* holds, speculative work first, descriptor last."""

@@ -30,6 +30,8 @@ class OpenFile:
     """The version this handle serves (changes only through the engine's checks)."""
     opened_at: float = dataclasses.field(default_factory=time.monotonic)
     bytes_read: int = 0
+    released: bool = False
+    """Set at release: its descriptor is closed for good."""
     seen_identity: FileIdentity | None = None
     """The newest identity anyone saw for the file (getattr); the engine acts on it."""
 

@@ -72,16 +72,18 @@ class StreamVerifier:
         self.identity = identity
         self._reserve = reserve
         self._release = release
-        self.run_start: int | None = None
+        self.run_start: int | None = 0
+        """Where the current run began. A fresh verifier waits for a pass from 0:
+        the kernel's first concurrent requests may complete out of order."""
         self.position = 0
-        """End of the bytes hashed so far (meaningful while a run is on)."""
+        """End of the bytes hashed so far."""
         self.checkpoint: Checkpoint | None = None
         self.checkpoints = 0
         self.pending_pieces: list[Piece] = []
         self._piece_start = 0
         self._piece_hash = xxhash.xxh3_64()
         self._piece_bytes = 0
-        self._full: xxhash.xxh3_128 | None = None
+        self._full: xxhash.xxh3_128 | None = xxhash.xxh3_128()
         self._ahead: dict[int, bytes] = {}
         self.ahead_bytes = 0
         self.broken: FileIdentity | None = None
@@ -98,14 +100,28 @@ class StreamVerifier:
     def served_anything(self) -> bool:
         return self.run_start is not None and self.position > self.run_start
 
-    def reset(self) -> None:
-        """Forget the run (a seek elsewhere, or a new version served from scratch)."""
-        self.run_start = None
+    def mid_pass(self, offset: int) -> bool:
+        """Whether a request at *offset* belongs to a pass that has served bytes
+        and not reached the end of the file. Requests below ``position`` count:
+        the kernel re-requests pages of the pass it dropped (an invalidation)
+        before the reader got them. A request at offset 0 starts a new pass."""
+        return (offset > 0 and self.served_anything() and self.position < self.identity.size
+                and self.run_start is not None
+                and self.run_start <= offset <= self.position + MAX_REORDER_BYTES)
+
+    def reset(self, identity: FileIdentity | None = None) -> None:
+        """Forget the run (a new version served from scratch: under *identity*);
+        wait for a pass from 0 again."""
+        if identity is not None:
+            self.identity = identity
+        self.run_start = 0
         self.position = 0
         self.checkpoint = None
         self.pending_pieces = []
+        self._piece_start = 0
         self._piece_bytes = 0
-        self._full = None
+        self._piece_hash.reset()
+        self._full = xxhash.xxh3_128()
         self.broken = None
         self._drop_ahead()
 
@@ -120,9 +136,9 @@ class StreamVerifier:
 
     def _start(self, offset: int) -> None:
         self.reset()
-        self.run_start = self.position = self._piece_start = offset
-        self._piece_hash.reset()
-        self._full = xxhash.xxh3_128() if offset == 0 else None
+        if offset:
+            self.run_start = self.position = self._piece_start = offset
+            self._full = None
 
     def served(self, offset: int, data: bytes | bytearray | memoryview, chunk_size: int,
                sequential: bool = True) -> str | None:

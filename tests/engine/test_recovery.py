@@ -1,0 +1,1100 @@
+"""Recovery (issue 6): checkpoints and whole-file checksums of what each stream
+served (StreamVerifier on its own, then through the engine and the checksum
+store), files that change under a reader in the middle of a pass, resuming
+after a transient backing error, configurable retry policies and reopening
+after ESTALE/EBADF. Faults are injected by monkeypatching the engine's thread
+read; trio's MockClock makes backoff instant."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import random
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+import xxhash
+
+import stfs.backing
+import stfs.engine
+from stfs import retry
+from stfs.backing import FileIdentity
+from stfs.budget import MemoryBudget
+from stfs.checksums import ChecksumStore, racy_window_ns
+from stfs.engine import EngineConfig, ReadEngine
+from stfs.handles import OpenFile
+from stfs.metrics import Counters
+from stfs.recovery import CHECKPOINT_CHUNKS, MAX_REORDER_BYTES, Piece, StreamVerifier
+from stfs.retry import RetryPolicy, RetrySettings
+from tests.engine.test_engine import (
+    KIB,
+    MIB,
+    Source,
+    payload,
+    read_all,
+    run,
+)
+
+
+@pytest.fixture
+def src(tmp_path: Path) -> Iterator[Source]:
+    """A temporary SOURCE (as in test_engine)."""
+    source = Source(tmp_path)
+    try:
+        yield source
+    finally:
+        source.close()
+
+IDENT = FileIdentity(dev=2049, ino=77, size=0, mtime_ns=1, ctime_ns=2)
+REAL_TIMED_PREAD = stfs.engine._timed_pread
+REAL_PREAD_DIGEST = stfs.backing.pread_digest
+
+
+def xxh128(data: bytes) -> str:
+    return xxhash.xxh3_128_hexdigest(data)
+
+
+def xxh64(data: bytes) -> int:
+    return xxhash.xxh3_64_intdigest(data)
+
+
+class Reservations:
+    """reserve/release for a verifier, with a tally (and an optional refusal)."""
+
+    def __init__(self, allow: bool = True) -> None:
+        self.allow = allow
+        self.held = 0
+        self.peak = 0
+        self.reserved = 0
+        self.released = 0
+
+    def reserve(self, n: int) -> bool:
+        if not self.allow:
+            return False
+        self.held += n
+        self.reserved += n
+        self.peak = max(self.peak, self.held)
+        return True
+
+    def release(self, n: int) -> None:
+        self.held -= n
+        self.released += n
+        assert self.held >= 0
+
+
+def verifier_for(data: bytes, res: Reservations | None = None) -> tuple[StreamVerifier,
+                                                                        Reservations]:
+    res = res or Reservations()
+    return StreamVerifier(IDENT._replace(size=len(data)), res.reserve, res.release), res
+
+
+def requests(size: int, request: int) -> list[tuple[int, int]]:
+    return [(o, min(request, size - o)) for o in range(0, size, request)]
+
+
+def serve(verifier: StreamVerifier, data: bytes, order: list[tuple[int, int]],
+          chunk: int = 64 * KIB, sequential: bool = True) -> list[str]:
+    digests = []
+    for offset, n in order:
+        got = verifier.served(offset, data[offset:offset + n], chunk, sequential)
+        if got is not None:
+            digests.append(got)
+    return digests
+
+
+# -- StreamVerifier: pieces and checkpoints -------------------------------------------
+
+def test_pieces_per_chunk_and_a_checkpoint_every_five() -> None:
+    chunk = 4096
+    data = payload(10 * chunk + 1500, 1)
+    v, _ = verifier_for(data)
+    assert CHECKPOINT_CHUNKS == 5
+    serve(v, data, requests(len(data), 1000), chunk)        # requests across chunk ends
+    assert v.checkpoints == 2
+    cp = v.checkpoint
+    assert cp is not None
+    assert (cp.offset, cp.identity) == (10 * chunk, v.identity)
+    assert cp.last == Piece(9 * chunk, 10 * chunk, xxh64(data[9 * chunk:10 * chunk]))
+    span = xxhash.xxh3_64()
+    for i in range(5, 10):
+        span.update(xxh64(data[i * chunk:(i + 1) * chunk]).to_bytes(8, "little"))
+    assert cp.digest == span.intdigest()
+    assert v.pending_pieces == []
+    assert v.pieces_to_verify() == [
+        cp.last, Piece(10 * chunk, len(data), xxh64(data[10 * chunk:]))]
+
+
+def test_pieces_to_verify_are_the_checkpointed_piece_pending_pieces_and_the_partial_one(
+        ) -> None:
+    chunk = 8192
+    data = payload(7 * chunk + 100, 2)
+    v, _ = verifier_for(data)
+    serve(v, data[:7 * chunk + 100], requests(7 * chunk + 100, 3000), chunk)
+    pieces = v.pieces_to_verify()
+    expected = [Piece(i * chunk, (i + 1) * chunk, xxh64(data[i * chunk:(i + 1) * chunk]))
+                for i in (4, 5, 6)]
+    expected.append(Piece(7 * chunk, 7 * chunk + 100, xxh64(data[7 * chunk:7 * chunk + 100])))
+    assert pieces == expected
+    assert v.checkpoints == 1 and v.checkpoint is not None
+    assert v.checkpoint.last == expected[0]
+    assert v.pending_pieces == expected[1:3]
+
+
+def test_no_checkpoint_and_nothing_to_verify_before_anything_is_served() -> None:
+    v, _ = verifier_for(payload(4096, 3))
+    assert v.pieces_to_verify() == []
+    assert v.checkpoint is None and not v.served_anything()
+    assert v.continues(0) and not v.served_anything()  # a fresh verifier waits for a pass from 0
+
+
+def test_piece_sizes_follow_the_chunk_size_passed_with_each_request() -> None:
+    data = payload(64 * KIB, 4)
+    v, _ = verifier_for(data)
+    v.served(0, data[:4096], 4096)                   # one 4K piece
+    v.served(4096, data[4096:12288], 8192)           # one 8K piece
+    v.served(12288, data[12288:16384], 16384)        # a partial 16K piece
+    assert v.pieces_to_verify() == [Piece(0, 4096, xxh64(data[:4096])),
+                                    Piece(4096, 12288, xxh64(data[4096:12288])),
+                                    Piece(12288, 16384, xxh64(data[12288:16384]))]
+
+
+def test_retarget_keeps_the_checkpoints_under_the_new_identity_and_drops_the_checksum(
+        ) -> None:
+    chunk = 4096
+    data = payload(6 * chunk, 5)
+    v, _ = verifier_for(data)
+    serve(v, data, requests(6 * chunk - 1, chunk), chunk)
+    newer = v.identity._replace(size=len(data) + 10, mtime_ns=99)
+    v.retarget(newer)
+    assert v.identity == newer and v.checkpoint is not None
+    assert v.checkpoint.identity == newer and v.checkpoint.offset == 5 * chunk
+    assert v.served(6 * chunk - 1, data[-1:], chunk) is None     # no checksum any more
+
+
+# -- StreamVerifier: the whole-file checksum ----------------------------------------------
+
+@pytest.mark.parametrize("size", [1, 4095, 4096, 700 * KIB + 3, 3 * MIB + 17])
+@pytest.mark.parametrize("req_size", [4096, 128 * KIB, 1 * MIB, 1000, 8 * MIB])
+def test_a_pass_from_zero_to_eof_yields_the_files_xxh3_128_once(size: int,
+                                                                 req_size: int) -> None:
+    data = payload(size, size)
+    v, res = verifier_for(data)
+    assert serve(v, data, requests(size, req_size)) == [xxh128(data)]
+    assert res.reserved == 0                                   # in order: no buffering
+
+
+def test_the_checksum_is_given_once_and_not_again_for_bytes_served_again() -> None:
+    data = payload(300 * KIB, 6)
+    v, _ = verifier_for(data)
+    assert serve(v, data, requests(len(data), 64 * KIB)) == [xxh128(data)]
+    assert serve(v, data, [(200 * KIB, 100 * KIB)]) == []          # the tail re-read
+
+
+def test_overlapping_requests_hash_each_byte_once() -> None:
+    data = payload(256 * KIB, 7)
+    v, _ = verifier_for(data)
+    order = [(0, 64 * KIB), (32 * KIB, 64 * KIB), (96 * KIB, 4096), (64 * KIB, 100 * KIB),
+             (100 * KIB, 156 * KIB)]
+    assert serve(v, data, order) == [xxh128(data)]
+
+
+def swapped_pairs(reqs: list[tuple[int, int]], first: int = 0) -> list[tuple[int, int]]:
+    """Requests from *first* on in swapped pairs (1, 0, 3, 2, ...)."""
+    out = list(reqs[:first])
+    rest = reqs[first:]
+    for i in range(0, len(rest) - 1, 2):
+        out += [rest[i + 1], rest[i]]
+    if len(rest) % 2:
+        out.append(rest[-1])
+    return out
+
+
+def kernel_like(reqs: list[tuple[int, int]], in_flight: int, seed: int,
+                first: int = 1) -> list[tuple[int, int]]:
+    """Completion order of requests sent *in_flight* at a time: each window finishes
+    in a random order (the first *first* requests alone, in order)."""
+    rng = random.Random(seed)
+    out = list(reqs[:first])
+    for i in range(first, len(reqs), in_flight):
+        window = reqs[i:i + in_flight]
+        rng.shuffle(window)
+        out += window
+    return out
+
+
+@pytest.mark.parametrize("req_size", [4096, 128 * KIB, 1 * MIB])
+def test_out_of_order_pairs_after_the_first_request_still_give_the_checksum(
+        req_size: int) -> None:
+    data = payload(5 * MIB + 123, 8)
+    v, res = verifier_for(data)
+    assert serve(v, data, swapped_pairs(requests(len(data), req_size), first=1)) == [
+        xxh128(data)]
+    assert res.reserved > 0 and res.peak <= 2 * req_size          # only what waited
+    assert res.held == 0 and res.reserved == res.released         # all given back
+    assert v.ahead_bytes == 0
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("in_flight", [2, 4, 8])
+def test_kernel_like_completion_order_still_gives_the_checksum(seed: int,
+                                                               in_flight: int) -> None:
+    data = payload(4 * MIB + 4097, seed)
+    v, res = verifier_for(data)
+    order = kernel_like(requests(len(data), 128 * KIB), in_flight, seed)
+    assert order != requests(len(data), 128 * KIB)
+    assert serve(v, data, order) == [xxh128(data)]
+    assert res.held == 0 and res.reserved == res.released > 0
+    assert res.peak <= (in_flight - 1) * 128 * KIB
+
+
+def test_swapped_pairs_from_the_very_first_request_still_give_the_checksum() -> None:
+    data = payload(3 * MIB + 17, 9)
+    v, res = verifier_for(data)
+    assert serve(v, data, swapped_pairs(requests(len(data), 128 * KIB))) == [xxh128(data)]
+    assert res.held == 0 and v.ahead_bytes == 0
+
+
+def test_a_non_sequential_request_not_at_the_position_starts_a_new_run() -> None:
+    data = payload(1 * MIB, 10)
+    v, res = verifier_for(data)
+    v.served(0, data[:64 * KIB], 64 * KIB)
+    assert v.served(128 * KIB, data[128 * KIB:192 * KIB], 64 * KIB, sequential=False) is None
+    assert (v.run_start, v.position) == (128 * KIB, 192 * KIB)
+    assert res.reserved == 0                                       # nothing waited
+    # the rest of the file from there: no checksum (the run did not start at 0)
+    assert serve(v, data, requests(len(data), 64 * KIB)[3:]) == []
+    # a new pass from 0 gives it
+    assert serve(v, data, requests(len(data), 64 * KIB), sequential=False) == [xxh128(data)]
+
+
+def test_a_request_far_beyond_the_reorder_window_starts_a_new_run() -> None:
+    data = payload(MAX_REORDER_BYTES + 2 * MIB, 11)
+    v, res = verifier_for(data)
+    v.served(0, data[:64 * KIB], 64 * KIB)
+    assert v.continues(64 * KIB + MAX_REORDER_BYTES)
+    far = 64 * KIB + MAX_REORDER_BYTES + 1
+    assert not v.continues(far)
+    v.served(far, data[far:far + 4096], 64 * KIB)
+    assert (v.run_start, v.position) == (far, far + 4096) and res.reserved == 0
+
+
+def test_a_reorder_buffer_over_its_bound_gives_the_run_up_and_releases_everything() -> None:
+    data = payload(MAX_REORDER_BYTES + 4 * MIB, 12)
+    v, res = verifier_for(data)
+    v.served(0, data[:1 * MIB], 1 * MIB)
+    # the request at 1 MiB never comes; everything after it waits...
+    offset = 2 * MIB
+    while v.ahead_bytes + 1 * MIB <= MAX_REORDER_BYTES:
+        v.served(offset, data[offset:offset + 1 * MIB], 1 * MIB)
+        offset += 1 * MIB
+    assert v.ahead_bytes == MAX_REORDER_BYTES and res.held == MAX_REORDER_BYTES
+    v.served(offset, data[offset:offset + 1 * MIB], 1 * MIB)       # ...until it overflows
+    assert v.ahead_bytes == 0 and res.held == 0
+    assert (v.run_start, v.position) == (offset, offset + 1 * MIB)
+
+
+def test_a_refused_reservation_gives_the_run_up_instead_of_holding_memory() -> None:
+    data = payload(1 * MIB, 13)
+    res = Reservations(allow=False)
+    v, _ = verifier_for(data, res)
+    v.served(0, data[:128 * KIB], 128 * KIB)
+    assert v.served(256 * KIB, data[256 * KIB:384 * KIB], 128 * KIB) is None
+    assert v.ahead_bytes == 0 and v.run_start == 256 * KIB
+    assert serve(v, data, requests(len(data), 128 * KIB)[1:]) == []   # the pass is gone
+
+
+def test_free_buffers_and_reset_give_back_the_reorder_buffer() -> None:
+    data = payload(1 * MIB, 14)
+    v, res = verifier_for(data)
+    v.served(0, data[:128 * KIB], 128 * KIB)
+    v.served(256 * KIB, data[256 * KIB:384 * KIB], 128 * KIB)
+    v.served(512 * KIB, data[512 * KIB:640 * KIB], 128 * KIB)
+    assert res.held == v.ahead_bytes == 256 * KIB
+    assert v.free_buffers() == 256 * KIB
+    assert res.held == 0 and v.run_start == 0 and v.position == 0 and v.pieces_to_verify() == []
+    assert v.free_buffers() == 0
+    v.served(0, data[:128 * KIB], 128 * KIB)
+    v.served(256 * KIB, data[256 * KIB:384 * KIB], 128 * KIB)
+    v.reset()
+    assert res.held == 0 and res.reserved == res.released
+
+
+def test_the_reorder_buffer_through_a_real_budget_balances() -> None:
+    budget = MemoryBudget(16 * MIB)
+    data = payload(6 * MIB, 15)
+    def release(n: int) -> None:
+        budget.speculative_done(n)
+        budget.release(n)
+
+    v = StreamVerifier(IDENT._replace(size=len(data)), budget.try_reserve_speculative, release)
+    order = kernel_like(requests(len(data), 128 * KIB), 6, 15)
+    assert serve(v, data, order) == [xxh128(data)]
+    assert budget.peak_held_bytes > 0
+    assert budget.held_bytes == 0 and budget.speculative_bytes == 0
+
+
+# -- the engine: whole-file checksums ---------------------------------------------------
+
+def make_engine(source: Source | None = None, *, checksums: ChecksumStore | None = None,
+                **config: Any) -> ReadEngine:
+    settings: dict[str, Any] = {"memory_limit": 50 * MIB, "cache_limit": 37 * MIB,
+                                "max_streams": 10, "min_chunk": 4096, "max_chunk": 1 * MIB}
+    settings.update(config)
+    return ReadEngine(EngineConfig(**settings), Counters(),
+                      opener=source.backing.open_file if source else None,
+                      checksums=checksums)
+
+
+def mock_run(engine: ReadEngine, body: Callable[[], Awaitable[Any]]) -> Any:
+    """Like ``run`` but on trio's MockClock (sleeps are instant; no fail_after, which
+    the clock's autojump would fire while a worker thread reads)."""
+    result: list[Any] = []
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(engine.run)
+            result.append(await body())
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    return result[0]
+
+
+async def settle(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(0.005)
+
+
+@pytest.mark.parametrize(("size", "req_size"), [
+    (1, 4096), (700 * KIB, 4096), (700 * KIB, 128 * KIB), (3 * MIB + 17, 128 * KIB),
+    (3 * MIB + 17, 1 * MIB), (9 * MIB, 128 * KIB), (2 * MIB, 3 * MIB)])
+def test_the_engine_keeps_the_checksum_of_every_full_pass(src: Source, size: int,
+                                                          req_size: int) -> None:
+    data = src.write("f", size, seed=size)
+    engine = make_engine()
+
+    async def body() -> FileIdentity:
+        handle = src.open("f")
+        assert await read_all(engine, handle, req_size) == data
+        return handle.identity
+
+    identity = run(engine, body)
+    assert engine.recent_checksums == {identity: xxh128(data)}
+    assert engine.counters.checksums_computed == 1
+    assert engine.budget.held_bytes == engine.cache.cached_bytes
+
+
+def test_no_checksum_for_a_pass_that_did_not_start_at_zero_or_did_not_reach_the_end(
+        src: Source) -> None:
+    data = src.write("f", 3 * MIB, seed=1)
+    engine = make_engine()
+
+    async def body() -> None:
+        tail = src.open("f")
+        assert await read_all(engine, tail, 128 * KIB, start=4096) == data[4096:]
+        head = src.open("f")
+        for offset in range(0, 2 * MIB, 128 * KIB):
+            await engine.read(head, offset, 128 * KIB)
+
+    run(engine, body)
+    assert engine.recent_checksums == {} and engine.counters.checksums_computed == 0
+
+
+def test_out_of_order_replies_after_the_first_still_give_the_checksum(
+        src: Source) -> None:
+    data = src.write("f", 4 * MIB + 17, seed=2)
+    engine = make_engine()
+
+    async def body() -> FileIdentity:
+        handle = src.open("f")
+        for offset, n in swapped_pairs(requests(len(data), 128 * KIB), first=1):
+            assert bytes(await engine.read(handle, offset, n)) == data[offset:offset + n]
+        await settle(lambda: engine.budget.speculative_bytes == 0)
+        assert engine.budget.held_bytes == engine.cache.cached_bytes   # nothing waits
+        return handle.identity
+
+    assert run(engine, body) in engine.recent_checksums
+    assert list(engine.recent_checksums.values()) == [xxh128(data)]
+
+
+def test_a_small_file_read_with_replies_out_of_order_still_gets_its_checksum(
+        src: Source) -> None:
+    data = src.write("s", 700 * KIB, seed=3)
+    engine = make_engine()
+
+    async def body() -> FileIdentity:
+        handle = src.open("s")
+        for offset, n in swapped_pairs(requests(len(data), 128 * KIB), first=1):
+            assert bytes(await engine.read(handle, offset, n)) == data[offset:offset + n]
+        return handle.identity
+
+    identity = run(engine, body)
+    assert engine.recent_checksums.get(identity) == xxh128(data)
+
+
+def test_concurrent_first_reads_completing_out_of_order_still_give_the_checksum(
+        src: Source) -> None:
+    data = src.write("f", 3 * MIB + 17, seed=4)
+    engine = make_engine()
+
+    async def body() -> tuple[FileIdentity, int]:
+        handle = src.open("f")
+        for offset, n in swapped_pairs(requests(len(data), 128 * KIB)):
+            assert bytes(await engine.read(handle, offset, n)) == data[offset:offset + n]
+        await trio.sleep(0.1)                         # read-ahead done
+        await trio.testing.wait_all_tasks_blocked()
+        return handle.identity, engine.budget.held_bytes - engine.cache.cached_bytes
+
+    identity, waiting = run(engine, body)
+    assert (engine.recent_checksums.get(identity), waiting) == (xxh128(data), 0)
+
+
+def test_concurrent_reads_of_a_pass_are_exact_and_leave_the_budget_balanced(
+        src: Source) -> None:
+    """Kernel-like: several requests of one handle in flight at once. Whatever
+    order they complete in, every reply is exact and, once the handle is
+    released, nothing stays reserved; when the checksum comes it is right."""
+    data = src.write("f", 6 * MIB + 5, seed=5)
+    engine = make_engine()
+
+    async def body() -> FileIdentity:
+        handle = src.open("f")
+        got: dict[int, bytes] = {}
+        reqs = requests(len(data), 128 * KIB)
+        got[0] = bytes(await engine.read(handle, 0, 128 * KIB))
+
+        async def one(offset: int, n: int) -> None:
+            got[offset] = bytes(await engine.read(handle, offset, n))
+
+        for i in range(1, len(reqs), 4):
+            async with trio.open_nursery() as nursery:
+                for offset, n in reqs[i:i + 4]:
+                    nursery.start_soon(one, offset, n)
+        assert b"".join(got[o] for o, _ in reqs) == data
+        identity = handle.identity
+        await engine.release(handle)
+        await settle(lambda: engine.budget.speculative_bytes == 0)
+        assert engine.budget.held_bytes == engine.cache.cached_bytes
+        return identity
+
+    identity = run(engine, body)
+    assert engine.recent_checksums.get(identity, xxh128(data)) == xxh128(data)
+
+
+@pytest.fixture
+def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("state")
+
+
+def test_a_full_pass_checksum_is_recorded_in_the_state_dir_and_survives_a_remount(
+        src: Source, state_dir: Path) -> None:
+    data = src.write("f", 2 * MIB + 3, seed=6)
+    store = ChecksumStore(state_dir)
+    engine = make_engine(checksums=store)
+
+    async def body() -> FileIdentity:
+        handle = src.open("f")
+        assert await read_all(engine, handle, 128 * KIB) == data
+        await settle(lambda: store.get(handle.identity) is not None)
+        assert await engine.checksum_of(handle.identity) == xxh128(data)
+        return handle.identity
+
+    identity = run(engine, body)
+    store.close()
+    remounted = ChecksumStore(state_dir)
+    assert remounted.get(identity) == xxh128(data)
+    # a fresh engine (no recent checksums) finds it in the store
+    later = make_engine(checksums=remounted)
+
+    async def ask() -> str | None:
+        return await later.checksum_of(identity)
+
+    assert run(later, ask) == xxh128(data)
+    assert later.recent_checksums == {}
+    assert engine.counters.corruptions_detected == 0
+    remounted.close()
+
+
+def test_bytes_that_change_without_their_identity_are_reported_as_corruption(
+        src: Source, state_dir: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    data = src.write("f", 2 * MIB, seed=7)
+    wait_out_racy_window(src.identity("f"))      # else a mismatch replaces the record
+    store = ChecksumStore(state_dir)
+    first = make_engine(checksums=store)
+
+    async def full_pass(engine: ReadEngine, recorded: Callable[[], bool]) -> FileIdentity:
+        handle = src.open("f")
+        got = await read_all(engine, handle, 128 * KIB)
+        assert len(got) == len(data)
+        assert engine.counters.checksums_computed == 1
+        await settle(recorded)                   # the record runs as a background task
+        await trio.sleep(0.05)
+        return handle.identity
+
+    identity = run(first, lambda: full_pass(first, lambda: store.get(src.identity("f"))
+                                            is not None))
+    assert store.get(identity) == xxh128(data)
+    assert first.counters.corruptions_detected == 0
+
+    real = REAL_TIMED_PREAD
+
+    def rotten(fd: int, buf: bytearray, offset: int) -> Any:
+        got, ident, seconds = real(fd, buf, offset)
+        if offset <= 1000 < offset + len(got):
+            got[1000 - offset] ^= 0x40            # a bit flipped on the way: same identity
+        return got, ident, seconds
+
+    monkeypatch.setattr(stfs.engine, "_timed_pread", rotten)
+    second = make_engine(checksums=store, inline_cached_reads=False)
+    with caplog.at_level(logging.ERROR, logger="stfs.engine"):
+        assert run(second, lambda: full_pass(
+            second, lambda: second.counters.corruptions_detected > 0)) == identity
+        assert second.counters.corruptions_detected == 1
+    rotten_data = bytearray(data)
+    rotten_data[1000] ^= 0x40
+    assert second.counters.checksums_computed == 1
+    assert store.get(identity) == xxh128(data)                   # the first one stays
+    assert second.recent_checksums[identity] == xxh128(data)     # and is the one known
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1
+    message = errors[0].getMessage()
+    assert "CORRUPTION" in message and "f" in message
+    assert xxh128(data) in message and xxh128(bytes(rotten_data)) in message
+    store.close()
+
+
+# -- the engine: a file that changes in the middle of a pass ---------------------------------
+
+CHUNK = 64 * KIB
+
+
+def pass_engine(**config: Any) -> ReadEngine:
+    """Fixed 64K chunks and 64K requests: each request starts a new chunk, so
+    each is checked against the file's identity before being served."""
+    return make_engine(min_chunk=CHUNK, max_chunk=CHUNK, **config)
+
+
+async def read_until(engine: ReadEngine, handle: OpenFile, end: int,
+                     start: int = 0) -> bytes:
+    out = bytearray()
+    offset = start
+    while offset < end:
+        got = bytes(await engine.read(handle, offset, CHUNK))
+        assert got
+        out += got
+        offset += len(got)
+        await trio.lowlevel.checkpoint()
+    return bytes(out)
+
+
+def test_an_in_place_rewrite_in_the_middle_of_a_pass_fails_the_pass_with_eio(
+        src: Source, caplog: pytest.LogCaptureFixture) -> None:
+    old = src.write("movie.bin", 8 * MIB, seed=1)
+    engine = pass_engine()
+
+    async def body() -> bytes:
+        handle = src.open("movie.bin")
+        assert await read_until(engine, handle, 512 * KIB) == old[:512 * KIB]
+        new = src.rewrite_in_place("movie.bin", seed=2)
+        with caplog.at_level(logging.WARNING, logger="stfs.engine"), \
+                pytest.raises(OSError) as caught:
+            await engine.read(handle, 512 * KIB, CHUNK)
+        assert caught.value.errno == errno.EIO
+        for offset in (512 * KIB, 576 * KIB, 1 * MIB):         # the pass stays failed
+            with pytest.raises(OSError) as again:
+                await engine.read(handle, offset, CHUNK)
+            assert again.value.errno == errno.EIO
+        # a read far from the pass (not continuing it) is of the new version, whole
+        far = 6 * MIB
+        assert bytes(await engine.read(handle, far, CHUNK)) == new[far:far + CHUNK]
+        assert handle.identity == src.identity("movie.bin")
+        return new
+
+    run(engine, body)
+    assert engine.counters.changed_files == 1
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "movie.bin" in warnings[0] and "changed" in warnings[0]
+    assert engine.counters.errors == 4
+
+
+def test_after_a_failed_pass_a_new_pass_from_zero_gets_the_new_version(
+        src: Source) -> None:
+    old = src.write("f", 4 * MIB, seed=1)
+    engine = pass_engine()
+
+    async def body() -> tuple[FileIdentity, bytes]:
+        handle = src.open("f")
+        assert await read_until(engine, handle, 512 * KIB) == old[:512 * KIB]
+        new = src.rewrite_in_place("f", seed=2)
+        with pytest.raises(OSError):
+            await engine.read(handle, 512 * KIB, CHUNK)
+        assert await read_all(engine, handle, CHUNK) == new
+        return handle.identity, new
+
+    identity, new = run(engine, body)
+    assert identity == src.identity("f")
+    assert engine.counters.changed_files == 1 and engine.counters.errors == 1
+    assert engine.counters.checksums_computed == 1               # the new pass was whole
+    assert list(engine.recent_checksums.values()) == [xxh128(new)]
+
+
+def wait_out_racy_window(identity: FileIdentity) -> None:
+    """Checksums recorded within the file system's timestamp granularity after a
+    write may be replaced (racy); wait until a record of *identity* is not."""
+    import time
+    left = identity.ctime_ns + racy_window_ns(identity.ctime_ns) - time.time_ns()
+    if left > 0:
+        time.sleep(left / 1e9 + 0.01)
+
+
+def test_a_new_pass_after_a_change_is_checksummed_under_the_new_identity(
+        src: Source, state_dir: Path) -> None:
+    old = src.write("f", 2 * MIB, seed=31)
+    wait_out_racy_window(src.identity("f"))
+    store = ChecksumStore(state_dir)
+    engine = pass_engine(checksums=store)
+
+    async def body() -> tuple[FileIdentity, FileIdentity, bytes]:
+        handle = src.open("f")
+        first = handle.identity
+        assert await read_all(engine, handle, CHUNK) == old
+        await settle(lambda: store.get(first) is not None)
+        new = src.rewrite_in_place("f", seed=32)
+        assert await read_all(engine, handle, CHUNK) == new      # a new pass, same handle
+        second = handle.identity
+        await settle(lambda: store.get(second) is not None
+                     or engine.counters.corruptions_detected > 0, timeout=2)
+        return first, second, new
+
+    first, second, new = run(engine, body)
+    assert engine.counters.corruptions_detected == 0
+    assert engine.recent_checksums == {first: xxh128(old), second: xxh128(new)}
+    assert (store.get(first), store.get(second)) == (xxh128(old), xxh128(new))
+    store.close()
+
+
+def test_truncation_below_what_was_read_fails_the_pass_with_eio(
+        src: Source, caplog: pytest.LogCaptureFixture) -> None:
+    old = src.write("f", 4 * MIB, seed=3)
+    engine = pass_engine()
+
+    async def body() -> None:
+        handle = src.open("f")
+        assert await read_until(engine, handle, 1 * MIB) == old[:1 * MIB]
+        os.truncate(src.root / "f", 512 * KIB)
+        with caplog.at_level(logging.WARNING, logger="stfs.engine"), \
+                pytest.raises(OSError) as caught:
+            await engine.read(handle, 1 * MIB, CHUNK)
+        assert caught.value.errno == errno.EIO
+
+    run(engine, body)
+    assert engine.counters.changed_files == 1
+    assert "512" in caplog.text or "524288" in caplog.text
+
+
+def append(path: Path, data: bytes) -> None:
+    with open(path, "ab") as f:
+        f.write(data)
+
+
+def test_an_append_in_the_middle_of_a_pass_is_read_on_to_the_new_end(
+        src: Source, caplog: pytest.LogCaptureFixture) -> None:
+    old = src.write("log.txt", 2 * MIB + 100, seed=4)
+    extra = payload(300 * KIB + 7, 5)
+    engine = pass_engine()
+
+    async def body() -> FileIdentity:
+        handle = src.open("log.txt")
+        got = await read_until(engine, handle, 1 * MIB)
+        append(src.root / "log.txt", extra)
+        with caplog.at_level(logging.INFO, logger="stfs.engine"):
+            got += await read_all(engine, handle, CHUNK, start=1 * MIB)
+        assert got == old + extra
+        assert handle.identity == src.identity("log.txt")
+        assert handle.identity.size == len(old) + len(extra)
+        return handle.identity
+
+    run(engine, body)
+    assert engine.counters.changed_files == 0 and engine.counters.errors == 0
+    assert "unchanged" in caplog.text
+    # the checksum of a pass spanning two identities is not kept
+    assert engine.recent_checksums == {}
+
+
+def test_a_touch_in_the_middle_of_a_pass_changes_nothing_for_the_reader(
+        src: Source) -> None:
+    data = src.write("f", 3 * MIB, seed=6)
+    engine = pass_engine()
+
+    async def body() -> None:
+        handle = src.open("f")
+        got = await read_until(engine, handle, 1 * MIB + 4096)
+        before = handle.identity
+        st = os.stat(src.root / "f")
+        os.utime(src.root / "f", ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
+        assert src.identity("f") != before
+        got += await read_all(engine, handle, CHUNK, start=len(got))
+        assert got == data
+        assert handle.identity == src.identity("f")
+
+    run(engine, body)
+    assert engine.counters.changed_files == 0 and engine.counters.errors == 0
+
+
+def test_a_handle_that_served_nothing_yet_simply_reads_the_new_version(
+        src: Source) -> None:
+    src.write("f", 3 * MIB, seed=7)
+    engine = pass_engine()
+
+    async def body() -> None:
+        handle = src.open("f")
+        new = src.rewrite_in_place("f", seed=8)
+        assert await read_all(engine, handle, CHUNK) == new
+        assert handle.identity == src.identity("f")
+
+    run(engine, body)
+    assert engine.counters.changed_files == 0 and engine.counters.errors == 0
+
+
+@pytest.mark.parametrize("hint", [False, True])
+def test_the_getattr_hint_is_acted_on_even_inside_the_chunk_being_served(
+        src: Source, hint: bool) -> None:
+    """16K requests in 64K chunks: the rest of a chunk already read is served
+    without another fstat. Without a hint that is the old version (consistent with
+    what the pass got); with View.getattr's hint the change is checked at once."""
+    old = src.write("f", 3 * MIB, seed=9)
+    engine = pass_engine()
+    step = 16 * KIB
+
+    async def body() -> Any:
+        handle = src.open("f")
+        for offset in range(0, 3 * step + 64 * KIB, step):      # 1 chunk and 3/4
+            got = bytes(await engine.read(handle, offset, step))
+            assert got == old[offset:offset + step]
+        src.rewrite_in_place("f", seed=10)
+        if hint:
+            handle.seen_identity = src.identity("f")       # what View.getattr does
+        try:
+            return bytes(await engine.read(handle, 64 * KIB + 3 * step, step))
+        except OSError as exc:
+            return exc
+
+    got = run(engine, body)
+    if hint:
+        assert isinstance(got, OSError) and got.errno == errno.EIO
+        assert engine.counters.changed_files == 1
+    else:
+        assert got == old[64 * KIB + 3 * step:128 * KIB]
+        assert engine.counters.changed_files == 0
+
+
+def test_the_getattr_hint_for_a_handle_that_served_nothing_gives_the_new_version(
+        src: Source) -> None:
+    src.write("f", 3 * MIB, seed=11)
+    engine = pass_engine()
+
+    async def body() -> None:
+        handle = src.open("f")
+        new = src.rewrite_in_place("f", seed=12)
+        handle.seen_identity = src.identity("f")
+        assert bytes(await engine.read(handle, 0, CHUNK)) == new[:CHUNK]
+        assert handle.identity == handle.seen_identity
+
+    run(engine, body)
+    assert engine.counters.changed_files == 0
+
+
+@pytest.mark.parametrize("req_size", [CHUNK, 200 * KIB])
+def test_replies_around_a_rewrite_are_each_of_one_version(src: Source,
+                                                          req_size: int) -> None:
+    """Rewrites at random moments of a pass: every reply that is not an error is
+    entirely old or entirely new bytes (here: always old, as the pass began on it)."""
+    old = src.write("f", 4 * MIB, seed=13)
+    engine = pass_engine()
+    rng = random.Random(req_size)
+    request = req_size
+
+    async def body() -> tuple[int, int]:
+        handle = src.open("f")
+        offset = ok = failed = 0
+        new = old
+        rewrite_at = rng.randrange(1, 20) * request
+        while offset < len(old):
+            if offset >= rewrite_at and new is old:
+                new = src.rewrite_in_place("f", seed=14)
+            try:
+                got = bytes(await engine.read(handle, offset, request))
+            except OSError as exc:
+                assert exc.errno == errno.EIO
+                failed += 1
+            else:
+                assert got == old[offset:offset + len(got)], "a reply mixing versions"
+                ok += 1
+            offset += request
+        return ok, failed
+
+    ok, failed = run(engine, body)
+    assert ok >= 1 and failed >= 1
+    assert engine.counters.changed_files == 1
+
+
+# -- resuming after a transient error -------------------------------------------------------
+
+class Faults:
+    """Fails the engine's thread reads with the given errnos, by call index."""
+
+    def __init__(self, errnos: list[int | None],
+                 before: Callable[[int], None] | None = None) -> None:
+        self.errnos = errnos
+        self.calls: list[int] = []
+        self.before = before
+        self._real = REAL_TIMED_PREAD
+
+    def __call__(self, fd: int, buf: bytearray, offset: int) -> Any:
+        index = len(self.calls)
+        self.calls.append(offset)
+        if index < len(self.errnos) and self.errnos[index] is not None:
+            if self.before is not None:
+                self.before(index)
+            raise OSError(self.errnos[index], "injected")
+        return self._real(fd, buf, offset)
+
+
+class Digests:
+    """Records the engine's verification re-reads; can make them disagree."""
+
+    def __init__(self, lie: bool = False) -> None:
+        self.calls: list[tuple[int, int]] = []
+        self.lie = lie
+        self._real = REAL_PREAD_DIGEST
+
+    def __call__(self, fd: int, scratch: bytearray, start: int, end: int) -> Any:
+        self.calls.append((start, end))
+        digest, got, identity = self._real(fd, scratch, start, end)
+        return (digest ^ 1 if self.lie else digest), got, identity
+
+
+def fault_engine(source: Source | None = None, **config: Any) -> ReadEngine:
+    engine = make_engine(source, min_chunk=CHUNK, max_chunk=CHUNK, inline_cached_reads=False,
+                         **config)
+    engine.readahead_enabled = False      # every backing read is a demand read, in order
+    return engine
+
+
+@pytest.mark.parametrize("lie", [False, True])
+def test_a_retried_read_first_re_reads_the_last_checkpointed_chunk(
+        src: Source, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        lie: bool) -> None:
+    data = src.write("f", 2 * MIB, seed=15)
+    faults = Faults([None] * 6 + [errno.EIO])           # the 7th chunk's first try fails
+    digests = Digests(lie=lie)
+    monkeypatch.setattr(stfs.engine, "_timed_pread", faults)
+    monkeypatch.setattr(stfs.engine, "pread_digest", digests)
+    engine = fault_engine()
+
+    async def body() -> Any:
+        handle = src.open("f")
+        assert await read_until(engine, handle, 6 * CHUNK) == data[:6 * CHUNK]
+        assert faults.calls == [i * CHUNK for i in range(6)]
+        try:
+            got = bytes(await engine.read(handle, 6 * CHUNK, CHUNK))
+        except OSError as exc:
+            return exc
+        return got
+
+    with caplog.at_level(logging.INFO, logger="stfs.engine"):
+        outcome = mock_run(engine, body)
+    # the checkpoint after 5 chunks holds chunk 4 ([256K, 320K)); chunk 5 is pending
+    assert digests.calls[0] == (4 * CHUNK, 5 * CHUNK)
+    c = engine.counters
+    assert (c.retries, c.interrupted_streams) == (1, 1)
+    if lie:
+        assert isinstance(outcome, OSError) and outcome.errno == errno.EIO
+        assert (c.recoveries, c.changed_files, c.failed_streams, c.errors) == (0, 1, 1, 1)
+        assert len(faults.calls) == 7                   # never read on from changed bytes
+        assert "changed while its read was being retried" in caplog.text
+    else:
+        assert outcome == data[6 * CHUNK:7 * CHUNK]
+        assert (c.recoveries, c.changed_files, c.failed_streams, c.errors) == (1, 0, 0, 0)
+        assert faults.calls[6:] == [6 * CHUNK, 6 * CHUNK]
+        assert "recovered after 1 retries" in caplog.text
+
+
+def test_a_stream_that_exhausts_its_retries_counts_as_failed_once(
+        src: Source, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = src.write("f", 2 * MIB, seed=16)
+    monkeypatch.setattr(stfs.engine, "_timed_pread", Faults([None] + [errno.EIO] * 6))
+    engine = fault_engine()
+
+    async def body() -> None:
+        handle = src.open("f")
+        assert bytes(await engine.read(handle, 0, CHUNK)) == data[:CHUNK]
+        for _ in range(2):
+            with pytest.raises(OSError):
+                await engine.read(handle, CHUNK, CHUNK)
+        assert bytes(await engine.read(handle, CHUNK, CHUNK)) == data[CHUNK:2 * CHUNK]
+
+    mock_run(engine, body)
+    c = engine.counters
+    assert (c.interrupted_streams, c.failed_streams, c.errors) == (1, 1, 2)
+    assert c.recoveries == 0 and c.retries == 4       # 2 per failed read (3 attempts)
+
+
+# -- retry settings and reopening ---------------------------------------------------------
+
+def test_retry_policy_parse_and_spec() -> None:
+    policy = RetryPolicy.parse("network", "7:0.25:1.5:12")
+    assert policy == RetryPolicy("network", 7, 0.25, 1.5, 12.0)
+    assert policy.spec() == "7:0.25:1.5:12"
+    assert RetryPolicy.parse("x", retry.FILE_SYSTEM.spec()).spec() == "3:1:2:5"
+    assert RetryPolicy.parse("x", retry.NETWORK.spec()).spec() == "5:0.5:1.5:10"
+    for bad in ["", "3:1:2", "3:1:2:5:6", "a:1:2:5", "0:1:2:5", "101:1:2:5", "3:-1:2:5",
+                "3:1:0.5:5", "3:1:2:4000", "3:x:2:5"]:
+        with pytest.raises(ValueError):
+            RetryPolicy.parse("x", bad)
+
+
+def test_delays_without_jitter_are_exact_and_capped() -> None:
+    settings = RetrySettings(jitter=0.0)
+    policy = settings.network
+    assert [settings.delay_s(policy, n) for n in (1, 2, 3, 4, 9)] == [
+        0.5, 0.75, 1.125, 1.6875, 10.0]
+    assert [settings.delay_s(settings.file_system, n) for n in (1, 2, 3, 4)] == [
+        1.0, 2.0, 4.0, 5.0]
+
+
+def test_ebadf_is_retried_like_a_network_error_and_reopens() -> None:
+    assert retry.policy_for(errno.EBADF) is retry.NETWORK
+    assert retry.REOPEN_ERRNOS == {errno.ESTALE, errno.EBADF}
+    settings = RetrySettings(network=RetryPolicy("n", 2, 0, 1, 0))
+    assert settings.policy_for(errno.ESTALE).attempts == 2
+    assert settings.policy_for(errno.EIO) is retry.FILE_SYSTEM
+    assert settings.policy_for(errno.ENOENT) is retry.NO_RETRY
+
+
+def read_once(source: Source, name: str, engine: ReadEngine, size: int = CHUNK) -> tuple[Any,
+                                                                                         float]:
+    outcome: list[Any] = []
+
+    async def body() -> None:
+        handle = source.open(name)
+        engine.open(handle)
+        began = trio.current_time()
+        try:
+            outcome.append(bytes(await engine.read(handle, 0, size)))
+        except OSError as exc:
+            outcome.append(exc)
+        outcome.append(trio.current_time() - began)
+        await engine.release(handle)
+
+    mock_run(engine, body)
+    return outcome[0], outcome[1]
+
+
+def test_configured_policies_replace_the_defaults(src: Source,
+                                                  monkeypatch: pytest.MonkeyPatch
+                                                  ) -> None:
+    data = src.write("f", 1 * MIB, seed=17)
+    faults = Faults([errno.EIO] * 10)
+    monkeypatch.setattr(stfs.engine, "_timed_pread", faults)
+    settings = RetrySettings(file_system=RetryPolicy.parse("file_system", "4:0.25:3:1"),
+                             jitter=0.0)
+    engine = fault_engine(retry=settings)
+    got, waited = read_once(src, "f", engine)
+    assert isinstance(got, OSError) and got.errno == errno.EIO
+    assert len(faults.calls) == 4
+    assert waited == pytest.approx(0.25 + 0.75 + 1.0)        # x3, capped at 1 s
+    assert engine.counters.retries == 3
+
+    faults2 = Faults([errno.EIO] * 3)
+    monkeypatch.setattr(stfs.engine, "_timed_pread", faults2)
+    engine2 = fault_engine(retry=settings)
+    got2, waited2 = read_once(src, "f", engine2)
+    assert got2 == data[:CHUNK] and waited2 == pytest.approx(2.0)
+    assert engine2.counters.recoveries == 1
+
+
+def test_the_per_read_deadline_stops_retrying(src: Source,
+                                              monkeypatch: pytest.MonkeyPatch
+                                              ) -> None:
+    src.write("f", 1 * MIB, seed=18)
+    faults = Faults([errno.ETIMEDOUT] * 20)
+    monkeypatch.setattr(stfs.engine, "_timed_pread", faults)
+    settings = RetrySettings(network=RetryPolicy.parse("network", "20:1:2:100"), jitter=0.0,
+                             deadline_s=5.0)
+    engine = fault_engine(retry=settings)
+    got, waited = read_once(src, "f", engine)
+    assert isinstance(got, OSError) and got.errno == errno.ETIMEDOUT
+    assert len(faults.calls) == 3                   # 1 s + 2 s; 4 s more would pass 5 s
+    assert waited == pytest.approx(3.0)
+
+
+@pytest.mark.parametrize("jitter", [0.0, 0.1])
+def test_jitter_is_configurable(src: Source, monkeypatch: pytest.MonkeyPatch,
+                                jitter: float) -> None:
+    src.write("f", 1 * MIB, seed=19)
+    waits = []
+    for _ in range(5):
+        monkeypatch.setattr(stfs.engine, "_timed_pread", Faults([errno.EBUSY]))
+        engine = fault_engine(retry=RetrySettings(jitter=jitter))
+        got, waited = read_once(src, "f", engine)
+        assert isinstance(got, bytes)
+        waits.append(waited)
+    assert all(0.9 - 1e-9 <= w <= 1.1 + 1e-9 for w in waits)
+    if jitter == 0.0:
+        assert waits == [pytest.approx(1.0)] * 5
+
+
+@pytest.mark.parametrize("err", [errno.ESTALE, errno.EBADF])
+def test_estale_and_ebadf_reopen_the_file_before_retrying(
+        src: Source, monkeypatch: pytest.MonkeyPatch, err: int) -> None:
+    data = src.write("f", 1 * MIB, seed=20)
+    faults = Faults([err])
+    monkeypatch.setattr(stfs.engine, "_timed_pread", faults)
+    engine = fault_engine(src)
+    fds_before = len(os.listdir("/proc/self/fd"))
+    got, _ = read_once(src, "f", engine)
+    assert got == data[:CHUNK]
+    assert engine.descriptors.reopens == 1
+    assert engine.counters.recoveries == 1 and len(faults.calls) == 2
+    assert engine.descriptors.open_count == 0
+    assert len(os.listdir("/proc/self/fd")) == fds_before     # the old fd was closed too
+
+
+def test_other_errors_do_not_reopen(src: Source, monkeypatch: pytest.MonkeyPatch
+                                    ) -> None:
+    data = src.write("f", 1 * MIB, seed=21)
+    monkeypatch.setattr(stfs.engine, "_timed_pread", Faults([errno.EIO, errno.ETIMEDOUT]))
+    engine = fault_engine(src)
+    got, _ = read_once(src, "f", engine)
+    assert got == data[:CHUNK] and engine.descriptors.reopens == 0
+
+
+def test_estale_on_a_name_that_now_holds_another_file_fails_with_eio(
+        src: Source, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    src.write("f", 1 * MIB, seed=22)
+
+    def replace(_index: int) -> None:
+        tmp = src.root / "f.new"
+        tmp.write_bytes(payload(1 * MIB, 23))
+        os.replace(tmp, src.root / "f")
+
+    faults = Faults([errno.ESTALE], before=replace)
+    monkeypatch.setattr(stfs.engine, "_timed_pread", faults)
+    engine = fault_engine(src)
+    with caplog.at_level(logging.WARNING, logger="stfs.descriptors"):
+        got, _ = read_once(src, "f", engine)
+    assert isinstance(got, OSError) and got.errno == errno.EIO
+    assert len(faults.calls) == 1                   # nothing read from the other file
+    assert engine.descriptors.reopens == 0
+    assert "another file" in caplog.text
+    assert engine.descriptors.open_count == 0
