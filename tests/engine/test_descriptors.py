@@ -7,8 +7,7 @@ import errno
 import logging
 import os
 import resource
-from collections.abc import Awaitable, Callable, Iterator
-from pathlib import Path
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -29,16 +28,6 @@ from tests.engine.test_engine import (
     read_to_size,
     run,
 )
-
-
-@pytest.fixture
-def src(tmp_path: Path) -> Iterator[Source]:
-    """A temporary SOURCE (as in test_engine)."""
-    source = Source(tmp_path)
-    try:
-        yield source
-    finally:
-        source.close()
 
 
 def fd_count() -> int:

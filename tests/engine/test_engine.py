@@ -8,7 +8,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -71,15 +71,6 @@ class Source:
     def close(self) -> None:
         self.handles.close_all()
         self.backing.close()
-
-
-@pytest.fixture
-def src(tmp_path: Path) -> Iterator[Source]:
-    source = Source(tmp_path)
-    try:
-        yield source
-    finally:
-        source.close()
 
 
 def make_engine(memory_limit: int = 50 * MIB, cache_limit: int = 37 * MIB,

@@ -15,7 +15,7 @@ import stfs.engine
 from stfs.engine import EngineConfig, ReadEngine
 from stfs.metrics import Counters
 from stfs.pressure import CACHE_SHARE, Level, cap_for
-from tests.engine.test_engine import Source, run, src  # noqa: F401  (fixture)
+from tests.engine.test_engine import Source, run
 
 MIB = 1024 * 1024
 
@@ -50,7 +50,7 @@ def make_engine() -> ReadEngine:
 
 @pytest.mark.parametrize("level", list(Level))
 def test_each_level_caps_backing_reads_and_still_serves_right_bytes(
-        src: Source, monkeypatch: pytest.MonkeyPatch, level: Level) -> None:  # noqa: F811
+        src: Source, monkeypatch: pytest.MonkeyPatch, level: Level) -> None:
     slow = SlowBacking(0.01)
     monkeypatch.setattr(stfs.engine, "_timed_pread", slow)
     names = [f"f{i}" for i in range(16)]
@@ -86,7 +86,7 @@ def test_each_level_caps_backing_reads_and_still_serves_right_bytes(
 
 
 def test_rising_pressure_sheds_cache_and_cancels_read_ahead(
-        src: Source, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+        src: Source, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(stfs.engine, "_timed_pread", SlowBacking(0.005))
     data = src.write("big", 12 * MIB)
     engine = make_engine()
@@ -119,7 +119,7 @@ def test_rising_pressure_sheds_cache_and_cancels_read_ahead(
     run(engine, body, timeout=60)
 
 
-def test_critical_memory_use_shrinks_new_chunks(src: Source) -> None:  # noqa: F811
+def test_critical_memory_use_shrinks_new_chunks(src: Source) -> None:
     src.write("big", 200 * MIB // 64)                              # a 3 MiB file: 64K class
     engine = make_engine()
 

@@ -11,7 +11,7 @@ import errno
 import logging
 import os
 import random
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,15 +40,6 @@ from tests.engine.test_engine import (
     run,
 )
 
-
-@pytest.fixture
-def src(tmp_path: Path) -> Iterator[Source]:
-    """A temporary SOURCE (as in test_engine)."""
-    source = Source(tmp_path)
-    try:
-        yield source
-    finally:
-        source.close()
 
 IDENT = FileIdentity(dev=2049, ino=77, size=0, mtime_ns=1, ctime_ns=2)
 REAL_TIMED_PREAD = stfs.engine._timed_pread

@@ -7,8 +7,6 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -29,16 +27,6 @@ from tests.engine.test_engine import (
     run,
     wait_until,
 )
-
-
-@pytest.fixture
-def src(tmp_path: Path) -> Iterator[Source]:
-    """A temporary SOURCE (as in test_engine)."""
-    source = Source(tmp_path)
-    try:
-        yield source
-    finally:
-        source.close()
 
 
 class FakeClock:

@@ -14,7 +14,7 @@ import stfs.engine
 from stfs import retry
 from stfs.engine import EngineConfig, ReadEngine
 from stfs.metrics import Counters
-from tests.engine.test_engine import Source, src  # noqa: F401  (fixture)
+from tests.engine.test_engine import Source
 
 MIB = 1024 * 1024
 
@@ -90,7 +90,7 @@ def engine_and_read(source: Source, name: str, faults: Faults,
 
 
 def test_transient_errors_are_retried_with_backoff_and_the_read_recovers(
-        src: Source, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+        src: Source, monkeypatch: pytest.MonkeyPatch) -> None:
     data = src.write("f", 300 * 1024)
     engine, got, waited = engine_and_read(src, "f", Faults([errno.EIO, errno.EINTR]),
                                           monkeypatch)
@@ -100,7 +100,7 @@ def test_transient_errors_are_retried_with_backoff_and_the_read_recovers(
 
 
 def test_a_fault_that_persists_fails_after_the_policys_attempts(
-        src: Source, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+        src: Source, monkeypatch: pytest.MonkeyPatch) -> None:
     src.write("f", 300 * 1024)
     faults = Faults([errno.EIO] * 10)
     engine, got, _ = engine_and_read(src, "f", faults, monkeypatch)
@@ -109,7 +109,7 @@ def test_a_fault_that_persists_fails_after_the_policys_attempts(
     assert engine.counters.retries == 2 and engine.counters.recoveries == 0
 
 
-def test_network_errors_get_five_attempts(src: Source,  # noqa: F811
+def test_network_errors_get_five_attempts(src: Source,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     data = src.write("f", 300 * 1024)
     faults = Faults([errno.ETIMEDOUT] * 4)
@@ -120,7 +120,7 @@ def test_network_errors_get_five_attempts(src: Source,  # noqa: F811
 
 @pytest.mark.parametrize("err", [errno.EACCES, errno.EPERM, errno.ENOENT])
 def test_permission_and_missing_file_errors_fail_at_once(
-        src: Source, monkeypatch: pytest.MonkeyPatch, err: int) -> None:  # noqa: F811
+        src: Source, monkeypatch: pytest.MonkeyPatch, err: int) -> None:
     src.write("f", 300 * 1024)
     faults = Faults([err])
     engine, got, waited = engine_and_read(src, "f", faults, monkeypatch)
