@@ -321,24 +321,26 @@ class ReadEngine:
 
     async def _on_changed(self, handle: OpenFile, stream: _Stream, offset: int,
                           identity: FileIdentity) -> None:
-        """The file now has *identity*. A reader in the middle of a pass gets EIO
-        unless re-reading its last checkpointed chunk and everything since shows
-        the bytes it was served are still there (a touch, an append); anyone
-        else simply gets the new version from now on."""
+        """The file now has *identity*. A handle that was served bytes gets EIO
+        unless re-reading what it answers for (its pass's last checkpointed chunk
+        and everything since, and its last reads elsewhere) shows those bytes are
+        still there (a touch, an append, a change elsewhere). A handle that has
+        read nothing, or a read at offset 0 (a new pass), gets the new version."""
         async with stream.change_lock:
             handle.seen_identity = identity
             if handle.identity == identity:
                 return  # another request of this handle dealt with it
             verifier = stream.verifier
-            if verifier.mid_pass(offset):
+            if verifier.must_verify(offset):
                 if verifier.broken != identity:
                     problem = await self._verify_pass(handle, stream, identity)
                     if problem is not None:
                         verifier.broken = identity
                         self.counters.changed_files += 1
-                        log.warning("%s changed while being read (%s): reads continuing from "
-                                    "offset %d fail with EIO rather than mix two versions",
-                                    os.fsdecode(handle.path), problem, verifier.position)
+                        log.warning("%s changed while being read (%s): this handle's reads "
+                                    "fail with EIO rather than mix two versions, until it "
+                                    "reads from offset 0 again", os.fsdecode(handle.path),
+                                    problem)
                 if verifier.broken == identity:
                     raise OSError(errno.EIO, "file changed while being read")
                 verifier.retarget(identity)
@@ -358,7 +360,7 @@ class ReadEngine:
         verifier = stream.verifier
         if identity.size < verifier.position:
             return f"now {identity.size} bytes, {verifier.position} were already read"
-        pieces = verifier.pieces_to_verify()
+        pieces = verifier.pieces_to_verify() + list(verifier.earlier)
         if not pieces:
             return None
         scratch_size = min(max(p.end - p.start for p in pieces), self.config.max_chunk)

@@ -12,6 +12,9 @@ in a small reorder buffer), with no extra read:
   checkpointed chunk and every chunk served since, and compares digests: any
   difference means the file changed under the reader, and the read fails
   with EIO instead of mixing two versions;
+* for reads outside the current run (a random reader, a seek), the pieces of
+  the last runs (``EARLIER_PIECES``, at most ``EARLIER_BYTES``): a change that
+  altered bytes a random reader was served fails its later reads too;
 * for a pass that starts at offset 0 and reaches the end of the file, the
   whole file's xxh3-128, which the engine records by file identity.
 
@@ -21,6 +24,7 @@ Pure bookkeeping: the engine does the reads and decides what a mismatch means.
 from __future__ import annotations
 
 import dataclasses
+from collections import deque
 from collections.abc import Callable
 
 import xxhash
@@ -31,6 +35,10 @@ CHECKPOINT_CHUNKS = 5
 """Chunks between two checkpoints."""
 MAX_REORDER_BYTES = 4 * 1024 * 1024
 """Bytes served ahead of the hashed position that may wait to be hashed."""
+EARLIER_PIECES = 32
+"""Pieces of earlier runs (random reads, seeks) kept to verify after a change."""
+EARLIER_BYTES = 16 * 1024 * 1024
+"""At most this many bytes of earlier pieces are kept (re-read on a change)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +96,9 @@ class StreamVerifier:
         self.ahead_bytes = 0
         self.broken: FileIdentity | None = None
         """Set when the stream was failed for a change to this identity."""
+        self.earlier: deque[Piece] = deque()
+        """Pieces served by earlier runs of this handle, newest last."""
+        self._earlier_bytes = 0
 
     # -- the run ----------------------------------------------------------
 
@@ -98,22 +109,27 @@ class StreamVerifier:
                 and self.position <= offset <= self.position + MAX_REORDER_BYTES)
 
     def served_anything(self) -> bool:
-        return self.run_start is not None and self.position > self.run_start
+        """Whether this handle was served bytes it still answers for."""
+        return bool(self.earlier) or (self.run_start is not None
+                                      and self.position > self.run_start)
 
-    def mid_pass(self, offset: int) -> bool:
-        """Whether a request at *offset* belongs to a pass that has served bytes
-        and not reached the end of the file. Requests below ``position`` count:
-        the kernel re-requests pages of the pass it dropped (an invalidation)
-        before the reader got them. A request at offset 0 starts a new pass."""
-        return (offset > 0 and self.served_anything() and self.position < self.identity.size
-                and self.run_start is not None
-                and self.run_start <= offset <= self.position + MAX_REORDER_BYTES)
+    def must_verify(self, offset: int) -> bool:
+        """Whether a request at *offset*, after a change of the file, may only be
+        served if the bytes this handle was served are still the file's. Only a
+        request at offset 0 starts afresh (a new pass, or a reader re-reading a
+        header, as sqlite does): it gets the new version."""
+        return offset > 0 and self.served_anything()
 
     def reset(self, identity: FileIdentity | None = None) -> None:
-        """Forget the run (a new version served from scratch: under *identity*);
-        wait for a pass from 0 again."""
+        """Forget everything served (a new version served from scratch: under
+        *identity*); wait for a pass from 0 again."""
         if identity is not None:
             self.identity = identity
+        self.earlier.clear()
+        self._earlier_bytes = 0
+        self._reset_run()
+
+    def _reset_run(self) -> None:
         self.run_start = 0
         self.position = 0
         self.checkpoint = None
@@ -135,7 +151,11 @@ class StreamVerifier:
             self.checkpoint, identity=identity)
 
     def _start(self, offset: int) -> None:
-        self.reset()
+        """Begin a new run at *offset*; the pieces of the one before are kept."""
+        self._keep_earlier(self.pieces_to_verify())
+        broken = self.broken
+        self._reset_run()
+        self.broken = broken
         if offset:
             self.run_start = self.position = self._piece_start = offset
             self._full = None
@@ -206,6 +226,17 @@ class StreamVerifier:
             self.checkpoints += 1
             self.pending_pieces = []
 
+    def _keep_earlier(self, pieces: list[Piece]) -> None:
+        for piece in pieces:
+            if self.earlier and self.earlier[-1] == piece:
+                continue
+            self.earlier.append(piece)
+            self._earlier_bytes += piece.end - piece.start
+        while self.earlier and (len(self.earlier) > EARLIER_PIECES
+                                or self._earlier_bytes > EARLIER_BYTES):
+            dropped = self.earlier.popleft()
+            self._earlier_bytes -= dropped.end - dropped.start
+
     def _drop_ahead(self) -> None:
         if self.ahead_bytes:
             self._release(self.ahead_bytes)
@@ -218,14 +249,15 @@ class StreamVerifier:
         to cover what was served."""
         freed = self.ahead_bytes
         if freed:
-            self.reset()
+            self._start(0)
         return freed
 
     # -- verification -----------------------------------------------------
 
     def pieces_to_verify(self) -> list[Piece]:
-        """What to re-read to prove the file unchanged: the last checkpointed
-        chunk, every chunk since, and the chunk being hashed now."""
+        """What to re-read to prove the file unchanged for the current run: the
+        last checkpointed chunk, every chunk since, and the chunk being hashed now.
+        (``earlier`` holds what earlier runs served.)"""
         pieces = [self.checkpoint.last] if self.checkpoint is not None else []
         pieces.extend(self.pending_pieces)
         if self._piece_bytes:

@@ -75,7 +75,7 @@ class View:
         or a new file under the name, is found, and a removed one gives ENOENT).
         A changed identity seen here is passed to the open handles: the engine
         decides on their next read whether they go on with the new version or,
-        in the middle of a pass, fail rather than mix versions.
+        having been served bytes that changed, fail rather than mix versions.
         """
         node = self.inodes.get(nodeid)
         try:

@@ -4,6 +4,7 @@ cache hits, budget peak) as the evidence."""
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import threading
@@ -698,7 +699,7 @@ def test_demand_read_waiting_on_a_cancelled_read_ahead_flight_still_gets_its_byt
 
 # -- a file that changes under an open handle ---------------------------------------------
 
-def test_file_changed_between_reads_makes_the_next_read_return_the_new_bytes_whole(
+def test_file_changed_between_reads_fails_then_a_read_from_zero_returns_the_new_bytes_whole(
         src: Source) -> None:
     old = src.write("f", 3 * MIB + 17, seed=1)
     engine = make_engine()
@@ -711,8 +712,12 @@ def test_file_changed_between_reads_makes_the_next_read_return_the_new_bytes_who
         before = handle.identity
         new = src.rewrite_in_place("f", seed=2)
         assert src.identity("f") != before
-        # starts inside the chunk cached from the old version, ends beyond it
         start = offset + 1000
+        with pytest.raises(OSError) as caught:   # bytes this handle was served changed
+            await engine.read(handle, start, 256 * KIB)
+        assert caught.value.errno == errno.EIO
+        assert bytes(await engine.read(handle, 0, 4096)) == new[:4096]
+        # starts inside the chunk cached from the old version, ends beyond it
         got = bytes(await engine.read(handle, start, 256 * KIB))
         assert got == new[start:start + 256 * KIB]
         assert got != old[start:start + 256 * KIB]
@@ -724,7 +729,7 @@ def test_file_changed_between_reads_makes_the_next_read_return_the_new_bytes_who
         assert await read_all(engine, src.open("f"), LARGE_REQUEST) == new
 
     run(engine, body)
-    assert engine.counters.errors == 0
+    assert engine.counters.errors == 1 and engine.counters.changed_files == 1
 
 
 def test_small_file_changed_between_reads_is_read_again_whole(src: Source) -> None:

@@ -602,9 +602,12 @@ def test_an_in_place_rewrite_in_the_middle_of_a_pass_fails_the_pass_with_eio(
             with pytest.raises(OSError) as again:
                 await engine.read(handle, offset, CHUNK)
             assert again.value.errno == errno.EIO
-        # a read far from the pass (not continuing it) is of the new version, whole
-        far = 6 * MIB
-        assert bytes(await engine.read(handle, far, CHUNK)) == new[far:far + CHUNK]
+        # so does a read far from the pass: the handle was served bytes that changed
+        with pytest.raises(OSError) as far:
+            await engine.read(handle, 6 * MIB, CHUNK)
+        assert far.value.errno == errno.EIO
+        # a read at offset 0 starts a new pass, of the new version
+        assert bytes(await engine.read(handle, 0, CHUNK)) == new[:CHUNK]
         assert handle.identity == src.identity("movie.bin")
         return new
 
@@ -613,7 +616,7 @@ def test_an_in_place_rewrite_in_the_middle_of_a_pass_fails_the_pass_with_eio(
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
     assert "movie.bin" in warnings[0] and "changed" in warnings[0]
-    assert engine.counters.errors == 4
+    assert engine.counters.errors == 5
 
 
 def test_after_a_failed_pass_a_new_pass_from_zero_gets_the_new_version(
@@ -738,6 +741,92 @@ def test_a_touch_in_the_middle_of_a_pass_changes_nothing_for_the_reader(
 
     run(engine, body)
     assert engine.counters.changed_files == 0 and engine.counters.errors == 0
+
+
+RANDOM_OFFSETS = (5 * MIB + 8 * KIB, 1 * MIB + 12 * KIB, 7 * MIB + 4 * KIB, 3 * MIB)
+
+
+def test_a_random_reader_whose_bytes_changed_gets_eio_until_it_reads_offset_zero(
+        src: Source, caplog: pytest.LogCaptureFixture) -> None:
+    old = src.write("db", 8 * MIB, seed=21)
+    engine = pass_engine()
+
+    async def body() -> bytes:
+        handle = src.open("db")
+        for offset in RANDOM_OFFSETS:
+            assert bytes(await engine.read(handle, offset, 4 * KIB)) == \
+                old[offset:offset + 4 * KIB]
+        new = src.rewrite_in_place("db", seed=22)
+        for offset in (2 * MIB, RANDOM_OFFSETS[0], 6 * MIB):
+            with pytest.raises(OSError) as caught:
+                await engine.read(handle, offset, 4 * KIB)
+            assert caught.value.errno == errno.EIO
+        assert bytes(await engine.read(handle, 0, 4 * KIB)) == new[:4 * KIB]
+        assert bytes(await engine.read(handle, 2 * MIB, 4 * KIB)) == new[2 * MIB:2 * MIB + 4 * KIB]
+        return new
+
+    with caplog.at_level(logging.WARNING, logger="stfs.engine"):
+        run(engine, body)
+    assert engine.counters.changed_files == 1
+    assert any("db changed while being read" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("where", ["early", "late"])
+def test_a_random_reader_is_checked_on_each_of_its_recent_reads(src: Source,
+                                                                 where: str) -> None:
+    """Only one of the pieces the reader was served changes: still EIO."""
+    old = src.write("db", 8 * MIB, seed=23)
+    engine = pass_engine()
+    changed = RANDOM_OFFSETS[0] if where == "early" else RANDOM_OFFSETS[-1]
+
+    async def body() -> None:
+        handle = src.open("db")
+        for offset in RANDOM_OFFSETS:
+            await engine.read(handle, offset, 4 * KIB)
+        with open(src.root / "db", "r+b") as f:
+            f.seek(changed + 100)
+            f.write(bytes(b ^ 0xFF for b in old[changed + 100:changed + 110]))
+        with pytest.raises(OSError) as caught:
+            await engine.read(handle, 2 * MIB, 4 * KIB)
+        assert caught.value.errno == errno.EIO
+
+    run(engine, body)
+    assert engine.counters.changed_files == 1
+
+
+def test_a_random_reader_goes_on_when_the_change_left_its_bytes_alone(src: Source) -> None:
+    """A change elsewhere in the file (or an append) leaves everything the reader
+    was served true of the new version: no error, and the new bytes are served."""
+    old = src.write("db", 8 * MIB, seed=24)
+    engine = pass_engine()
+
+    async def body() -> None:
+        handle = src.open("db")
+        for offset in RANDOM_OFFSETS:
+            await engine.read(handle, offset, 4 * KIB)
+        patched = bytes(b ^ 0x5A for b in old[2 * MIB:2 * MIB + 4 * KIB])
+        with open(src.root / "db", "r+b") as f:
+            f.seek(2 * MIB)
+            f.write(patched)
+        assert bytes(await engine.read(handle, 2 * MIB, 4 * KIB)) == patched
+        offset = RANDOM_OFFSETS[1]
+        assert bytes(await engine.read(handle, offset, 4 * KIB)) == old[offset:offset + 4 * KIB]
+        assert handle.identity == src.identity("db")
+
+    run(engine, body)
+    assert engine.counters.changed_files == 0 and engine.counters.errors == 0
+
+
+def test_earlier_pieces_are_bounded(src: Source) -> None:
+    from stfs.recovery import EARLIER_PIECES, StreamVerifier
+    identity = src.identity(src.write("f", 1, seed=1) and "f")
+    verifier = StreamVerifier(identity, lambda n: True, lambda n: None)
+    for i in range(EARLIER_PIECES * 3):
+        verifier.served(i * 8192 + 4096, b"x" * 4096, CHUNK, sequential=False)
+    assert len(verifier.earlier) <= EARLIER_PIECES
+    assert verifier.must_verify(1) and not verifier.must_verify(0)
+    verifier.reset(identity)
+    assert not verifier.earlier and not verifier.must_verify(1)
 
 
 def test_a_handle_that_served_nothing_yet_simply_reads_the_new_version(

@@ -130,6 +130,34 @@ def test_a_file_rewritten_mid_read_fails_with_eio_and_never_mixes(faulty, mounte
     assert read_all(mount.mountpoint / "moving") == new
 
 
+def test_a_random_reader_whose_bytes_were_rewritten_gets_eio_not_new_bytes(faulty, mounter) -> None:  # type: ignore[no-untyped-def]
+    old = os.urandom(8 * MIB)
+    new = os.urandom(8 * MIB)
+    path = write(faulty, "table", old)
+    mount = stfs_over(mounter, faulty)
+    offsets = (5 * MIB, 1 * MIB + 8192, 7 * MIB - 4096)
+    fd = os.open(mount.mountpoint / "table", os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        for offset in offsets:
+            assert os.pread(fd, 4096, offset) == old[offset:offset + 4096]
+        with faulty.held("table"):
+            with open(path, "r+b") as w:
+                w.write(new)
+        time.sleep(1.1)  # past the attribute timeout
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # make the reads reach stfs
+        with pytest.raises(OSError) as caught:
+            os.pread(fd, 4096, 3 * MIB)
+        assert caught.value.errno == errno.EIO
+    finally:
+        os.close(fd)
+    assert mount.stats()["changed_files"] == 1
+    assert "table changed while being read" in mount.log()
+    with open(mount.mountpoint / "table", "rb") as f:   # a new handle reads the new version
+        f.seek(3 * MIB)
+        assert f.read(4096) == new[3 * MIB:3 * MIB + 4096]
+
+
 def test_a_file_appended_to_mid_read_is_read_on_to_its_new_end(faulty, mounter) -> None:  # type: ignore[no-untyped-def]
     old = os.urandom(6 * MIB)
     tail = os.urandom(MIB + 5)
