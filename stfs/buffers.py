@@ -15,7 +15,32 @@ sizes are kept, since chunks come in those.
 
 from __future__ import annotations
 
+import ctypes
 import sys
+
+_M_MMAP_THRESHOLD = -3
+"""glibc's mallopt parameter number (malloc.h)."""
+MMAP_THRESHOLD_BYTES = 64 * 1024
+"""Allocations from this size up get their own mapping (chunk buffers do)."""
+
+
+def return_freed_buffers_to_the_os(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
+    """Make glibc give every allocation of *threshold* bytes or more its own
+    mapping, so a freed chunk buffer leaves the RSS at once.
+
+    glibc raises its mmap threshold each time a mapped block is freed, so after
+    the first evictions, 1 MiB chunk buffers come from the brk heap, where a
+    freed chunk stays resident behind any live object above it: the RSS then
+    grows well past the memory budget. Setting the threshold fixes it. Returns
+    False when the C library has no ``mallopt`` (not glibc).
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    return bool(mallopt(_M_MMAP_THRESHOLD, threshold))
+
 
 # References to a buffer inside ``give``: the caller's variable, the parameter
 # and getrefcount's own argument. Anything above that is a holder elsewhere.

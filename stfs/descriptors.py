@@ -74,12 +74,15 @@ class DescriptorTable:
         self._pins: collections.Counter[int] = collections.Counter()
         self._released: dict[int, OpenFile] = {}
         self._reopening: dict[int, trio.Event] = {}
+        self._retired: dict[int, list[int]] = {}
+        """Replaced descriptors still used by a read in flight: closed at unpin."""
         self.reopens = 0
         self.closed_idle = 0
 
     @property
     def open_count(self) -> int:
-        return len(self._lru) + len(self._released)
+        return (len(self._lru) + len(self._released)
+                + sum(len(fds) for fds in self._retired.values()))
 
     def track(self, handle: OpenFile) -> None:
         """A handle with a fresh descriptor (from open or reopen) joins the LRU."""
@@ -116,25 +119,30 @@ class DescriptorTable:
         self._pins[handle.fh] -= 1
         if self._pins[handle.fh] <= 0:
             del self._pins[handle.fh]
+            for fd in self._retired.pop(handle.fh, ()):
+                _close_quietly(fd)
             released = self._released.pop(handle.fh, None)
             if released is not None:
                 self._close_fd(released)  # released while a read used it: close now
 
     async def reopen(self, handle: OpenFile) -> int:
-        """Replace the handle's descriptor by a fresh one (after ESTALE/EBADF)."""
-        old = handle.fd
-        handle.fd = -1
-        self._lru.pop(handle.fh, None)
-        if old >= 0:
-            await self._run(_close_quietly, old)
-        await self._reopen(handle)
+        """Give the handle a fresh descriptor (after ESTALE/EBADF).
+
+        The new one is opened first and must reach the same file (device and
+        inode); only then is the old one retired, closed once no backing read
+        uses it (a descriptor is never closed under a read in flight, whose
+        number could meanwhile be given to another file). When the name now
+        holds another file, the old descriptor stays, since it may still read
+        the handle's file, and ``FileReplacedError`` is raised.
+        """
+        await self._reopen(handle, replacing=handle.fd)
         return handle.fd
 
-    async def _reopen(self, handle: OpenFile) -> None:
+    async def _reopen(self, handle: OpenFile, replacing: int = -1) -> None:
         """Open the handle's file again; concurrent callers share one reopen."""
         while (busy := self._reopening.get(handle.fh)) is not None:
             await busy.wait()
-            if handle.fd >= 0:
+            if handle.fd >= 0 and handle.fd != replacing:
                 return
         done = self._reopening[handle.fh] = trio.Event()
         try:
@@ -153,9 +161,20 @@ class DescriptorTable:
             log.warning("%s: cannot reopen, the name now holds another file (was inode %d, "
                         "now %d)", os.fsdecode(handle.path), identity.ino, st.st_ino)
             raise FileReplacedError("file replaced while its descriptor was closed")
-        handle.fd = fd
+        if handle.released:  # released meanwhile: nothing will read or close this one
+            await self._run(_close_quietly, fd)
+            raise OSError(errno.EBADF, "handle released")
+        old, handle.fd = handle.fd, fd
+        if old >= 0:
+            self._retire(handle, old)
         self.reopens += 1
         self.track(handle)
+
+    def _retire(self, handle: OpenFile, fd: int) -> None:
+        if self._pins.get(handle.fh):
+            self._retired.setdefault(handle.fh, []).append(fd)
+        else:
+            _close_quietly(fd)
 
     def over_limit(self) -> bool:
         return len(self._lru) > self.limit
@@ -198,6 +217,10 @@ class DescriptorTable:
         """Unmount: close every descriptor still open (reads are over by now)."""
         for handle in [*self._lru.values(), *self._released.values()]:
             self._close_fd(handle)
+        for fds in self._retired.values():
+            for fd in fds:
+                _close_quietly(fd)
+        self._retired.clear()
         self._lru.clear()
         self._released.clear()
         self._pins.clear()

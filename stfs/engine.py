@@ -140,6 +140,10 @@ class ReadEngine:
         self.checksums = checksums
         self.recent_checksums: collections.OrderedDict[FileIdentity, str] = (
             collections.OrderedDict())
+        self._served_identities: collections.OrderedDict[FileIdentity, None] = (
+            collections.OrderedDict())
+        """Versions recently served through the mount: the kernel's page cache may
+        hold their pages, and serve them to any handle without asking stfs."""
         self.budget = MemoryBudget(config.memory_limit)
         self.pool = BufferPool(min(POOL_MAX_BYTES, config.memory_limit // 4))
         self.cache = ChunkCache(config.cache_limit, self.budget, self.pool)
@@ -283,6 +287,13 @@ class ReadEngine:
             counters.active_reads -= 1
         # Small files are planned as one chunk, never "sequential", but their
         # replies can still complete out of order.
+        served = self._served_identities
+        if handle.identity in served:
+            served.move_to_end(handle.identity)
+        else:
+            served[handle.identity] = None
+            if len(served) > RECENT_CHECKSUMS:
+                served.popitem(last=False)
         digest = stream.verifier.served(offset, data, stream.state.chunk_size,
                                         stream.sequential or self._is_small(handle.identity))
         if digest is not None:
@@ -331,9 +342,10 @@ class ReadEngine:
             if handle.identity == identity:
                 return  # another request of this handle dealt with it
             verifier = stream.verifier
-            if verifier.must_verify(offset):
+            unseen = self._may_have_read_unseen(handle, stream, offset)
+            if verifier.must_verify(offset) or unseen:
                 if verifier.broken != identity:
-                    problem = await self._verify_pass(handle, stream, identity)
+                    problem = await self._verify_pass(handle, stream, identity, unseen)
                     if problem is not None:
                         verifier.broken = identity
                         self.counters.changed_files += 1
@@ -344,8 +356,9 @@ class ReadEngine:
                 if verifier.broken == identity:
                     raise OSError(errno.EIO, "file changed while being read")
                 verifier.retarget(identity)
-                log.info("%s changed while being read, but the bytes read so far are "
-                         "unchanged: going on", os.fsdecode(handle.path))
+                log.info("%s changed while being read (%s -> %s), but the bytes read so far "
+                         "are unchanged: going on", os.fsdecode(handle.path), handle.identity,
+                         identity)
             else:
                 verifier.reset(identity)
                 log.info("%s changed while open: serving its new version",
@@ -353,15 +366,29 @@ class ReadEngine:
             handle.identity = identity
             stream.chunk_seen = (0, 0)
 
+    def _may_have_read_unseen(self, handle: OpenFile, stream: _Stream, offset: int) -> bool:
+        """Whether a request at *offset* may follow bytes of the old version that
+        the kernel served this handle from its page cache, never asking stfs.
+
+        So it is when the old version was read through the mount (its pages may
+        be cached) and the request is neither a new pass (offset 0) nor wholly
+        past the old end (reading what an append added)."""
+        return (0 < offset < handle.identity.size and not stream.verifier.served_anything()
+                and handle.identity in self._served_identities)
+
     async def _verify_pass(self, handle: OpenFile, stream: _Stream,
-                           identity: FileIdentity) -> str | None:
+                           identity: FileIdentity, unseen: bool = False) -> str | None:
         """Whether the bytes this stream was served are still the file's, under
-        *identity*: None if so, else what differs."""
+        *identity*: None if so, else what differs. *unseen*: the handle may have
+        been served bytes stfs never saw (the kernel's page cache)."""
         verifier = stream.verifier
         if identity.size < verifier.position:
             return f"now {identity.size} bytes, {verifier.position} were already read"
         pieces = verifier.pieces_to_verify() + list(verifier.earlier)
         if not pieces:
+            if unseen:
+                return ("the kernel may have served it cached bytes of the old version, "
+                        "which cannot be checked")
             return None
         scratch_size = min(max(p.end - p.start for p in pieces), self.config.max_chunk)
         await self.budget.reserve(scratch_size)
@@ -383,6 +410,7 @@ class ReadEngine:
             handle, stream, None,
             lambda fd: pread_digest(fd, scratch, piece.start, piece.end))
         if read_under != identity:
+            handle.seen_identity = read_under
             return "it changed again while being checked"
         if got != piece.end - piece.start or digest != piece.digest:
             return f"bytes {piece.start}-{piece.end} differ from what was served"
@@ -689,7 +717,8 @@ class ReadEngine:
                 return
             problem = await self._verify_piece(handle, stream, pieces[0], buf, handle.identity)
             if problem is not None:
-                stream.verifier.broken = handle.identity
+                seen = handle.seen_identity
+                stream.verifier.broken = seen if seen is not None else handle.identity
                 self.counters.changed_files += 1
                 log.warning("%s changed while its read was being retried (%s): the read fails "
                             "with EIO rather than mix two versions", os.fsdecode(handle.path),

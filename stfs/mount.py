@@ -30,7 +30,8 @@ from typing import Any
 import pyfuse3
 import trio
 
-from stfs import control, demo, descriptors, kernel, logs, metrics, metrics_http, notify, pressure
+from stfs import (buffers, control, demo, descriptors, kernel, logs, metrics, metrics_http,
+                  notify, pressure)
 from stfs.backing import Backing
 from stfs.checksums import ChecksumStore
 from stfs.config import MountConfig
@@ -300,6 +301,8 @@ class Daemon:
         except OSError as exc:
             raise path_error(self.source, exc) from None
         nofile = descriptors.raise_nofile_limit()
+        if not buffers.return_freed_buffers_to_the_os():
+            log.debug("no glibc mallopt: freed chunk buffers may stay resident")
         self.checksums = ChecksumStore(self.config.state_dir)
         self.checksums.open()
         self.engine = ReadEngine(engine_config(self.config, nofile), self.counters,

@@ -167,6 +167,53 @@ def test_reopen_replaces_the_descriptor(src: Source) -> None:
     assert new == old or not fd_is_open(old) or os.fstat(old).st_ino == os.fstat(new).st_ino
 
 
+def test_reopen_while_a_read_uses_the_descriptor_closes_the_old_one_at_unpin(
+        src: Source) -> None:
+    """A descriptor is never closed under a read in flight: its number could be
+    given to another file before that read's pread."""
+    src.write("f", 8192)
+    table = DescriptorTable(16, src.backing.open_file)
+    handle = src.open("f")
+    table.track(handle)
+    old = handle.fd
+
+    async def main() -> None:
+        assert await table.pin(handle) == old                # a read in flight
+        new = await table.reopen(handle)
+        assert new != old and handle.fd == new
+        assert fd_is_open(old) and table.open_count == 2
+        table.unpin(handle)
+        assert not fd_is_open(old) and table.open_count == 1
+
+    trio_run(main)
+    table.close_all()
+
+
+def test_reopen_of_a_replaced_file_keeps_the_old_descriptor(
+        src: Source, caplog: pytest.LogCaptureFixture) -> None:
+    """After ESTALE the name holds another file: the read fails with EIO, but the
+    handle keeps its descriptor (it may still read its own file, as locally)."""
+    old_bytes = src.write("f", 8192, seed=1)
+    table = DescriptorTable(16, src.backing.open_file)
+    handle = src.open("f")
+    table.track(handle)
+    old = handle.fd
+    replace_by_rename(src, "f", seed=3)
+
+    async def main() -> None:
+        with caplog.at_level(logging.WARNING, logger="stfs.descriptors"), \
+                pytest.raises(OSError) as caught:
+            await table.reopen(handle)
+        assert caught.value.errno == errno.EIO
+        assert handle.fd == old and table.open_count == 1
+        assert os.pread(await table.pin(handle), 8192, 0) == old_bytes
+        table.unpin(handle)
+
+    trio_run(main)
+    table.close_all()
+    assert not fd_is_open(old)
+
+
 def test_a_closed_descriptor_of_a_replaced_file_is_not_reopened(
         src: Source, caplog: pytest.LogCaptureFixture) -> None:
     src.write("f", 8192, seed=1)

@@ -1178,3 +1178,64 @@ def test_estale_on_a_name_that_now_holds_another_file_fails_with_eio(
     assert engine.descriptors.reopens == 0
     assert "another file" in caplog.text
     assert engine.descriptors.open_count == 0
+
+
+def test_a_file_rewritten_during_a_retry_fails_that_read_and_every_later_one(
+        src: Source, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rewrite lands while a read waits to be retried: the resume check fails
+    the read, and the next reads continuing the pass fail too (they must not
+    verify against the new version and go on)."""
+    data = src.write("f", 2 * MIB, seed=16)
+    new: list[bytes] = []
+    faults = Faults([None] * 6 + [errno.EAGAIN, errno.EAGAIN],
+                    before=lambda i: new.append(src.rewrite_in_place("f", seed=17))
+                    if i == 6 else None)
+    monkeypatch.setattr(stfs.engine, "_timed_pread", faults)
+    engine = fault_engine()
+
+    async def body() -> list[Any]:
+        handle = src.open("f")
+        assert await read_until(engine, handle, 6 * CHUNK) == data[:6 * CHUNK]
+        outcomes: list[Any] = []
+        for offset in (6 * CHUNK, 6 * CHUNK, 7 * CHUNK):
+            try:
+                outcomes.append(bytes(await engine.read(handle, offset, CHUNK)))
+            except OSError as exc:
+                outcomes.append(exc.errno)
+        outcomes.append(bytes(await engine.read(handle, 0, CHUNK)) == new[0][:CHUNK])
+        return outcomes
+
+    outcomes = mock_run(engine, body)
+    assert outcomes == [errno.EIO, errno.EIO, errno.EIO, True]
+    assert engine.counters.changed_files == 1
+
+
+def test_a_handle_that_may_have_read_from_the_kernel_page_cache_is_not_given_the_new_rest(
+        src: Source) -> None:
+    """Another handle read the old version through the mount, so the kernel may have
+    served this one old pages stfs never saw: its first request past offset 0 after
+    a change fails, a request at 0 or wholly past the old end (an append) does not."""
+    old = src.write("f", 2 * MIB, seed=18)
+    engine = pass_engine()
+
+    async def body() -> list[Any]:
+        first = src.open("f")
+        assert await read_all(engine, first, CHUNK) == old
+        quiet = src.open("f")          # its reads were all page-cache hits
+        appender = src.open("f")
+        outcomes: list[Any] = []
+        new = src.rewrite_in_place("f", seed=19)
+        for handle, offset in ((quiet, MIB), (quiet, 0)):
+            try:
+                got = bytes(await engine.read(handle, offset, CHUNK))
+                outcomes.append(got == new[offset:offset + CHUNK])
+            except OSError as exc:
+                outcomes.append(exc.errno)
+        with open(src.root / "f", "ab") as f:
+            f.write(b"tail")
+        got = bytes(await engine.read(appender, len(old), CHUNK))
+        outcomes.append(got == b"tail")
+        return outcomes
+
+    assert run(engine, body) == [errno.EIO, True, True]
+    assert engine.counters.changed_files == 1

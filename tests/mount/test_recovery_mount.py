@@ -158,6 +158,36 @@ def test_a_random_reader_whose_bytes_were_rewritten_gets_eio_not_new_bytes(fault
         assert f.read(4096) == new[3 * MIB:3 * MIB + 4096]
 
 
+def test_a_reader_served_from_the_kernel_page_cache_gets_eio_not_the_new_rest(faulty, mounter) -> None:  # type: ignore[no-untyped-def]
+    """A first full read leaves the file in the mount's page cache (kept across
+    opens): a second reader's first half then never reaches stfs. The file is
+    rewritten; the rest of that reader's pass must not be the new version."""
+    old = os.urandom(8 * MIB)
+    new = os.urandom(8 * MIB)
+    path = write(faulty, "cached", old)
+    mount = stfs_over(mounter, faulty)
+    assert read_all(mount.mountpoint / "cached") == old
+    reads_before = mount.stats()["reads"]
+    got = bytearray()
+    with open(mount.mountpoint / "cached", "rb", buffering=0) as f:
+        for _ in range(4):
+            got += f.read(MIB)
+        assert mount.stats()["reads"] == reads_before, "the first half did not come from the page cache"
+        with faulty.held("cached"):
+            with open(path, "r+b") as w:
+                w.write(new)
+        time.sleep(1.1)  # past the attribute timeout
+        try:
+            while chunk := f.read(MIB):
+                got += chunk
+        except OSError as exc:
+            assert exc.errno == errno.EIO
+    assert bytes(got) == old[:len(got)], "old and new bytes were mixed"
+    assert len(got) < len(old)
+    assert mount.stats()["changed_files"] == 1
+    assert read_all(mount.mountpoint / "cached") == new
+
+
 def test_a_file_appended_to_mid_read_is_read_on_to_its_new_end(faulty, mounter) -> None:  # type: ignore[no-untyped-def]
     old = os.urandom(6 * MIB)
     tail = os.urandom(MIB + 5)
