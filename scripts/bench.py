@@ -139,7 +139,8 @@ class Target:
         if self.command is None:
             return
         if is_mounted(self.mountpoint):
-            subprocess.run(["fusermount3", "-u", str(self.mountpoint)], capture_output=True)
+            subprocess.run(["fusermount3", "-u", str(self.mountpoint)], capture_output=True,
+                           check=False)
         if self.proc is not None:
             try:
                 self.proc.wait(15)
@@ -147,7 +148,8 @@ class Target:
                 self.proc.kill()
                 self.proc.wait(5)
         if is_mounted(self.mountpoint):
-            subprocess.run(["fusermount3", "-u", "-z", str(self.mountpoint)], capture_output=True)
+            subprocess.run(["fusermount3", "-u", "-z", str(self.mountpoint)], capture_output=True,
+                           check=False)
         self.proc = None
 
     def remount(self) -> None:
@@ -448,8 +450,8 @@ def pressure_scenario(source: Path, root: Path, out: Path) -> dict[str, object]:
         paths = sorted((mountpoint / "readers").iterdir())
         phases["no hog"] = _readers(target, paths, source)
         hog = subprocess.Popen(in_cgroup(group, [PYTHON, "-c",
-                               f"import time; b = b'x' * {HOG_BYTES}; print('ready', flush=True);"
-                               " time.sleep(600)"]), stdout=subprocess.PIPE,
+                               (f"import time; b = b'x' * {HOG_BYTES}; print('ready', flush=True);"
+                                " time.sleep(600)")]), stdout=subprocess.PIPE,
                                stdin=subprocess.DEVNULL)
         assert hog.stdout is not None
         hog.stdout.readline()
@@ -543,8 +545,8 @@ def summarize(results: dict[str, dict[str, list[dict[str, float]]]],
 def markdown(summary: dict[str, object]) -> str:
     results = summary["results"]
     assert isinstance(results, dict)
-    lines = [f"`{summary['command']}` — medians of {summary['sizes']['runs']} run(s); "  # type: ignore[index]
-             "ratios are to direct reads in the same run.", ""]
+    lines = [(f"`{summary['command']}` — medians of {summary['sizes']['runs']} run(s); "  # type: ignore[index]
+              "ratios are to direct reads in the same run."), ""]
     for workload, by_target in results.items():
         metrics = [m for m in HIGHER_IS_BETTER if m in next(iter(by_target.values()))]
         header = ["target", *metrics, *[f"{m} ×direct" for m in metrics], "peak RSS MiB"]
@@ -560,15 +562,16 @@ def markdown(summary: dict[str, object]) -> str:
     lines.append(f"idle RSS MiB: {summary['idle_rss_mib']}")
     scenario = summary.get("pressure")
     if isinstance(scenario, dict) and "phases" in scenario:
-        lines += ["", "**pressure** (16 readers, `--memory-limit 16M`, in a "
-                  f"{PRESSURE_CGROUP_LIMIT // MIB} MiB memory cgroup; hog {HOG_BYTES // MIB} MiB "
-                  "in the same cgroup)", "", "| phase | MB/s | p95 ms | peak RSS MiB |",
+        lines += ["", ("**pressure** (16 readers, `--memory-limit 16M`, in a "
+                       f"{PRESSURE_CGROUP_LIMIT // MIB} MiB memory cgroup; hog {HOG_BYTES // MIB} MiB "
+                       "in the same cgroup)"), "", "| phase | MB/s | p95 ms | peak RSS MiB |",
                   "|---|---|---|---|"]
         for phase, figures in scenario["phases"].items():
             lines.append(f"| {phase} | {figures['MB/s']:.1f} | {figures['p95 ms']:.1f} | "
                          f"{figures['peak RSS MiB']:.1f} |")
-        lines += ["", f"level back to none {scenario['level_back_to_none_s']} s after the hog "
-                  f"ended; throughput after / before: {scenario['throughput_after_vs_before']:.2f}"]
+        lines += ["", (f"level back to none {scenario['level_back_to_none_s']} s after the hog "
+                       f"ended; throughput after / before: "
+                       f"{scenario['throughput_after_vs_before']:.2f}")]
     return "\n".join(lines) + "\n"
 
 

@@ -23,10 +23,13 @@ import logging
 import os
 import resource
 from collections.abc import Callable
+from typing import Any, TypeVar
 
 import trio
 
 from stfs.handles import OpenFile
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +228,7 @@ class DescriptorTable:
         self._released.clear()
         self._pins.clear()
 
-    async def _run(self, fn, *args):  # type: ignore[no-untyped-def]
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
 
     def as_dict(self) -> dict[str, int]:

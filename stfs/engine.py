@@ -21,9 +21,9 @@ from __future__ import annotations
 import collections
 import dataclasses
 import errno
+import functools
 import logging
 import os
-import functools
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -38,10 +38,10 @@ from stfs.backing import (
     pread_identified,
     pread_if_cached,
 )
-from stfs.checksums import ChecksumStore
 from stfs.budget import MemoryBudget
 from stfs.buffers import BufferPool
 from stfs.cache import ChunkCache
+from stfs.checksums import ChecksumStore
 from stfs.chunking import (
     PAGE,
     STREAMING_TRIGGER,

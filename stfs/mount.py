@@ -30,8 +30,18 @@ from typing import Any
 import pyfuse3
 import trio
 
-from stfs import (buffers, control, demo, descriptors, kernel, logs, metrics, metrics_http,
-                  notify, pressure)
+from stfs import (
+    buffers,
+    control,
+    demo,
+    descriptors,
+    kernel,
+    logs,
+    metrics,
+    metrics_http,
+    notify,
+    pressure,
+)
 from stfs.backing import Backing
 from stfs.checksums import ChecksumStore
 from stfs.config import MountConfig

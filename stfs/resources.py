@@ -128,7 +128,7 @@ class ResourceRegistry:
         owners idle for *idle_s* seconds; returns how many were freed."""
         self.sweeps += 1
         now = self._clock()
-        doomed = []
+        doomed: list[Resource] = []
         for owner, held in self._by_owner.items():
             orphan = owner not in live_owners
             idle = now - self._last_used.get(owner, now) >= idle_s

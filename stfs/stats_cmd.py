@@ -26,6 +26,11 @@ SHOW_CURSOR = "\x1b[?25h"
 BUSIEST = 5
 
 
+
+def _dict(value: object) -> dict[str, Any]:
+    """*value* if it is a JSON object, else an empty one (an older daemon's stats)."""
+    return value if isinstance(value, dict) else {}
+
 def stats_command(mountpoint: str, as_json: bool = False, as_prometheus: bool = False,
                   watch: float | None = None) -> int:
     path = _resolved(mountpoint)
@@ -192,9 +197,9 @@ def render_table(stats: dict[str, Any]) -> str:
                                      f"{_count(s.get('corruptions_detected'))}")),
     ])
     handles = [h for h in s.get("handles", []) if isinstance(h, dict)]
-    resources = s.get("resources") if isinstance(s.get("resources"), dict) else {}
-    fds = s.get("backing_fds") if isinstance(s.get("backing_fds"), dict) else {}
-    tracked = resources.get("tracked") if isinstance(resources.get("tracked"), dict) else {}
+    resources = _dict(s.get("resources"))
+    fds = _dict(s.get("backing_fds"))
+    tracked = _dict(resources.get("tracked"))
     lines += _section("Handles", [
         ("open files / dirs", f"{_count(s.get('open_handles'))} / {_count(s.get('open_dirs'))}"),
         ("known inodes", _count(s.get("known_inodes"))),

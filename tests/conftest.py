@@ -29,7 +29,7 @@ MOUNT_TIMEOUT_S = 20.0
 def run_stfs(*args: str, timeout: float = 60, **kwargs: object) -> subprocess.CompletedProcess[str]:
     """Run the stfs command line; output captured as text."""
     return subprocess.run([*STFS, *args], capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL, **kwargs)  # type: ignore[call-overload]
+                          stdin=subprocess.DEVNULL, check=False, **kwargs)  # type: ignore[call-overload]
 
 
 def run_stfs_detached(*args: str, timeout: float = 120,

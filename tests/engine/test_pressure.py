@@ -66,7 +66,7 @@ def test_score_adds_the_three_factors() -> None:
 
 
 def snapshot(**kw: int | None) -> MemorySnapshot:
-    values: dict[str, int | None] = dict(rss_bytes=40 * MIB, available_bytes=20_000 * MIB,
+    values: dict[str, int | None] = dict(rss_bytes=40 * MIB, available_bytes=20_000 * MIB,  # noqa: C408
                                          total_bytes=24_000 * MIB, cgroup_usage_bytes=None,
                                          cgroup_limit_bytes=None, held_bytes=0,
                                          unevictable_bytes=0)

@@ -114,9 +114,8 @@ def test_a_file_rewritten_mid_read_fails_with_eio_and_never_mixes(faulty, mounte
     with open(mount.mountpoint / "moving", "rb", buffering=0) as f:
         for _ in range(3):
             got += f.read(MIB)
-        with faulty.held("moving"):
-            with open(path, "r+b") as w:
-                w.write(new)
+        with faulty.held("moving"), open(path, "r+b") as w:
+            w.write(new)
         with pytest.raises(OSError) as caught:
             while chunk := f.read(MIB):
                 got += chunk
@@ -141,9 +140,8 @@ def test_a_random_reader_whose_bytes_were_rewritten_gets_eio_not_new_bytes(fault
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
         for offset in offsets:
             assert os.pread(fd, 4096, offset) == old[offset:offset + 4096]
-        with faulty.held("table"):
-            with open(path, "r+b") as w:
-                w.write(new)
+        with faulty.held("table"), open(path, "r+b") as w:
+            w.write(new)
         time.sleep(1.1)  # past the attribute timeout
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # make the reads reach stfs
         with pytest.raises(OSError) as caught:
@@ -173,9 +171,8 @@ def test_a_reader_served_from_the_kernel_page_cache_gets_eio_not_the_new_rest(fa
         for _ in range(4):
             got += f.read(MIB)
         assert mount.stats()["reads"] == reads_before, "the first half did not come from the page cache"
-        with faulty.held("cached"):
-            with open(path, "r+b") as w:
-                w.write(new)
+        with faulty.held("cached"), open(path, "r+b") as w:
+            w.write(new)
         time.sleep(1.1)  # past the attribute timeout
         try:
             while chunk := f.read(MIB):
@@ -195,9 +192,8 @@ def test_a_file_appended_to_mid_read_is_read_on_to_its_new_end(faulty, mounter) 
     mount = stfs_over(mounter, faulty)
     with open(mount.mountpoint / "log", "rb", buffering=0) as f:
         got = f.read(2 * MIB)
-        with faulty.held("log"):
-            with open(path, "ab") as w:
-                w.write(tail)
+        with faulty.held("log"), open(path, "ab") as w:
+            w.write(tail)
         time.sleep(1.1)  # past the attribute timeout, so the kernel sees the new size
         while chunk := f.read(MIB):
             got += chunk
