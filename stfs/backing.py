@@ -301,3 +301,34 @@ def pread_if_cached(fd: int, buf: bytearray, offset: int) -> tuple[bytearray, Fi
         return None
     del buf[n:]
     return buf, before
+
+
+class _CachestatRange(ctypes.Structure):
+    _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+
+
+class _Cachestat(ctypes.Structure):
+    _fields_ = [("nr_cache", ctypes.c_uint64), ("nr_dirty", ctypes.c_uint64),
+                ("nr_writeback", ctypes.c_uint64), ("nr_evicted", ctypes.c_uint64),
+                ("nr_recently_evicted", ctypes.c_uint64)]
+
+
+_SYS_CACHESTAT = 451  # the same number on every architecture (Linux 6.5+)
+_cachestat_works = True
+
+
+def cached_pages(fd: int, offset: int, length: int) -> int | None:
+    """How many pages of ``[offset, offset + length)`` are in the page cache
+    (``cachestat(2)``: no side effect, unlike a RWF_NOWAIT read, which starts
+    read-ahead of what it misses). None where the kernel lacks cachestat."""
+    global _cachestat_works
+    if not _cachestat_works:
+        return None
+    span = _CachestatRange(offset, length)
+    result = _Cachestat()
+    if _libc.syscall(_SYS_CACHESTAT, ctypes.c_uint(fd), ctypes.byref(span),
+                     ctypes.byref(result), ctypes.c_uint(0)) != 0:
+        if ctypes.get_errno() in (errno.ENOSYS, errno.EPERM):
+            _cachestat_works = False  # EPERM: a seccomp filter that predates it
+        return None
+    return int(result.nr_cache)

@@ -43,6 +43,7 @@ _VALUE_OPTIONS: dict[str, Any] = {
     "cache_size": lambda v: parse_size(v, "--cache-size"),
     "min_chunk": lambda v: parse_size(v, "--min-chunk"),
     "max_chunk": lambda v: parse_size(v, "--max-chunk"),
+    "read_around": lambda v: parse_size(v, "--read-around"),
     "max_streams": lambda v: _parse_int(v, "--max-streams"),
     "attr_timeout": lambda v: _parse_seconds(v, "--attr-timeout"),
     "entry_timeout": lambda v: _parse_seconds(v, "--entry-timeout"),
@@ -184,6 +185,9 @@ def _build_parser() -> _Parser:
                        help="concurrent backing reads without pressure (default 10)")
     mount.add_argument("--min-chunk", metavar="SIZE", help="smallest chunk size (default 4K)")
     mount.add_argument("--max-chunk", metavar="SIZE", help="largest chunk size (default 1M)")
+    mount.add_argument("--read-around", metavar="SIZE",
+                       help="after a random read, put the window around it into the kernel's "
+                       "page cache when SOURCE has it cached (default 256K, 0 = off)")
     mount.add_argument("--attr-timeout", metavar="SECONDS",
                        help="how long the kernel may cache attributes (default 1)")
     mount.add_argument("--entry-timeout", metavar="SECONDS",

@@ -54,6 +54,7 @@ from stfs.descriptors import DEFAULT_LIMIT, DescriptorTable, FileReplacedError, 
 from stfs.handles import OpenFile
 from stfs.metrics import Counters, Histogram
 from stfs.pressure import CACHE_SHARE, Level
+from stfs.readaround import WINDOW_BYTES, KernelInvalidate, KernelStore, ReadAround
 from stfs.recovery import Piece, StreamVerifier
 from stfs.resources import Priority, ResourceRegistry
 from stfs.retry import DEFAULT_SETTINGS, REOPEN_ERRNOS, RetrySettings, sheds_memory
@@ -90,6 +91,8 @@ class EngineConfig:
     descriptor_limit: int = DEFAULT_LIMIT
     """Backing descriptors kept open at once (least recently used closed first)."""
     retry: RetrySettings = DEFAULT_SETTINGS
+    read_around_bytes: int = WINDOW_BYTES
+    """Window pushed into the kernel page cache around a random read (0: off)."""
 
 
 @dataclasses.dataclass
@@ -107,6 +110,8 @@ class _Stream:
     change_lock: trio.Lock = dataclasses.field(default_factory=trio.Lock)
     sequential: bool = False
     """Whether the latest request continued a sequential run."""
+    next_offset: int = 0
+    """Where the latest reply ended: a request elsewhere is a seek."""
     interrupted: bool = False
     failed: bool = False
 
@@ -132,7 +137,9 @@ class ReadEngine:
     """Serves file data for open handles through cache, budget and read-ahead."""
 
     def __init__(self, config: EngineConfig, counters: Counters, *,
-                 opener: Opener | None = None, checksums: ChecksumStore | None = None) -> None:
+                 opener: Opener | None = None, checksums: ChecksumStore | None = None,
+                 kernel_store: KernelStore | None = None,
+                 kernel_invalidate: KernelInvalidate | None = None) -> None:
         self.config = config
         self.counters = counters
         self.resources = ResourceRegistry()
@@ -173,6 +180,10 @@ class ReadEngine:
         self.backing_read_sizes: collections.Counter[int] = collections.Counter()
         self.readahead_chunks = 0
         self.readahead_hits = 0
+        self.read_around = ReadAround(
+            kernel_store if config.read_around_bytes > 0 else None, kernel_invalidate,
+            self.budget, self.pool, self.descriptors, self.resources,
+            max(PAGE, config.read_around_bytes))
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -287,13 +298,11 @@ class ReadEngine:
             counters.active_reads -= 1
         # Small files are planned as one chunk, never "sequential", but their
         # replies can still complete out of order.
-        served = self._served_identities
-        if handle.identity in served:
-            served.move_to_end(handle.identity)
-        else:
-            served[handle.identity] = None
-            if len(served) > RECENT_CHECKSUMS:
-                served.popitem(last=False)
+        self._note_served(handle.identity)
+        if (offset != stream.next_offset and self.read_around.enabled
+                and self.readahead_enabled and self._nursery is not None):
+            self._schedule_read_around(handle, stream, offset)
+        stream.next_offset = offset + len(data)
         digest = stream.verifier.served(offset, data, stream.state.chunk_size,
                                         stream.sequential or self._is_small(handle.identity))
         if digest is not None:
@@ -365,6 +374,16 @@ class ReadEngine:
                          os.fsdecode(handle.path))
             handle.identity = identity
             stream.chunk_seen = (0, 0)
+
+    def _note_served(self, identity: FileIdentity) -> None:
+        """Bytes of *identity* went to the kernel (its page cache may keep them)."""
+        served = self._served_identities
+        if identity in served:
+            served.move_to_end(identity)
+        else:
+            served[identity] = None
+            if len(served) > RECENT_CHECKSUMS:
+                served.popitem(last=False)
 
     def _may_have_read_unseen(self, handle: OpenFile, stream: _Stream, offset: int) -> bool:
         """Whether a request at *offset* may follow bytes of the old version that
@@ -841,6 +860,25 @@ class ReadEngine:
             self.resources.forget(tracked)
             stream.readahead_scopes.discard(scope)
             stream.readahead_bytes -= chunk_size
+
+    def _schedule_read_around(self, handle: OpenFile, stream: _Stream, offset: int) -> None:
+        """A seek: push the window around it into the kernel page cache (once)."""
+        identity = handle.identity
+        whole = self.whole_file_chunk(identity.size) if self._is_small(identity) else 0
+        start, size = self.read_around.window(identity, offset, whole)
+        if start < identity.size and self.read_around.wanted(identity, start):
+            assert self._nursery is not None
+            self._nursery.start_soon(self._read_around_task, handle, stream, start, size)
+
+    async def _read_around_task(self, handle: OpenFile, stream: _Stream, start: int,
+                                size: int) -> None:
+        if self._streams.get(handle.fh) is not stream:  # released before this task ran
+            return
+        try:
+            if await self.read_around.push(handle, start, size):
+                self._note_served(handle.identity)
+        except Exception:  # a background task: never take the mount down
+            log.exception("read-around of %s at %d failed", os.fsdecode(handle.path), start)
 
     # -- handles -------------------------------------------------------------
 

@@ -197,13 +197,23 @@ def kernel_read_ahead_kb(config: MountConfig) -> int:
     return max(128, min(1024, config.max_chunk // 1024))
 
 
+def _store_pages(nodeid: int, offset: int, data: memoryview) -> None:
+    """Put *data* into the kernel's page cache of *nodeid* (blocking: a worker thread)."""
+    pyfuse3.notify_store(nodeid, offset, data)  # type: ignore[arg-type]  # any buffer
+
+
+def _invalidate_pages(nodeid: int) -> None:
+    """Drop the kernel's cached pages of *nodeid* (blocking: a worker thread)."""
+    pyfuse3.invalidate_inode(nodeid, attr_only=False)
+
+
 def engine_config(config: MountConfig, nofile_soft: int = 1024) -> EngineConfig:
     return EngineConfig(memory_limit=config.memory_limit, cache_limit=config.cache_limit_bytes,
                         max_streams=config.max_streams, min_chunk=config.min_chunk,
                         max_chunk=config.max_chunk,
                         descriptor_limit=config.max_open_fds or descriptors.default_limit(
                             nofile_soft),
-                        retry=config.retry)
+                        retry=config.retry, read_around_bytes=config.read_around)
 
 
 class Daemon:
@@ -250,6 +260,8 @@ class Daemon:
             "inline_reads": engine.inline_reads,
             "readahead_chunks": engine.readahead_chunks,
             "readahead_refused": engine.budget.refused_speculative,
+            "read_around_pushes": engine.read_around.pushes,
+            "read_around_bytes": engine.read_around.pushed_bytes,
             "pressure_level": engine.level.label,
             "pressure_score": self.pressure.last_score.total if self.pressure else 0,
             "pressure_level_changes": self.pressure.level_changes if self.pressure else 0,
@@ -316,7 +328,9 @@ class Daemon:
         self.checksums = ChecksumStore(self.config.state_dir)
         self.checksums.open()
         self.engine = ReadEngine(engine_config(self.config, nofile), self.counters,
-                                 opener=backing.open_file, checksums=self.checksums)
+                                 opener=backing.open_file, checksums=self.checksums,
+                                 kernel_store=_store_pages,
+                                 kernel_invalidate=_invalidate_pages)
         state_store = StateStore(self.config.state_dir)
         learned = state_store.throughputs(backing.root_stat.st_dev)
         if learned:

@@ -51,6 +51,10 @@ COUNTERS: tuple[tuple[str, str, str], ...] = (
     ("readahead_chunks", "readahead_chunks_total", "Chunks fetched ahead of the reader."),
     ("readahead_refused", "readahead_refused_total",
      "Read-ahead chunks refused by the memory budget."),
+    ("read_around_pushes", "read_around_pushes_total",
+     "Windows around random reads put into the kernel page cache."),
+    ("read_around_bytes", "read_around_bytes_total",
+     "Bytes put into the kernel page cache around random reads."),
     ("pressure_level_changes", "pressure_level_changes_total",
      "Changes of the memory pressure level."),
 )

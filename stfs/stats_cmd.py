@@ -184,6 +184,8 @@ def render_table(stats: dict[str, Any]) -> str:
         ("inline reads", _count(s.get("inline_reads"))),
         ("read-ahead chunks", (f"{_count(s.get('readahead_chunks'))} "
                               f"({_count(s.get('readahead_refused'))} refused)")),
+        ("read-around pushes", (f"{_count(s.get('read_around_pushes'))} "
+                               f"({human_bytes(s.get('read_around_bytes'))})")),
         ("errors", _count(s.get("errors"))),
     ])
     lines += _section("Recovery", [

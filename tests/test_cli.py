@@ -126,7 +126,7 @@ def test_help_exits_zero_and_prints_usage(args: list[str]) -> None:
 def test_mount_help_lists_the_long_options() -> None:
     out = run_stfs("mount", "--help").stdout
     for option in ("--memory-limit", "--cache-size", "--max-streams", "--min-chunk",
-                   "--max-chunk", "--state-dir", "--log-level", "--log-file", "-o",
+                   "--max-chunk", "--read-around", "--state-dir", "--log-level", "--log-file", "-o",
                    "--foreground"):
         assert option in out
 
@@ -142,8 +142,9 @@ def test_version_prints_stfs_and_a_semantic_version() -> None:
 
 
 BAD_SIZES = [("--memory-limit", v) for v in ("5X", "-1", "1.5M", "", "M", "12 34", "0x10")] + [
-    (option, v) for option in ("--cache-size", "--min-chunk", "--max-chunk")
-    for v in ("5X", "-1", "1.5M", "")]
+    (option, v) for option in ("--cache-size", "--min-chunk", "--max-chunk", "--read-around")
+    for v in ("5X", "-1", "1.5M", "")] + [
+    ("--read-around", v) for v in ("2K", "300K", "2M")]  # not a power of two from 4K to 1M
 
 
 @pytest.mark.parametrize("option,value", BAD_SIZES)

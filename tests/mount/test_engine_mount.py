@@ -102,3 +102,47 @@ def test_rss_stays_under_idle_plus_limit_plus_slack(mounter, big_source: Path) -
     rss = mount.stats()["rss_bytes"]
     # SPEC: idle + limit + a small constant (16 MiB); generous slack for a bound, not a benchmark.
     assert rss <= idle + 16 * MIB + 24 * MIB, (idle, rss)  # type: ignore[operator]
+
+
+def random_preads(path: Path, offsets: list[int], size: int = 4096) -> list[bytes]:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        return [os.pread(fd, size, offset) for offset in offsets]
+    finally:
+        os.close(fd)
+
+
+def test_random_reads_are_read_around_into_the_kernel_page_cache(mounter, big_source: Path) -> None:
+    """A random 4 KiB read pushes its 256K window into the mount's page cache:
+    more reads in the same windows are answered without reaching stfs, with the
+    right bytes; a changed file is then read afresh, never from pushed pages."""
+    path = big_source / "stream.bin"
+    data = path.read_bytes()                   # SOURCE cached: pushes need that
+    mount: Mount = mounter(big_source)
+    windows = [3, 17, 40, 77]
+    offsets = [w * 256 * 1024 + k * 8192 for w in windows for k in range(20)]
+    before = mount.stats()
+    got = random_preads(mount.mountpoint / "stream.bin", offsets)
+    assert got == [data[o:o + 4096] for o in offsets]
+    stats = mount.stats()
+    assert stats["read_around_pushes"] >= 1
+    assert stats["read_around_bytes"] >= 256 * 1024
+    assert stats["reads"] - before["reads"] < len(offsets) // 2, "the pushed pages were not used"
+    new = os.urandom(len(data))
+    path.write_bytes(new)
+    os.utime(path, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns + 2_000_000_000))
+    assert random_preads(mount.mountpoint / "stream.bin", offsets) == [
+        new[o:o + 4096] for o in offsets]
+
+
+def test_read_around_off_sends_every_random_read_to_stfs(mounter, big_source: Path) -> None:
+    data = (big_source / "stream.bin").read_bytes()
+    mount: Mount = mounter(big_source, "--read-around", "0")
+    offsets = [w * 256 * 1024 + k * 8192 for w in (5, 9) for k in range(10)]
+    before = mount.stats()["reads"]
+    assert random_preads(mount.mountpoint / "stream.bin", offsets) == [
+        data[o:o + 4096] for o in offsets]
+    stats = mount.stats()
+    assert stats["read_around_pushes"] == 0
+    assert stats["reads"] - before >= len(offsets) - 2

@@ -1,0 +1,166 @@
+"""Read-around: windows around random reads pushed into the kernel page cache,
+with a fake kernel store (no FUSE)."""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from stfs.backing import cached_pages
+from stfs.engine import EngineConfig, ReadEngine
+from stfs.metrics import Counters
+from stfs.readaround import WINDOW_BYTES
+from tests.engine.test_engine import KIB, MIB, Source, read_all, run
+
+
+class FakeKernel:
+    """Records stores and invalidations; *on_store* runs inside a store."""
+
+    def __init__(self) -> None:
+        self.stores: list[tuple[int, int, bytes]] = []
+        self.invalidated: list[int] = []
+        self.threads: set[int] = set()
+        self.on_store: Any = None
+
+    def store(self, nodeid: int, offset: int, data: memoryview) -> None:
+        self.threads.add(threading.get_ident())
+        self.stores.append((nodeid, offset, bytes(data)))
+        if self.on_store is not None:
+            self.on_store()
+
+    def invalidate(self, nodeid: int) -> None:
+        self.invalidated.append(nodeid)
+
+
+def engine_with(kernel: FakeKernel, read_around: int = WINDOW_BYTES, **config: Any) -> ReadEngine:
+    cfg: dict[str, Any] = {"memory_limit": 50 * MIB, "cache_limit": 37 * MIB,
+                           "max_streams": 10, "min_chunk": 4096, "max_chunk": MIB,
+                           "read_around_bytes": read_around, **config}
+    return ReadEngine(EngineConfig(**cfg), Counters(), kernel_store=kernel.store,
+                      kernel_invalidate=kernel.invalidate)
+
+
+async def settle() -> None:
+    """Let background pushes (worker threads) finish."""
+    for _ in range(50):
+        await trio.testing.wait_all_tasks_blocked(cushion=0.01)
+    await trio.sleep(0.05)
+    await trio.testing.wait_all_tasks_blocked(cushion=0.01)
+
+
+def warm(path: os.PathLike[str]) -> None:
+    with open(path, "rb") as f:
+        while f.read(MIB):
+            pass
+
+
+def test_a_random_read_pushes_its_aligned_window_once(src: Source) -> None:
+    data = src.write("big", 8 * MIB, seed=1)
+    warm(src.root / "big")
+    kernel = FakeKernel()
+    engine = engine_with(kernel)
+
+    async def body() -> int:
+        handle = src.open("big")
+        offset = 3 * MIB + 70 * KIB
+        assert bytes(await engine.read(handle, offset, 4096)) == data[offset:offset + 4096]
+        await settle()
+        await engine.read(handle, offset + 64 * KIB, 4096)       # same window: no push
+        await settle()
+        return handle.nodeid
+
+    nodeid = run(engine, body)
+    start = 3 * MIB
+    assert kernel.stores == [(nodeid, start, data[start:start + WINDOW_BYTES])]
+    assert threading.get_ident() not in kernel.threads          # never on the event loop
+    assert engine.read_around.pushes == 1
+    assert engine.read_around.pushed_bytes == WINDOW_BYTES
+    waiting = sum(s.verifier.ahead_bytes for s in engine._streams.values())
+    assert engine.budget.held_bytes == engine.cache.cached_bytes + waiting  # buffer went back
+
+
+def test_a_sequential_reader_pushes_nothing(src: Source) -> None:
+    data = src.write("big", 4 * MIB, seed=2)
+    warm(src.root / "big")
+    kernel = FakeKernel()
+    engine = engine_with(kernel)
+
+    async def body() -> bytes:
+        got = await read_all(engine, src.open("big"), 128 * KIB)
+        await settle()
+        return got
+
+    assert run(engine, body) == data
+    assert kernel.stores == []
+
+
+def test_a_small_file_read_at_an_offset_is_pushed_whole(src: Source) -> None:
+    data = src.write("small", 300 * KIB, seed=3)
+    warm(src.root / "small")
+    kernel = FakeKernel()
+    engine = engine_with(kernel)
+
+    async def body() -> None:
+        await engine.read(src.open("small"), 200 * KIB, 4096)
+        await settle()
+
+    run(engine, body)
+    assert [(off, blob) for _, off, blob in kernel.stores] == [(0, data)]
+
+
+def test_nothing_is_pushed_that_source_does_not_have_cached(src: Source) -> None:
+    src.write("cold", 8 * MIB, seed=4)
+    kernel = FakeKernel()
+    engine = engine_with(kernel, inline_cached_reads=False)
+
+    async def body() -> None:
+        handle = src.open("cold")
+        fd = handle.fd
+        os.fsync(fd)                                            # dirty pages stay cached
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        assert await engine.read_around.push(handle, 5 * MIB, WINDOW_BYTES) == 0
+        assert cached_pages(fd, 5 * MIB, WINDOW_BYTES) == 0     # and caused no read-ahead
+
+    run(engine, body)
+    assert kernel.stores == []
+    assert engine.read_around.skipped_uncached == 1
+
+
+def test_a_file_changed_during_the_store_is_invalidated_again(src: Source) -> None:
+    src.write("moving", 4 * MIB, seed=5)
+    warm(src.root / "moving")
+    kernel = FakeKernel()
+    kernel.on_store = lambda: src.rewrite_in_place("moving", seed=6)
+    engine = engine_with(kernel)
+
+    async def body() -> int:
+        handle = src.open("moving")
+        await engine.read(handle, 2 * MIB, 4096)
+        await settle()
+        return handle.nodeid
+
+    nodeid = run(engine, body)
+    assert len(kernel.stores) == 1 and kernel.invalidated == [nodeid]
+    assert engine.read_around.pushes == 0
+
+
+@pytest.mark.parametrize("why", ["off", "pressure"])
+def test_no_push_when_off_or_under_pressure(src: Source, why: str) -> None:
+    src.write("big", 4 * MIB, seed=7)
+    warm(src.root / "big")
+    kernel = FakeKernel()
+    engine = engine_with(kernel, read_around=0 if why == "off" else WINDOW_BYTES)
+    if why == "pressure":
+        engine.readahead_enabled = False      # what heavy pressure does
+
+    async def body() -> None:
+        await engine.read(src.open("big"), 2 * MIB, 4096)
+        await settle()
+
+    run(engine, body)
+    assert kernel.stores == []
