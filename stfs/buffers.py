@@ -19,7 +19,9 @@ import ctypes
 import sys
 
 _M_MMAP_THRESHOLD = -3
-"""glibc's mallopt parameter number (malloc.h)."""
+_M_ARENA_MAX = -8
+"""glibc's mallopt parameter numbers (malloc.h)."""
+MALLOC_ARENAS = 2
 MMAP_THRESHOLD_BYTES = 64 * 1024
 """Allocations from this size up get their own mapping (chunk buffers do)."""
 
@@ -39,6 +41,9 @@ def return_freed_buffers_to_the_os(threshold: int = MMAP_THRESHOLD_BYTES) -> boo
     except (OSError, AttributeError):
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    # Worker threads (backing reads, the checksum store) would each get a malloc
+    # arena of their own, whose freed memory stays resident: two arenas do.
+    mallopt(_M_ARENA_MAX, MALLOC_ARENAS)
     return bool(mallopt(_M_MMAP_THRESHOLD, threshold))
 
 

@@ -40,6 +40,8 @@ FINE_RACY_NS = 100_000_000
 COARSE_RACY_NS = 2_000_000_000
 """Racy window when ctime is a whole second (1 s or 2 s timestamp granularity)."""
 BUSY_TIMEOUT_S = 5.0
+SQLITE_CACHE_KIB = 256
+"""sqlite page cache of the checksum store."""
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS checksums (
     dev INTEGER NOT NULL, ino INTEGER NOT NULL, size INTEGER NOT NULL,
@@ -74,6 +76,9 @@ class ChecksumStore:
                                  check_same_thread=False)
             try:
                 db.execute("PRAGMA journal_mode=WAL")
+                # Lookups are by primary key: a small page cache does, and keeps
+                # the daemon's RSS from growing with the table (default 2 MiB).
+                db.execute(f"PRAGMA cache_size=-{SQLITE_CACHE_KIB}")
                 db.execute(_SCHEMA)
                 db.execute("SELECT xxh3_128 FROM checksums LIMIT 1").fetchall()
             except BaseException:

@@ -299,7 +299,7 @@ class ReadEngine:
         # Small files are planned as one chunk, never "sequential", but their
         # replies can still complete out of order.
         self._note_served(handle.identity)
-        if (offset != stream.next_offset and self.read_around.enabled
+        if (offset != stream.next_offset and self.read_around.enabled and not handle.direct_io
                 and self.readahead_enabled and self._nursery is not None):
             self._schedule_read_around(handle, stream, offset)
         stream.next_offset = offset + len(data)

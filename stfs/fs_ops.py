@@ -165,7 +165,7 @@ class Operations(pyfuse3.Operations):
     @_fuse_errors
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         handle, keep_cache = await self.view.open(inode, flags)
-        return pyfuse3.FileInfo(fh=handle.fh, keep_cache=keep_cache)
+        return pyfuse3.FileInfo(fh=handle.fh, keep_cache=keep_cache, direct_io=handle.direct_io)
 
     @_fuse_errors
     async def read(self, fh: int, off: int, size: int) -> bytes:  # or any buffer

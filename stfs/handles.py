@@ -34,6 +34,9 @@ class OpenFile:
     """Set at release: its descriptor is closed for good."""
     seen_identity: FileIdentity | None = None
     """The newest identity anyone saw for the file (getattr); the engine acts on it."""
+    direct_io: bool = False
+    """Opened past the kernel's page cache: other handles still read an older
+    version of the file, and must never be handed this one's pages."""
 
 
 @dataclasses.dataclass

@@ -152,7 +152,12 @@ class View:
 
     async def open(self, nodeid: int, flags: int) -> tuple[OpenFile, bool]:
         """Open *nodeid* for reading; returns the handle and whether the kernel
-        may keep the pages it cached for this node (identity unchanged)."""
+        may keep the pages it cached for this node (identity unchanged).
+
+        While handles opened on an older version of the file are still open, a
+        new handle reads with direct I/O (``handle.direct_io``): the kernel's
+        page cache is shared by all handles of a node, so the new version's
+        pages would otherwise be handed to the old readers, mixing versions."""
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC):
             raise _err(errno.EROFS)
         node = self.inodes.get(nodeid)
@@ -166,9 +171,12 @@ class View:
             os.close(fd)
             raise _err(errno.ESTALE)
         identity = FileIdentity.of(st)
-        keep_cache = node.cached_identity == identity
+        older_readers = any(other.identity != identity and not other.released
+                            for other in self.handles.files_of_node(nodeid))
+        keep_cache = node.cached_identity == identity and not older_readers
         node.cached_identity = identity
         handle = self.handles.add_file(nodeid, node.path, fd, identity)
+        handle.direct_io = older_readers
         self.engine.open(handle)
         return handle, keep_cache
 

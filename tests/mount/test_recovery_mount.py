@@ -185,6 +185,29 @@ def test_a_reader_served_from_the_kernel_page_cache_gets_eio_not_the_new_rest(fa
     assert read_all(mount.mountpoint / "cached") == new
 
 
+def test_a_new_reader_of_a_rewritten_file_never_hands_its_pages_to_an_old_one(faulty, mounter) -> None:  # type: ignore[no-untyped-def]
+    """The kernel's page cache is shared by every handle of a file: a reader that
+    opened the new version must not fill it with pages the old reader then gets."""
+    old = os.urandom(8 * MIB)
+    new = os.urandom(8 * MIB)
+    path = write(faulty, "shared", old)
+    mount = stfs_over(mounter, faulty)
+    got = bytearray()
+    with open(mount.mountpoint / "shared", "rb", buffering=0) as f:
+        got += f.read(2 * MIB)
+        with faulty.held("shared"), open(path, "r+b") as w:
+            w.write(new)
+        time.sleep(1.1)  # past the attribute timeout
+        assert read_all(mount.mountpoint / "shared") == new   # a new reader, whole
+        try:
+            while chunk := f.read(MIB):
+                got += chunk
+        except OSError as exc:
+            assert exc.errno == errno.EIO
+    assert bytes(got) == old[:len(got)], "the old reader got pages of the new version"
+    assert len(got) < len(old)
+
+
 def test_a_file_appended_to_mid_read_is_read_on_to_its_new_end(faulty, mounter) -> None:  # type: ignore[no-untyped-def]
     old = os.urandom(6 * MIB)
     tail = os.urandom(MIB + 5)
