@@ -162,6 +162,8 @@ class ReadEngine:
         self._flights: dict[FileIdentity, list[_Flight]] = {}
         self._assembly_lock = trio.Lock()
         self._streams: dict[int, _Stream] = {}
+        self._by_node: dict[int, dict[int, OpenFile]] = {}
+        """Open handles by node id: the handles sharing a kernel page cache."""
         self._nursery: trio.Nursery | None = None
         self.readahead_enabled = True
         self.level = Level.NONE
@@ -300,6 +302,7 @@ class ReadEngine:
         # replies can still complete out of order.
         self._note_served(handle.identity)
         if (offset != stream.next_offset and self.read_around.enabled and not handle.direct_io
+                and is_local_block_device_id(handle.identity.dev)
                 and self.readahead_enabled and self._nursery is not None):
             self._schedule_read_around(handle, stream, offset)
         stream.next_offset = offset + len(data)
@@ -369,11 +372,29 @@ class ReadEngine:
                          "are unchanged: going on", os.fsdecode(handle.path), handle.identity,
                          identity)
             else:
+                if not handle.direct_io and self._older_readers(handle, identity):
+                    # Its replies would put the new version into the page cache
+                    # that the other handles of the file read from.
+                    if verifier.broken != identity:
+                        verifier.broken = identity
+                        self.counters.changed_files += 1
+                        log.warning("%s changed while open, and other handles still read its "
+                                    "old version: this handle's reads fail with EIO until they "
+                                    "close (a new open reads the new version)",
+                                    os.fsdecode(handle.path))
+                    raise OSError(errno.EIO, "file changed while being read")
                 verifier.reset(identity)
                 log.info("%s changed while open: serving its new version",
                          os.fsdecode(handle.path))
             handle.identity = identity
             stream.chunk_seen = (0, 0)
+
+    def _older_readers(self, handle: OpenFile, identity: FileIdentity) -> bool:
+        """Whether other handles of *handle*'s file, reading through the kernel's
+        page cache, are still on a version older than *identity*."""
+        return any(other is not handle and other.identity != identity and not other.released
+                   and not other.direct_io
+                   for other in self._by_node.get(handle.nodeid, {}).values())
 
     def _note_served(self, identity: FileIdentity) -> None:
         """Bytes of *identity* went to the kernel (its page cache may keep them)."""
@@ -885,6 +906,7 @@ class ReadEngine:
     def open(self, handle: OpenFile) -> None:
         """Track a newly opened handle's descriptor (closed at release, or
         earlier when idle and over the descriptor limit, then reopened lazily)."""
+        self._by_node.setdefault(handle.nodeid, {})[handle.fh] = handle
         self.descriptors.track(handle)
         self.resources.register(handle.fh, "descriptor", Priority.DESCRIPTOR,
                                 functools.partial(self.descriptors.close, handle))
@@ -895,12 +917,18 @@ class ReadEngine:
         """Free everything *handle* holds, speculative work first, descriptor last."""
         await self.resources.free_owner(handle.fh)
         self._drop_stream(handle.fh)
+        of_node = self._by_node.get(handle.nodeid)
+        if of_node is not None:
+            of_node.pop(handle.fh, None)
+            if not of_node:
+                del self._by_node[handle.nodeid]
 
     async def close(self) -> None:
         """Unmount: free every handle's resources, then any descriptor left."""
         await self.resources.free_all()
         for fh in list(self._streams):
             self._drop_stream(fh)
+        self._by_node.clear()
         self.descriptors.close_all()
 
     def stream_info(self, fh: int) -> dict[str, Any]:

@@ -275,6 +275,8 @@ class Daemon:
                                        if self.pressure else 0),
             "cgroup_memory_limit_bytes": self._cgroup_limit(),
             "rss_bytes": metrics.rss_bytes(),
+            "python_blocks": sys.getallocatedblocks(),
+            "buffer_pool_bytes": engine.pool.free_bytes,
             "open_fds": metrics.open_fd_count(),
             "retries": c.retries,
             "recoveries": c.recoveries,

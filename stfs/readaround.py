@@ -44,7 +44,7 @@ KernelInvalidate = Callable[[int], None]
 WINDOW_BYTES = 256 * 1024
 """Bytes pushed around a random read of a large file (aligned)."""
 _PAGE = os.sysconf("SC_PAGE_SIZE")
-PUSHED_WINDOWS = 16384
+PUSHED_WINDOWS = 4096
 """Windows remembered as pushed (per file version), so each is pushed once."""
 
 

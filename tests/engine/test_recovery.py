@@ -1238,3 +1238,31 @@ def test_a_handle_that_may_have_read_from_the_kernel_page_cache_is_not_given_the
 
     assert run(engine, body) == [errno.EIO, True, True]
     assert engine.counters.changed_files == 1
+
+
+def test_a_new_pass_waits_for_the_handles_still_on_the_old_version(src: Source) -> None:
+    """Replies go into the page cache every handle of the file reads from: a handle
+    may start over on the new version only once no other handle reads the old one."""
+    old = src.write("f", 2 * MIB, seed=20)
+    engine = pass_engine()
+
+    async def body() -> list[Any]:
+        reader, restarter = src.open("f"), src.open("f")
+        engine.open(reader)
+        engine.open(restarter)
+        assert await read_until(engine, reader, 256 * KIB) == old[:256 * KIB]
+        assert await read_until(engine, restarter, 256 * KIB) == old[:256 * KIB]
+        new = src.rewrite_in_place("f", seed=21)
+        outcomes: list[Any] = []
+        for _ in range(2):
+            try:
+                outcomes.append(bytes(await engine.read(restarter, 0, CHUNK)) == new[:CHUNK])
+            except OSError as exc:
+                outcomes.append(exc.errno)
+        await engine.release(reader)
+        outcomes.append(bytes(await engine.read(restarter, 0, CHUNK)) == new[:CHUNK])
+        await engine.release(restarter)
+        return outcomes
+
+    assert run(engine, body) == [errno.EIO, errno.EIO, True]
+    assert engine.counters.changed_files == 1

@@ -40,6 +40,15 @@ def write(fs: FaultFS, name: str, data: bytes, age_s: float = 0.0) -> Path:
     return path
 
 
+def change(fs: FaultFS, name: str, data: bytes, mode: str = "r+b", settle: bool = True) -> None:
+    """Write *data* into SOURCE's *name* in place (atomically as seen through
+    faultfs); *settle*: then wait out the attribute timeout."""
+    with fs.held(name), open(fs.backing / name, mode) as w:
+        w.write(data)
+    if settle:
+        time.sleep(1.1)
+
+
 def read_all(path: Path, request: int = MIB) -> bytes:
     with open(path, "rb", buffering=0) as f:
         chunks = []
@@ -108,14 +117,13 @@ def test_permission_errors_are_not_retried(faulty, mounter) -> None:  # type: ig
 def test_a_file_rewritten_mid_read_fails_with_eio_and_never_mixes(faulty, mounter) -> None:  # type: ignore[no-untyped-def]
     old = os.urandom(12 * MIB)
     new = os.urandom(12 * MIB)
-    path = write(faulty, "moving", old)
+    write(faulty, "moving", old)
     mount = stfs_over(mounter, faulty, allow_log=())
     got = bytearray()
     with open(mount.mountpoint / "moving", "rb", buffering=0) as f:
         for _ in range(3):
             got += f.read(MIB)
-        with faulty.held("moving"), open(path, "r+b") as w:
-            w.write(new)
+        change(faulty, "moving", new, settle=False)
         with pytest.raises(OSError) as caught:
             while chunk := f.read(MIB):
                 got += chunk
@@ -132,7 +140,7 @@ def test_a_file_rewritten_mid_read_fails_with_eio_and_never_mixes(faulty, mounte
 def test_a_random_reader_whose_bytes_were_rewritten_gets_eio_not_new_bytes(faulty, mounter) -> None:  # type: ignore[no-untyped-def]
     old = os.urandom(8 * MIB)
     new = os.urandom(8 * MIB)
-    path = write(faulty, "table", old)
+    write(faulty, "table", old)
     mount = stfs_over(mounter, faulty)
     offsets = (5 * MIB, 1 * MIB + 8192, 7 * MIB - 4096)
     fd = os.open(mount.mountpoint / "table", os.O_RDONLY)
@@ -140,9 +148,7 @@ def test_a_random_reader_whose_bytes_were_rewritten_gets_eio_not_new_bytes(fault
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
         for offset in offsets:
             assert os.pread(fd, 4096, offset) == old[offset:offset + 4096]
-        with faulty.held("table"), open(path, "r+b") as w:
-            w.write(new)
-        time.sleep(1.1)  # past the attribute timeout
+        change(faulty, "table", new)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # make the reads reach stfs
         with pytest.raises(OSError) as caught:
             os.pread(fd, 4096, 3 * MIB)
@@ -162,7 +168,7 @@ def test_a_reader_served_from_the_kernel_page_cache_gets_eio_not_the_new_rest(fa
     rewritten; the rest of that reader's pass must not be the new version."""
     old = os.urandom(8 * MIB)
     new = os.urandom(8 * MIB)
-    path = write(faulty, "cached", old)
+    write(faulty, "cached", old)
     mount = stfs_over(mounter, faulty)
     assert read_all(mount.mountpoint / "cached") == old
     reads_before = mount.stats()["reads"]
@@ -171,9 +177,7 @@ def test_a_reader_served_from_the_kernel_page_cache_gets_eio_not_the_new_rest(fa
         for _ in range(4):
             got += f.read(MIB)
         assert mount.stats()["reads"] == reads_before, "the first half did not come from the page cache"
-        with faulty.held("cached"), open(path, "r+b") as w:
-            w.write(new)
-        time.sleep(1.1)  # past the attribute timeout
+        change(faulty, "cached", new)
         try:
             while chunk := f.read(MIB):
                 got += chunk
@@ -190,14 +194,12 @@ def test_a_new_reader_of_a_rewritten_file_never_hands_its_pages_to_an_old_one(fa
     opened the new version must not fill it with pages the old reader then gets."""
     old = os.urandom(8 * MIB)
     new = os.urandom(8 * MIB)
-    path = write(faulty, "shared", old)
+    write(faulty, "shared", old)
     mount = stfs_over(mounter, faulty)
     got = bytearray()
     with open(mount.mountpoint / "shared", "rb", buffering=0) as f:
         got += f.read(2 * MIB)
-        with faulty.held("shared"), open(path, "r+b") as w:
-            w.write(new)
-        time.sleep(1.1)  # past the attribute timeout
+        change(faulty, "shared", new)
         assert read_all(mount.mountpoint / "shared") == new   # a new reader, whole
         try:
             while chunk := f.read(MIB):
@@ -211,13 +213,11 @@ def test_a_new_reader_of_a_rewritten_file_never_hands_its_pages_to_an_old_one(fa
 def test_a_file_appended_to_mid_read_is_read_on_to_its_new_end(faulty, mounter) -> None:  # type: ignore[no-untyped-def]
     old = os.urandom(6 * MIB)
     tail = os.urandom(MIB + 5)
-    path = write(faulty, "log", old)
+    write(faulty, "log", old)
     mount = stfs_over(mounter, faulty)
     with open(mount.mountpoint / "log", "rb", buffering=0) as f:
         got = f.read(2 * MIB)
-        with faulty.held("log"), open(path, "ab") as w:
-            w.write(tail)
-        time.sleep(1.1)  # past the attribute timeout, so the kernel sees the new size
+        change(faulty, "log", tail, mode="ab")
         while chunk := f.read(MIB):
             got += chunk
     assert got == old + tail
