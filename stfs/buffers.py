@@ -18,33 +18,35 @@ from __future__ import annotations
 import ctypes
 import sys
 
-_M_MMAP_THRESHOLD = -3
 _M_ARENA_MAX = -8
-"""glibc's mallopt parameter numbers (malloc.h)."""
+"""glibc's mallopt parameter number (malloc.h)."""
 MALLOC_ARENAS = 2
-MMAP_THRESHOLD_BYTES = 64 * 1024
-"""Allocations from this size up get their own mapping (chunk buffers do)."""
+HEAP_TRIM_SLACK_BYTES = 8 * 1024 * 1024
+"""Free heap beyond this (RSS over idle + held data) is given back to the OS."""
+
+_libc: ctypes.CDLL | None
+try:
+    _libc = ctypes.CDLL(None)
+    _libc.mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    _libc.malloc_trim.argtypes = (ctypes.c_size_t,)
+except (OSError, AttributeError):  # not glibc
+    _libc = None
 
 
-def return_freed_buffers_to_the_os(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
-    """Make glibc give every allocation of *threshold* bytes or more its own
-    mapping, so a freed chunk buffer leaves the RSS at once.
+def limit_malloc_arenas() -> bool:
+    """Two malloc arenas instead of one per worker thread (backing reads, the
+    checksum store): each arena keeps its freed memory resident. False when the
+    C library is not glibc."""
+    return _libc is not None and bool(_libc.mallopt(_M_ARENA_MAX, MALLOC_ARENAS))
 
-    glibc raises its mmap threshold each time a mapped block is freed, so after
-    the first evictions, 1 MiB chunk buffers come from the brk heap, where a
-    freed chunk stays resident behind any live object above it: the RSS then
-    grows well past the memory budget. Setting the threshold fixes it. Returns
-    False when the C library has no ``mallopt`` (not glibc).
-    """
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-    # Worker threads (backing reads, the checksum store) would each get a malloc
-    # arena of their own, whose freed memory stays resident: two arenas do.
-    mallopt(_M_ARENA_MAX, MALLOC_ARENAS)
-    return bool(mallopt(_M_MMAP_THRESHOLD, threshold))
+
+def trim_heap() -> bool:
+    """Give free heap memory back to the OS (``malloc_trim``: whole free pages
+    anywhere in the heap). Freed chunk buffers stay in the heap, resident, for
+    reuse without page faults; the memory monitor calls this (from a worker
+    thread) when they add up to more than ``HEAP_TRIM_SLACK_BYTES``. Returns
+    whether anything was released."""
+    return _libc is not None and bool(_libc.malloc_trim(0))
 
 
 # References to a buffer inside ``give``: the caller's variable, the parameter

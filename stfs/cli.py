@@ -187,7 +187,7 @@ def _build_parser() -> _Parser:
     mount.add_argument("--max-chunk", metavar="SIZE", help="largest chunk size (default 1M)")
     mount.add_argument("--read-around", metavar="SIZE",
                        help="after a random read, put the window around it into the kernel's "
-                       "page cache when SOURCE has it cached (default 256K, 0 = off)")
+                       "page cache when SOURCE has it cached (default 1M, 0 = off)")
     mount.add_argument("--attr-timeout", metavar="SECONDS",
                        help="how long the kernel may cache attributes (default 1)")
     mount.add_argument("--entry-timeout", metavar="SECONDS",

@@ -81,7 +81,7 @@ class MountConfig:
     max_streams: int = 10
     min_chunk: int = 4 * KIB
     max_chunk: int = 1 * MIB
-    read_around: int = 256 * KIB
+    read_around: int = 1 * MIB
     """Window pushed into the kernel page cache around a random read; 0: off."""
     metrics_listen: tuple[str, int] | None = None
     """Where to serve /metrics over HTTP, if anywhere."""
@@ -121,11 +121,9 @@ class MountConfig:
                 f"--cache-size ({format_size(self.cache_size)}) is larger than "
                 f"--memory-limit ({format_size(self.memory_limit)})"
             )
-        if self.read_around and not (4 * KIB <= self.read_around <= self.max_chunk
+        if self.read_around and not (4 * KIB <= self.read_around <= 16 * MIB
                                      and self.read_around & (self.read_around - 1) == 0):
-            raise UsageError(
-                f"--read-around must be 0 or a power of two from 4K to --max-chunk "
-                f"({format_size(self.max_chunk)})")
+            raise UsageError("--read-around must be 0 or a power of two from 4K to 16M")
         if self.max_streams < 1:
             raise UsageError("--max-streams must be at least 1")
         if not 0 <= self.attr_timeout <= 3600 or not 0 <= self.entry_timeout <= 3600:

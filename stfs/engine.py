@@ -184,17 +184,23 @@ class ReadEngine:
         self.readahead_hits = 0
         self.read_around = ReadAround(
             kernel_store if config.read_around_bytes > 0 else None, kernel_invalidate,
-            self.budget, self.pool, self.descriptors, self.resources,
-            max(PAGE, config.read_around_bytes))
+            self.budget, max(PAGE, min(config.read_around_bytes,
+                                       1 << ((config.memory_limit // 16).bit_length() - 1))))
 
     # -- lifecycle ---------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Host read-ahead tasks until cancelled (started by the daemon's nursery)."""
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            task_status.started()
-            await trio.sleep_forever()
+        """Host read-ahead tasks and the read-around worker until cancelled
+        (started by the daemon's nursery)."""
+        self.read_around.start()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self.read_around.stop)
 
     # -- pressure (steered by pressure.PressureController) ----------------------
 
@@ -302,8 +308,7 @@ class ReadEngine:
         # replies can still complete out of order.
         self._note_served(handle.identity)
         if (offset != stream.next_offset and self.read_around.enabled and not handle.direct_io
-                and is_local_block_device_id(handle.identity.dev)
-                and self.readahead_enabled and self._nursery is not None):
+                and self.readahead_enabled and is_local_block_device_id(handle.identity.dev)):
             self._schedule_read_around(handle, stream, offset)
         stream.next_offset = offset + len(data)
         digest = stream.verifier.served(offset, data, stream.state.chunk_size,
@@ -883,23 +888,14 @@ class ReadEngine:
             stream.readahead_bytes -= chunk_size
 
     def _schedule_read_around(self, handle: OpenFile, stream: _Stream, offset: int) -> None:
-        """A seek: push the window around it into the kernel page cache (once)."""
+        """A seek: offer the window around it to the kernel page cache (once)."""
         identity = handle.identity
-        whole = self.whole_file_chunk(identity.size) if self._is_small(identity) else 0
-        start, size = self.read_around.window(identity, offset, whole)
-        if start < identity.size and self.read_around.wanted(identity, start):
-            assert self._nursery is not None
-            self._nursery.start_soon(self._read_around_task, handle, stream, start, size)
-
-    async def _read_around_task(self, handle: OpenFile, stream: _Stream, start: int,
-                                size: int) -> None:
-        if self._streams.get(handle.fh) is not stream:  # released before this task ran
+        fd = self.descriptors.fd_now(handle)
+        if fd < 0:
             return
-        try:
-            if await self.read_around.push(handle, start, size):
-                self._note_served(handle.identity)
-        except Exception:  # a background task: never take the mount down
-            log.exception("read-around of %s at %d failed", os.fsdecode(handle.path), start)
+        whole = self.whole_file_chunk(identity.size) if self._is_small(identity) else 0
+        start, size = self.read_around.window(offset, whole)
+        self.read_around.offer(fd, handle.nodeid, identity, start, size)
 
     # -- handles -------------------------------------------------------------
 

@@ -325,8 +325,7 @@ class Daemon:
         except OSError as exc:
             raise path_error(self.source, exc) from None
         nofile = descriptors.raise_nofile_limit()
-        if not buffers.return_freed_buffers_to_the_os():
-            log.debug("no glibc mallopt: freed chunk buffers may stay resident")
+        buffers.limit_malloc_arenas()
         self.checksums = ChecksumStore(self.config.state_dir)
         self.checksums.open()
         self.engine = ReadEngine(engine_config(self.config, nofile), self.counters,
@@ -446,11 +445,15 @@ class Daemon:
 
     async def _control_pressure(self) -> None:
         """Sample memory and steer the engine once per ``--monitor-interval``."""
+        idle_rss = metrics.rss_bytes()
         monitor = pressure.MemoryMonitor()
-        self.pressure = pressure.PressureController(self.engine, monitor, metrics.rss_bytes())
+        self.pressure = pressure.PressureController(self.engine, monitor, idle_rss)
         while True:
             await trio.sleep(self.config.monitor_interval)
             self.pressure.tick()
+            rss = self.pressure.history[-1].rss_bytes
+            if rss - idle_rss - self.engine.held_bytes() > buffers.HEAP_TRIM_SLACK_BYTES:
+                await trio.to_thread.run_sync(buffers.trim_heap)
 
     async def _watch_signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:

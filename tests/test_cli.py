@@ -144,7 +144,7 @@ def test_version_prints_stfs_and_a_semantic_version() -> None:
 BAD_SIZES = [("--memory-limit", v) for v in ("5X", "-1", "1.5M", "", "M", "12 34", "0x10")] + [
     (option, v) for option in ("--cache-size", "--min-chunk", "--max-chunk", "--read-around")
     for v in ("5X", "-1", "1.5M", "")] + [
-    ("--read-around", v) for v in ("2K", "300K", "2M")]  # not a power of two from 4K to 1M
+    ("--read-around", v) for v in ("2K", "300K", "32M")]  # not a power of two from 4K to 16M
 
 
 @pytest.mark.parametrize("option,value", BAD_SIZES)

@@ -14,7 +14,7 @@ import trio.testing
 from stfs.backing import cached_pages
 from stfs.engine import EngineConfig, ReadEngine
 from stfs.metrics import Counters
-from stfs.readaround import WINDOW_BYTES
+from stfs.readaround import MAX_QUEUED, WINDOW_BYTES
 from tests.engine.test_engine import KIB, MIB, Source, read_all, run
 
 
@@ -45,12 +45,9 @@ def engine_with(kernel: FakeKernel, read_around: int = WINDOW_BYTES, **config: A
                       kernel_invalidate=kernel.invalidate)
 
 
-async def settle() -> None:
-    """Let background pushes (worker threads) finish."""
-    for _ in range(50):
-        await trio.testing.wait_all_tasks_blocked(cushion=0.01)
-    await trio.sleep(0.05)
-    await trio.testing.wait_all_tasks_blocked(cushion=0.01)
+async def settle(engine: ReadEngine) -> None:
+    """Let the read-around worker finish what was queued."""
+    await trio.to_thread.run_sync(engine.read_around.wait_idle)
 
 
 def warm(path: os.PathLike[str]) -> None:
@@ -69,9 +66,9 @@ def test_a_random_read_pushes_its_aligned_window_once(src: Source) -> None:
         handle = src.open("big")
         offset = 3 * MIB + 70 * KIB
         assert bytes(await engine.read(handle, offset, 4096)) == data[offset:offset + 4096]
-        await settle()
+        await settle(engine)
         await engine.read(handle, offset + 64 * KIB, 4096)       # same window: no push
-        await settle()
+        await settle(engine)
         return handle.nodeid
 
     nodeid = run(engine, body)
@@ -81,7 +78,7 @@ def test_a_random_read_pushes_its_aligned_window_once(src: Source) -> None:
     assert engine.read_around.pushes == 1
     assert engine.read_around.pushed_bytes == WINDOW_BYTES
     waiting = sum(s.verifier.ahead_bytes for s in engine._streams.values())
-    assert engine.budget.held_bytes == engine.cache.cached_bytes + waiting  # buffer went back
+    assert engine.budget.held_bytes == engine.cache.cached_bytes + waiting  # buffer given back
 
 
 def test_a_sequential_reader_pushes_nothing(src: Source) -> None:
@@ -92,7 +89,7 @@ def test_a_sequential_reader_pushes_nothing(src: Source) -> None:
 
     async def body() -> bytes:
         got = await read_all(engine, src.open("big"), 128 * KIB)
-        await settle()
+        await settle(engine)
         return got
 
     assert run(engine, body) == data
@@ -107,7 +104,7 @@ def test_a_small_file_read_at_an_offset_is_pushed_whole(src: Source) -> None:
 
     async def body() -> None:
         await engine.read(src.open("small"), 200 * KIB, 4096)
-        await settle()
+        await settle(engine)
 
     run(engine, body)
     assert [(off, blob) for _, off, blob in kernel.stores] == [(0, data)]
@@ -123,12 +120,39 @@ def test_nothing_is_pushed_that_source_does_not_have_cached(src: Source) -> None
         fd = handle.fd
         os.fsync(fd)                                            # dirty pages stay cached
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        assert await engine.read_around.push(handle, 5 * MIB, WINDOW_BYTES) == 0
+        assert engine.read_around.offer(fd, handle.nodeid, handle.identity, 5 * MIB,
+                                        WINDOW_BYTES)
+        await settle(engine)
         assert cached_pages(fd, 5 * MIB, WINDOW_BYTES) == 0     # and caused no read-ahead
 
     run(engine, body)
     assert kernel.stores == []
-    assert engine.read_around.skipped_uncached == 1
+    assert engine.read_around.skipped == 1
+
+
+def test_a_full_queue_drops_offers_without_remembering_them(src: Source) -> None:
+    src.write("big", 16 * MIB, seed=8)
+    warm(src.root / "big")
+    kernel = FakeKernel()
+    release = threading.Event()
+    kernel.on_store = release.wait            # the worker blocks in its first store
+    engine = engine_with(kernel)
+
+    async def body() -> None:
+        handle = src.open("big")
+        offers = [engine.read_around.offer(handle.fd, handle.nodeid, handle.identity,
+                                           i * WINDOW_BYTES, WINDOW_BYTES) for i in range(12)]
+        assert offers.count(True) <= 1 + MAX_QUEUED and not offers[-1]
+        assert engine.read_around.dropped >= 12 - 1 - MAX_QUEUED
+        release.set()
+        await settle(engine)
+        # a dropped window is offered again later
+        assert engine.read_around.offer(handle.fd, handle.nodeid, handle.identity,
+                                        11 * WINDOW_BYTES, WINDOW_BYTES)
+        await settle(engine)
+
+    run(engine, body)
+    assert (11 * WINDOW_BYTES) in [off for _, off, _ in kernel.stores]
 
 
 def test_a_file_changed_during_the_store_is_invalidated_again(src: Source) -> None:
@@ -141,7 +165,7 @@ def test_a_file_changed_during_the_store_is_invalidated_again(src: Source) -> No
     async def body() -> int:
         handle = src.open("moving")
         await engine.read(handle, 2 * MIB, 4096)
-        await settle()
+        await settle(engine)
         return handle.nodeid
 
     nodeid = run(engine, body)
@@ -160,7 +184,7 @@ def test_no_push_when_off_or_under_pressure(src: Source, why: str) -> None:
 
     async def body() -> None:
         await engine.read(src.open("big"), 2 * MIB, 4096)
-        await settle()
+        await settle(engine)
 
     run(engine, body)
     assert kernel.stores == []
