@@ -732,13 +732,13 @@ class ReadEngine:
         if cached is not None:
             data, identity = cached
             seconds = time.monotonic() - began
-            self.inline_reads += 1
             await trio.lowlevel.checkpoint()
         else:
             data, identity, seconds = await self._thread_read(handle, stream, buf, start,
                                                               extra_limiter)
         del buf
         self.backing_reads += 1
+        self.inline_reads += cached is not None
         self.backing_read_sizes[size] += 1
         self.latencies_s.append(seconds)
         self.recent.append((time.monotonic(), size, seconds))

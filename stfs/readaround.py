@@ -65,6 +65,7 @@ class ReadAround:
             collections.OrderedDict())
         self._queue: queue.Queue[_Item | None] = queue.Queue()
         self._thread: threading.Thread | None = None
+        self._started = False
         self._reserved = 0
         self.pushes = 0
         self.pushed_bytes = 0
@@ -80,20 +81,22 @@ class ReadAround:
     # -- lifecycle (the engine's run) ------------------------------------------
 
     def start(self) -> None:
-        """Reserve the buffer and start the worker (off if the budget has no room)."""
-        if self._store is None or self._thread is not None:
-            return
+        """Allow pushes. The worker thread, and its buffer reserved from the memory
+        budget, start with the first offer: an idle mount pays nothing for them."""
+        self._started = self._store is not None
+
+    def _start_worker(self) -> bool:
         if not self._budget.try_reserve(self.window_bytes):
-            log.info("read-around off: no room in the memory budget for its buffer")
-            self._store = None
-            return
+            return False  # no room now; a later offer tries again
         self._reserved = self.window_bytes
         self._thread = threading.Thread(target=self._work, name="stfs-read-around", daemon=True)
         self._thread.start()
+        return True
 
     def stop(self) -> None:
         """Blocking: let the worker finish its queue and end; give back the buffer.
         Called from a worker thread of trio's, before the FUSE session closes."""
+        self._started = False
         thread, self._thread = self._thread, None
         if thread is not None:
             self._queue.put(None)
@@ -118,7 +121,7 @@ class ReadAround:
     def offer(self, fd: int, nodeid: int, identity: FileIdentity, start: int, size: int) -> bool:
         """Queue the window at *start* of *identity* (read through *fd*, which is
         duplicated) unless it was pushed already or the queue is full."""
-        if self._thread is None or start >= identity.size:
+        if not self._started or start >= identity.size:
             return False
         key = (identity, start)
         if key in self._pushed:
@@ -126,6 +129,8 @@ class ReadAround:
             return False
         if self._queue.qsize() >= MAX_QUEUED:
             self.dropped += 1
+            return False
+        if self._thread is None and not self._start_worker():
             return False
         try:
             own_fd = os.dup(fd)
