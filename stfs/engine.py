@@ -112,6 +112,10 @@ class _Stream:
     """Whether the latest request continued a sequential run."""
     next_offset: int = 0
     """Where the latest reply ended: a request elsewhere is a seek."""
+    source_cached: bool = False
+    """Whether this stream's latest backing read found SOURCE's page cache holding
+    the bytes: read-ahead then only adds work (the kernel's own requests already
+    come in parallel), so it waits until a read has to wait for the device."""
     interrupted: bool = False
     failed: bool = False
 
@@ -737,6 +741,8 @@ class ReadEngine:
             data, identity, seconds = await self._thread_read(handle, stream, buf, start,
                                                               extra_limiter)
         del buf
+        if extra_limiter is None:  # a demand read: what the reader meets now
+            stream.source_cached = cached is not None
         self.backing_reads += 1
         self.inline_reads += cached is not None
         self.backing_read_sizes[size] += 1
@@ -835,7 +841,8 @@ class ReadEngine:
                             chunk_size: int) -> None:
         """Prefetch up to the stream's window of chunks, chained from *next_start*."""
         window = stream.state.readahead_chunks
-        if not self.readahead_enabled or window <= 0 or self._nursery is None:
+        if (not self.readahead_enabled or window <= 0 or self._nursery is None
+                or stream.source_cached):
             return
         identity = handle.identity
         limit_bytes = window * chunk_size

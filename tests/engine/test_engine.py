@@ -76,10 +76,11 @@ class Source:
 
 def make_engine(memory_limit: int = 50 * MIB, cache_limit: int = 37 * MIB,
                 max_streams: int = 10, min_chunk: int = 4096,
-                max_chunk: int = 1 * MIB) -> ReadEngine:
+                max_chunk: int = 1 * MIB, inline_cached_reads: bool = True) -> ReadEngine:
     return ReadEngine(EngineConfig(memory_limit=memory_limit, cache_limit=cache_limit,
                                    max_streams=max_streams, min_chunk=min_chunk,
-                                   max_chunk=max_chunk), Counters())
+                                   max_chunk=max_chunk,
+                                   inline_cached_reads=inline_cached_reads), Counters())
 
 
 def run(engine: ReadEngine, body: Callable[[], Awaitable[Any]], timeout: float = 20) -> Any:
@@ -519,7 +520,7 @@ def test_a_file_of_1_mib_or_more_streams_chunk_by_chunk(src: Source, size: int) 
 def test_a_sequential_stream_grows_its_chunks_and_read_ahead_feeds_later_reads(
         src: Source) -> None:
     data = src.write("big", 20 * MIB)
-    engine = make_engine()
+    engine = make_engine(inline_cached_reads=False)   # reads that wait, as from a device
     counters = engine.counters
 
     async def body() -> tuple[list[int], int, int]:
@@ -730,6 +731,19 @@ def test_file_changed_between_reads_fails_then_a_read_from_zero_returns_the_new_
 
     run(engine, body)
     assert engine.counters.errors == 1 and engine.counters.changed_files == 1
+
+
+def test_no_read_ahead_while_source_has_the_bytes_in_its_page_cache(src: Source) -> None:
+    """Copies from SOURCE's page cache are as quick as read-ahead would make them:
+    read-ahead would only add work (tasks, reservations, evictions)."""
+    data = src.write("big", 8 * MIB)
+    engine = make_engine()
+
+    async def body() -> bytes:
+        return await read_all(engine, src.open("big"), KERNEL_REQUEST)
+
+    assert run(engine, body) == data
+    assert engine.inline_reads > 0 and engine.readahead_chunks == 0
 
 
 def test_small_file_changed_between_reads_is_read_again_whole(src: Source) -> None:

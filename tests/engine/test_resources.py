@@ -484,7 +484,7 @@ def test_close_at_unmount_frees_every_handle(src: Source) -> None:
 def test_release_right_after_a_read_leaves_no_descriptor_open(
         src: Source) -> None:
     data = src.write("big", 8 * MIB, seed=9)
-    engine = make_engine(src)
+    engine = make_engine(src, inline_cached_reads=False)  # read-ahead runs for waiting reads
 
     async def body() -> None:
         fds_before = fd_count()

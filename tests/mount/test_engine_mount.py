@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Mount
+from tests.faultfs import faultfs_mount
 
 MIB = 1024 * 1024
 
@@ -34,17 +35,31 @@ def read_all(path: Path, block: int = 128 * 1024) -> bytes:
     return b"".join(parts)
 
 
-def test_sequential_read_grows_chunks_and_is_served_by_read_ahead(mounter, big_source: Path) -> None:
-    mount: Mount = mounter(big_source)
-    assert read_all(mount.mountpoint / "stream.bin") == (big_source / "stream.bin").read_bytes()
-    stats = mount.stats()
+def test_sequential_read_grows_chunks_and_is_served_by_read_ahead(mounter, big_source: Path,
+                                                                  tmp_path: Path) -> None:
+    """Over a SOURCE whose reads wait (faultfs: FUSE, never copied from a page
+    cache on the event loop), read-ahead keeps chunks ready for the reader."""
+    data = (big_source / "stream.bin").read_bytes()
+    with faultfs_mount(tmp_path, backing=big_source) as slow_source:
+        mount: Mount = mounter(slow_source.mountpoint)
+        assert read_all(mount.mountpoint / "stream.bin") == data
+        stats = mount.stats()
+        mount.unmount()
     chunk_sizes = {int(k): v for k, v in stats["chunk_sizes"].items()}  # type: ignore[union-attr]
     assert max(chunk_sizes) >= 512 * 1024, chunk_sizes
-    assert stats["readahead_chunks"] > 0
+    assert stats["readahead_chunks"] > 0, stats
     # Most requests found their chunk already read ahead into the cache.
     assert stats["cache_hits"] > 2 * stats["cache_misses"], stats
     assert stats["cache_bytes"] <= stats["cache_limit_bytes"]
     assert stats["bytes_served"] >= 24 * MIB
+
+
+def test_a_warm_source_is_read_without_read_ahead(mounter, big_source: Path) -> None:
+    data = (big_source / "stream.bin").read_bytes()     # in SOURCE's page cache now
+    mount: Mount = mounter(big_source)
+    assert read_all(mount.mountpoint / "stream.bin") == data
+    stats = mount.stats()
+    assert stats["inline_reads"] > 0 and stats["readahead_chunks"] == 0, stats
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="read_ahead_kb needs root")
