@@ -25,7 +25,7 @@ import functools
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, TypeVar
 
 import trio
@@ -64,6 +64,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 LATENCY_SAMPLES = 2048
 RECENT_CHECKSUMS = 4096
+SERVED_IDENTITIES = 4096
 IDENTITY_RETRIES = 4
 POOL_MAX_BYTES = 4 * 1024 * 1024
 
@@ -112,6 +113,8 @@ class _Stream:
     """Whether the latest request continued a sequential run."""
     next_offset: int = 0
     """Where the latest reply ended: a request elsewhere is a seek."""
+    noted: FileIdentity | None = None
+    """The version this stream last reported as served through the mount."""
     source_cached: bool = False
     """Whether this stream's latest backing read found SOURCE's page cache holding
     the bytes: read-ahead then only adds work (the kernel's own requests already
@@ -166,8 +169,9 @@ class ReadEngine:
         self._flights: dict[FileIdentity, list[_Flight]] = {}
         self._assembly_lock = trio.Lock()
         self._streams: dict[int, _Stream] = {}
-        self._by_node: dict[int, dict[int, OpenFile]] = {}
-        """Open handles by node id: the handles sharing a kernel page cache."""
+        self.handles_of: Callable[[int], Iterable[OpenFile]] = lambda _nodeid: ()
+        """The open handles of a node id, which share its kernel page cache (the
+        view's handle table sets this)."""
         self._nursery: trio.Nursery | None = None
         self.readahead_enabled = True
         self.level = Level.NONE
@@ -308,13 +312,15 @@ class ReadEngine:
             raise
         finally:
             counters.active_reads -= 1
-        # Small files are planned as one chunk, never "sequential", but their
-        # replies can still complete out of order.
-        self._note_served(handle.identity)
+        if stream.noted is not handle.identity:
+            self._note_served(handle.identity)
+            stream.noted = handle.identity
         if (offset != stream.next_offset and self.read_around.enabled and not handle.direct_io
                 and self.readahead_enabled and is_local_block_device_id(handle.identity.dev)):
             self._schedule_read_around(handle, stream, offset)
         stream.next_offset = offset + len(data)
+        # Small files are planned as one chunk, never "sequential", but their
+        # replies can still complete out of order.
         digest = stream.verifier.served(offset, data, stream.state.chunk_size,
                                         stream.sequential or self._is_small(handle.identity))
         if digest is not None:
@@ -403,7 +409,7 @@ class ReadEngine:
         page cache, are still on a version older than *identity*."""
         return any(other is not handle and other.identity != identity and not other.released
                    and not other.direct_io
-                   for other in self._by_node.get(handle.nodeid, {}).values())
+                   for other in self.handles_of(handle.nodeid))
 
     def _note_served(self, identity: FileIdentity) -> None:
         """Bytes of *identity* went to the kernel (its page cache may keep them)."""
@@ -412,7 +418,7 @@ class ReadEngine:
             served.move_to_end(identity)
         else:
             served[identity] = None
-            if len(served) > RECENT_CHECKSUMS:
+            if len(served) > SERVED_IDENTITIES:
                 served.popitem(last=False)
 
     def _may_have_read_unseen(self, handle: OpenFile, stream: _Stream, offset: int) -> bool:
@@ -909,7 +915,6 @@ class ReadEngine:
     def open(self, handle: OpenFile) -> None:
         """Track a newly opened handle's descriptor (closed at release, or
         earlier when idle and over the descriptor limit, then reopened lazily)."""
-        self._by_node.setdefault(handle.nodeid, {})[handle.fh] = handle
         self.descriptors.track(handle)
         self.resources.register(handle.fh, "descriptor", Priority.DESCRIPTOR,
                                 functools.partial(self.descriptors.close, handle))
@@ -920,18 +925,12 @@ class ReadEngine:
         """Free everything *handle* holds, speculative work first, descriptor last."""
         await self.resources.free_owner(handle.fh)
         self._drop_stream(handle.fh)
-        of_node = self._by_node.get(handle.nodeid)
-        if of_node is not None:
-            of_node.pop(handle.fh, None)
-            if not of_node:
-                del self._by_node[handle.nodeid]
 
     async def close(self) -> None:
         """Unmount: free every handle's resources, then any descriptor left."""
         await self.resources.free_all()
         for fh in list(self._streams):
             self._drop_stream(fh)
-        self._by_node.clear()
         self.descriptors.close_all()
 
     def stream_info(self, fh: int) -> dict[str, Any]:

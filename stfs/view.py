@@ -44,6 +44,7 @@ class View:
         self.counters = engine.counters
         self.inodes = InodeTable(backing.root_stat)
         self.handles = HandleTable()
+        engine.handles_of = self.handles.files_of_node
         self._metadata_limiter = trio.CapacityLimiter(METADATA_THREADS)
 
     async def _blocking(self, fn: Callable[..., T], *args: Any) -> T:
