@@ -553,6 +553,16 @@ def test_dd_at_aligned_unaligned_and_past_eof_offsets_gives_same_bytes(
     assert mnt.stdout == src.stdout == b""
 
 
+def test_dd_with_o_direct_reads_the_same_bytes(view: Mount, tree: Path) -> None:
+    """O_DIRECT opens bypass the kernel's page cache and reach the engine directly."""
+    data = (tree / "random.bin").read_bytes()
+    for operands, expected in ((["bs=4096"], data), (["bs=1M", "skip=1", "count=2"],
+                                                       data[1024 * 1024:3 * 1024 * 1024])):
+        _, mnt = in_both(["dd", "if=random.bin", "status=none", "iflag=direct", *operands],
+                         tree, view.mountpoint)
+        assert mnt.stdout == expected, operands
+
+
 # --- a big file -----------------------------------------------------------------------
 
 
