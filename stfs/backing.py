@@ -272,7 +272,7 @@ def pread_digest(fd: int, scratch: bytearray, start: int, end: int) -> tuple[int
     return hasher.intdigest(), got, before
 
 
-_RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
+RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 
 
 def is_local_block_device_id(dev: int) -> bool:
@@ -288,11 +288,11 @@ def pread_if_cached(fd: int, buf: bytearray, offset: int) -> tuple[bytearray, Fi
     the disk, so it may run on the event loop. Returns None when any part would
     have to come from the device (the caller then reads in a worker thread).
     """
-    if not _RWF_NOWAIT:
+    if not RWF_NOWAIT:
         return None
     before = FileIdentity.of(os.fstat(fd))
     try:
-        n = os.preadv(fd, [buf], offset, _RWF_NOWAIT)
+        n = os.preadv(fd, [buf], offset, RWF_NOWAIT)
     except OSError:  # EAGAIN: not all cached; EOPNOTSUPP: no RWF_NOWAIT here
         return None
     if n < len(buf) and offset + n < before.size:

@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 
 import trio
 
+from stfs import lru
 from stfs.backing import (
     ChunkData,
     FileIdentity,
@@ -413,13 +414,7 @@ class ReadEngine:
 
     def _note_served(self, identity: FileIdentity) -> None:
         """Bytes of *identity* went to the kernel (its page cache may keep them)."""
-        served = self._served_identities
-        if identity in served:
-            served.move_to_end(identity)
-        else:
-            served[identity] = None
-            if len(served) > SERVED_IDENTITIES:
-                served.popitem(last=False)
+        lru.remember(self._served_identities, identity, None, SERVED_IDENTITIES)
 
     def _may_have_read_unseen(self, handle: OpenFile, stream: _Stream, offset: int) -> bool:
         """Whether a request at *offset* may follow bytes of the old version that
@@ -479,10 +474,7 @@ class ReadEngine:
             self._nursery.start_soon(self._record_checksum, handle.path, identity, digest)
 
     def _remember_checksum(self, identity: FileIdentity, digest: str) -> None:
-        self.recent_checksums[identity] = digest
-        self.recent_checksums.move_to_end(identity)
-        while len(self.recent_checksums) > RECENT_CHECKSUMS:
-            self.recent_checksums.popitem(last=False)
+        lru.remember(self.recent_checksums, identity, digest, RECENT_CHECKSUMS)
 
     async def _record_checksum(self, path: bytes, identity: FileIdentity, digest: str) -> None:
         assert self.checksums is not None

@@ -30,7 +30,8 @@ import queue
 import threading
 from collections.abc import Callable
 
-from stfs.backing import _RWF_NOWAIT, FileIdentity, cached_pages
+from stfs import lru
+from stfs.backing import RWF_NOWAIT, FileIdentity, cached_pages
 from stfs.budget import MemoryBudget
 
 log = logging.getLogger(__name__)
@@ -136,9 +137,7 @@ class ReadAround:
             own_fd = os.dup(fd)
         except OSError:
             return False
-        self._pushed[key] = None
-        if len(self._pushed) > PUSHED_WINDOWS:
-            self._pushed.popitem(last=False)
+        lru.remember(self._pushed, key, None, PUSHED_WINDOWS)
         self._queue.put((own_fd, nodeid, identity, start, size))
         return True
 
@@ -175,13 +174,13 @@ class ReadAround:
         # Ask first: a RWF_NOWAIT read that misses starts read-ahead of the window
         # from the device, which is exactly the I/O read-around must never cause.
         pages = cached_pages(fd, start, wanted)
-        if pages is None or pages * _PAGE < wanted - (_PAGE - 1) or not _RWF_NOWAIT:
+        if pages is None or pages * _PAGE < wanted - (_PAGE - 1) or not RWF_NOWAIT:
             return 0
         if FileIdentity.of(os.fstat(fd)) != identity:
             return 0
         with memoryview(buf) as view, view[:wanted] as window:
             try:
-                got = os.preadv(fd, [window], start, _RWF_NOWAIT)
+                got = os.preadv(fd, [window], start, RWF_NOWAIT)
             except BlockingIOError:
                 return 0
             if got != wanted or FileIdentity.of(os.fstat(fd)) != identity:
@@ -192,8 +191,3 @@ class ReadAround:
                 self._invalidate(nodeid)
             return 0
         return wanted
-
-    def as_dict(self) -> dict[str, int]:
-        return {"pushes": self.pushes, "pushed_bytes": self.pushed_bytes,
-                "skipped": self.skipped, "dropped": self.dropped,
-                "window_bytes": self.window_bytes}
