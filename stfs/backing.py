@@ -19,9 +19,7 @@ import ctypes
 import errno
 import os
 import stat
-from typing import NamedTuple
-
-import xxhash
+from typing import NamedTuple, Protocol
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -249,11 +247,17 @@ def _preadv_full(fd: int, buf: bytearray, offset: int, flags: int) -> int:
         view.release()
 
 
-def pread_digest(fd: int, scratch: bytearray, start: int, end: int) -> tuple[int, int, FileIdentity]:
-    """xxh3-64 of the bytes ``[start, end)`` (read through *scratch*, which is
-    not resized), how many there were, and the identity they were read under."""
+class Hasher(Protocol):
+    def update(self, data: memoryview, /) -> None: ...
+    def intdigest(self) -> int: ...
+
+
+def pread_digest(fd: int, scratch: bytearray, start: int, end: int,
+                 hasher: Hasher) -> tuple[int, int, FileIdentity]:
+    """The digest *hasher* gives the bytes ``[start, end)`` (read through
+    *scratch*, which is not resized), how many there were, and the identity
+    they were read under."""
     before = FileIdentity.of(os.fstat(fd))
-    hasher = xxhash.xxh3_64()
     got = 0
     # Every view is released on the way out, even on an error: a traceback that
     # kept one alive would pin *scratch* (a chunk buffer) against resizing.

@@ -239,6 +239,7 @@ class ReadEngine:
             self._limiter.total_tokens = cap
             self._readahead_limiter.total_tokens = max(1, cap // 2)
         self.readahead_enabled = level < Level.HEAVY
+        self.read_around.pause(not self.readahead_enabled)
         if not self.readahead_enabled:
             for stream in self._streams.values():
                 stream.cancel_readahead()
@@ -458,7 +459,7 @@ class ReadEngine:
         """Re-read one served chunk (with retries) and compare its digest."""
         digest, got, read_under = await self._retrying(
             handle, stream, None,
-            lambda fd: pread_digest(fd, scratch, piece.start, piece.end))
+            lambda fd: pread_digest(fd, scratch, piece.start, piece.end, piece.hasher()))
         if read_under != identity:
             handle.seen_identity = read_under
             return "it changed again while being checked"
@@ -899,8 +900,8 @@ class ReadEngine:
         if fd < 0:
             return
         whole = self.whole_file_chunk(identity.size) if self._is_small(identity) else 0
-        start, size = self.read_around.window(offset, whole)
-        self.read_around.offer(fd, handle.nodeid, identity, start, size)
+        self.read_around.offer(fd, handle.nodeid, identity,
+                               self.read_around.window(offset, identity, whole))
 
     # -- handles -------------------------------------------------------------
 

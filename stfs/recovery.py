@@ -5,7 +5,7 @@ A ``StreamVerifier`` follows one open handle. The bytes it serves are hashed
 in file order as they go out (requests the kernel answers out of order wait
 in a small reorder buffer), with no extra read:
 
-* per chunk, an xxh3-64 digest; every ``CHECKPOINT_CHUNKS`` chunks a
+* per chunk, a digest; every ``CHECKPOINT_CHUNKS`` chunks a
   ``Checkpoint`` records the offset reached, the file identity and the xxh3 of
   the chunks since the previous one. When the stream must resume after an
   error, or finds the file's identity changed, the engine re-reads the last
@@ -17,6 +17,12 @@ in a small reorder buffer), with no extra read:
   altered bytes a random reader was served fails its later reads too;
 * for a pass that starts at offset 0 and reaches the end of the file, the
   whole file's xxh3-128, which the engine records by file identity.
+
+One pass over the bytes: a run from offset 0 feeds only the whole-file
+xxh3-128, and its chunk digests are that hash's state at each chunk's end (a
+chunk keeps a copy of the state at its start, to replay a re-read from). Only
+runs that start elsewhere hash each chunk on its own (xxh3-64). Hashing twice
+cost a fifth of the daemon's time on a warm sequential read.
 
 Pure bookkeeping: the engine does the reads and decides what a mismatch means.
 """
@@ -43,11 +49,27 @@ EARLIER_BYTES = 16 * 1024 * 1024
 
 @dataclasses.dataclass(frozen=True)
 class Piece:
-    """A chunk of a stream as served: ``[start, end)`` and its xxh3-64."""
+    """A chunk of a stream as served: ``[start, end)`` and its digest.
+
+    Without *base* the digest is the chunk's own xxh3-64; with it, the digest
+    is the xxh3-128 of the run from offset 0 through this chunk, and *base* the
+    hash state just before it."""
 
     start: int
     end: int
     digest: int
+    base: xxhash.xxh3_128 | None = dataclasses.field(default=None, compare=False, repr=False)
+
+    def hasher(self) -> xxhash.xxh3_64 | xxhash.xxh3_128:
+        """A hash to feed re-read bytes ``[start, end)`` into: its ``intdigest()``
+        equals ``digest`` when they are the bytes that were served."""
+        return xxhash.xxh3_64() if self.base is None else self.base.copy()
+
+    def digest_of(self, data: bytes | bytearray | memoryview) -> int:
+        """What *data*, all of ``[start, end)``, hashes to in this piece's scheme."""
+        hasher = self.hasher()
+        hasher.update(data)
+        return hasher.intdigest()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,11 +82,6 @@ class Checkpoint:
     """xxh3-64 of the chunk digests since the previous checkpoint."""
     last: Piece
     """The last chunk before *offset*: re-read to verify on resume."""
-
-
-def digest_of(data: bytes | bytearray | memoryview) -> int:
-    """The digest a ``Piece`` of these bytes carries."""
-    return xxhash.xxh3_64_intdigest(data)
 
 
 class StreamVerifier:
@@ -91,7 +108,11 @@ class StreamVerifier:
         self._piece_start = 0
         self._piece_hash = xxhash.xxh3_64()
         self._piece_bytes = 0
-        self._full: xxhash.xxh3_128 | None = xxhash.xxh3_128()
+        self._chain: xxhash.xxh3_128 | None = xxhash.xxh3_128()
+        """The run's hash from offset 0 (None for a run that starts elsewhere)."""
+        self._piece_base: xxhash.xxh3_128 | None = self._chain.copy()
+        self._checksum_open = True
+        """Whether ``_chain`` will be the file's checksum once it reaches the end."""
         self._ahead: dict[int, bytes] = {}
         self.ahead_bytes = 0
         self.broken: FileIdentity | None = None
@@ -137,7 +158,9 @@ class StreamVerifier:
         self._piece_start = 0
         self._piece_bytes = 0
         self._piece_hash.reset()
-        self._full = xxhash.xxh3_128()
+        self._chain = xxhash.xxh3_128()
+        self._piece_base = self._chain.copy()
+        self._checksum_open = True
         self.broken = None
         self._drop_ahead()
 
@@ -146,7 +169,7 @@ class StreamVerifier:
 
         The whole-file checksum is given up (its bytes spanned two identities)."""
         self.identity = identity
-        self._full = None
+        self._checksum_open = False
         self.checkpoint = None if self.checkpoint is None else dataclasses.replace(
             self.checkpoint, identity=identity)
 
@@ -158,7 +181,8 @@ class StreamVerifier:
         self.broken = broken
         if offset:
             self.run_start = self.position = self._piece_start = offset
-            self._full = None
+            self._chain = self._piece_base = None
+            self._checksum_open = False
 
     def served(self, offset: int, data: bytes | bytearray | memoryview, chunk_size: int,
                sequential: bool = True) -> str | None:
@@ -192,36 +216,43 @@ class StreamVerifier:
             self._release(len(waiting))
             if next_offset + len(waiting) > self.position:
                 self._feed(memoryview(waiting)[self.position - next_offset:], chunk_size)
-        if self._full is not None and self.run_start == 0 and self.position >= self.identity.size:
-            digest = self._full.hexdigest()
-            self._full = None
-            return digest
+        if self._checksum_open and self.position >= self.identity.size:
+            assert self._chain is not None and self.run_start == 0
+            self._checksum_open = False
+            return self._chain.hexdigest()
         return None
 
     def _feed(self, data: memoryview, chunk_size: int) -> None:
         """Hash bytes that start exactly at ``position``."""
-        if self._full is not None:
-            self._full.update(data)
+        hasher = self._piece_hash if self._chain is None else self._chain
         while len(data):
             room = max(1, chunk_size - self._piece_bytes)
             part = data[:room]
-            self._piece_hash.update(part)
+            hasher.update(part)
             self._piece_bytes += len(part)
             self.position += len(part)
             data = data[len(part):]
             if self._piece_bytes >= chunk_size:
                 self._close_piece()
 
+    def _current_piece(self) -> Piece:
+        """The piece being hashed now, ``[_piece_start, position)``."""
+        if self._chain is None:
+            return Piece(self._piece_start, self.position, self._piece_hash.intdigest())
+        return Piece(self._piece_start, self.position, self._chain.intdigest(), self._piece_base)
+
     def _close_piece(self) -> None:
-        piece = Piece(self._piece_start, self.position, self._piece_hash.intdigest())
+        piece = self._current_piece()
         self.pending_pieces.append(piece)
         self._piece_start = self.position
         self._piece_hash.reset()
+        if self._chain is not None:
+            self._piece_base = self._chain.copy()
         self._piece_bytes = 0
         if len(self.pending_pieces) >= CHECKPOINT_CHUNKS:
             span = xxhash.xxh3_64()
             for p in self.pending_pieces:
-                span.update(p.digest.to_bytes(8, "little"))
+                span.update(p.digest.to_bytes(16, "little"))
             self.checkpoint = Checkpoint(self.position, self.identity, span.intdigest(), piece)
             self.checkpoints += 1
             self.pending_pieces = []
@@ -261,5 +292,5 @@ class StreamVerifier:
         pieces = [self.checkpoint.last] if self.checkpoint is not None else []
         pieces.extend(self.pending_pieces)
         if self._piece_bytes:
-            pieces.append(Piece(self._piece_start, self.position, self._piece_hash.intdigest()))
+            pieces.append(self._current_piece())
         return pieces

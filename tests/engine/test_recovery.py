@@ -53,6 +53,20 @@ def xxh64(data: bytes) -> int:
     return xxhash.xxh3_64_intdigest(data)
 
 
+def chained(data: bytes, start: int, end: int) -> Piece:
+    """A piece of a run from offset 0: its digest is the xxh3-128 of the run so far."""
+    return Piece(start, end, xxhash.xxh3_128_intdigest(data[:end]))
+
+
+def assert_replayable(pieces: list[Piece], data: bytes) -> None:
+    """Each piece's digest is reproduced from the bytes it covers, and from no others."""
+    for piece in pieces:
+        served = data[piece.start:piece.end]
+        assert piece.digest_of(served) == piece.digest
+        altered = bytes([served[0] ^ 1]) + served[1:]
+        assert piece.digest_of(altered) != piece.digest
+
+
 class Reservations:
     """reserve/release for a verifier, with a tally (and an optional refusal)."""
 
@@ -109,14 +123,14 @@ def test_pieces_per_chunk_and_a_checkpoint_every_five() -> None:
     cp = v.checkpoint
     assert cp is not None
     assert (cp.offset, cp.identity) == (10 * chunk, v.identity)
-    assert cp.last == Piece(9 * chunk, 10 * chunk, xxh64(data[9 * chunk:10 * chunk]))
+    assert cp.last == chained(data, 9 * chunk, 10 * chunk)
     span = xxhash.xxh3_64()
     for i in range(5, 10):
-        span.update(xxh64(data[i * chunk:(i + 1) * chunk]).to_bytes(8, "little"))
+        span.update(chained(data, i * chunk, (i + 1) * chunk).digest.to_bytes(16, "little"))
     assert cp.digest == span.intdigest()
     assert v.pending_pieces == []
-    assert v.pieces_to_verify() == [
-        cp.last, Piece(10 * chunk, len(data), xxh64(data[10 * chunk:]))]
+    assert v.pieces_to_verify() == [cp.last, chained(data, 10 * chunk, len(data))]
+    assert_replayable(v.pieces_to_verify(), data)
 
 
 def test_pieces_to_verify_are_the_checkpointed_piece_pending_pieces_and_the_partial_one(
@@ -126,10 +140,10 @@ def test_pieces_to_verify_are_the_checkpointed_piece_pending_pieces_and_the_part
     v, _ = verifier_for(data)
     serve(v, data[:7 * chunk + 100], requests(7 * chunk + 100, 3000), chunk)
     pieces = v.pieces_to_verify()
-    expected = [Piece(i * chunk, (i + 1) * chunk, xxh64(data[i * chunk:(i + 1) * chunk]))
-                for i in (4, 5, 6)]
-    expected.append(Piece(7 * chunk, 7 * chunk + 100, xxh64(data[7 * chunk:7 * chunk + 100])))
+    expected = [chained(data, i * chunk, (i + 1) * chunk) for i in (4, 5, 6)]
+    expected.append(chained(data, 7 * chunk, 7 * chunk + 100))
     assert pieces == expected
+    assert_replayable(pieces, data)
     assert v.checkpoints == 1 and v.checkpoint is not None
     assert v.checkpoint.last == expected[0]
     assert v.pending_pieces == expected[1:3]
@@ -148,9 +162,20 @@ def test_piece_sizes_follow_the_chunk_size_passed_with_each_request() -> None:
     v.served(0, data[:4096], 4096)                   # one 4K piece
     v.served(4096, data[4096:12288], 8192)           # one 8K piece
     v.served(12288, data[12288:16384], 16384)        # a partial 16K piece
-    assert v.pieces_to_verify() == [Piece(0, 4096, xxh64(data[:4096])),
-                                    Piece(4096, 12288, xxh64(data[4096:12288])),
-                                    Piece(12288, 16384, xxh64(data[12288:16384]))]
+    assert v.pieces_to_verify() == [chained(data, 0, 4096), chained(data, 4096, 12288),
+                                    chained(data, 12288, 16384)]
+    assert_replayable(v.pieces_to_verify(), data)
+
+
+def test_a_run_that_starts_past_zero_hashes_each_piece_on_its_own() -> None:
+    data = payload(64 * KIB, 9)
+    v, _ = verifier_for(data)
+    v.served(8192, data[8192:16384], 4096, sequential=False)
+    v.served(16384, data[16384:20000], 4096)
+    assert v.pieces_to_verify() == [Piece(8192, 12288, xxh64(data[8192:12288])),
+                                    Piece(12288, 16384, xxh64(data[12288:16384])),
+                                    Piece(16384, 20000, xxh64(data[16384:20000]))]
+    assert_replayable(v.pieces_to_verify(), data)
 
 
 def test_retarget_keeps_the_checkpoints_under_the_new_identity_and_drops_the_checksum(
@@ -955,9 +980,9 @@ class Digests:
         self.lie = lie
         self._real = REAL_PREAD_DIGEST
 
-    def __call__(self, fd: int, scratch: bytearray, start: int, end: int) -> Any:
+    def __call__(self, fd: int, scratch: bytearray, start: int, end: int, hasher: Any) -> Any:
         self.calls.append((start, end))
-        digest, got, identity = self._real(fd, scratch, start, end)
+        digest, got, identity = self._real(fd, scratch, start, end, hasher)
         return (digest ^ 1 if self.lie else digest), got, identity
 
 
