@@ -8,15 +8,28 @@ about a hundred microseconds in Python. Local file systems read around a page
 fault for the same reason (mmap's fault-around).
 
 It only ever costs a memory copy: a window is pushed only when SOURCE already
-has all of it in its own page cache (``cachestat(2)``, then a
-``preadv2(RWF_NOWAIT)`` copy), never read from the device for it (so nothing
-is pushed on kernels before 6.5). The event loop only queues a window (with
-its own duplicate of the descriptor, so closing the handle cannot hand the
-number to another file); one worker thread does the copy and the store (the
-store waits for page locks that a pending read of the same pages holds until
-the event loop answers it), into one buffer reserved from the memory budget
-for good. When the queue is full the window is skipped, not remembered: a
-later read there offers it again. The bytes are checked to be of the
+has all of it in its own page cache (``cachestat(2)``; so nothing is pushed on
+kernels before 6.5), never read from the device for it. The store is written
+straight from a read-only mapping of those pages, so the kernel copies from
+SOURCE's page cache into the mount's once, with no copy through the daemon
+(that halved the time to push a window). No Python code touches the mapping:
+if the file shrinks meanwhile, the kernel's copy fails with EFAULT rather
+than a signal, and the check after the store drops what got in. The event
+loop only queues a window (with its own duplicate of the descriptor, so
+closing the handle cannot hand the number to another file); one worker
+thread maps and stores (the store waits for page locks that a pending read
+of the same pages holds until the event loop answers it); the mapping's size
+is reserved from the memory budget for good. When the queue is full the
+window is skipped, not remembered: a later read there offers it again.
+
+The window grows with the reader, as read-ahead does for a sequential one:
+every second window offered for a file version doubles the next, up to
+``MAX_GROWTH`` pieces of ``window_bytes`` (pushed one piece at a time, the
+one read first). A reader that keeps landing on
+pages not yet pushed is spread over the file, and each such landing is a
+round trip; larger windows make those few. Only pieces SOURCE has cached are
+ever pushed, so the kernel's copy never outgrows SOURCE's, and
+``pause()`` (heavy memory pressure) stops a window between pieces. The bytes are checked to be of the
 handle's version before and after the store; if the file changed meanwhile,
 the inode's cached pages are dropped again.
 """
@@ -25,13 +38,14 @@ from __future__ import annotations
 
 import collections
 import logging
+import mmap
 import os
 import queue
 import threading
 from collections.abc import Callable
 
 from stfs import lru
-from stfs.backing import RWF_NOWAIT, FileIdentity, cached_pages
+from stfs.backing import FileIdentity, cached_pages
 from stfs.budget import MemoryBudget
 
 log = logging.getLogger(__name__)
@@ -47,10 +61,14 @@ PUSHED_WINDOWS = 4096
 """Windows remembered as pushed (per file version), so each is pushed once."""
 MAX_QUEUED = 4
 """Windows waiting for the worker; beyond, offers are skipped."""
+MAX_GROWTH = 64
+"""A window grows to at most this many pieces of ``window_bytes``."""
+GROWING_FILES = 256
+"""File versions whose window growth is remembered."""
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
-_Item = tuple[int, int, FileIdentity, int, int]
-"""(descriptor, node id, identity, start, size)"""
+_Item = tuple[int, int, FileIdentity, list[tuple[int, int]]]
+"""(descriptor, node id, identity, pieces as (start, size), the one read first)"""
 
 
 class ReadAround:
@@ -64,6 +82,9 @@ class ReadAround:
         self.window_bytes = window_bytes
         self._pushed: collections.OrderedDict[tuple[FileIdentity, int], None] = (
             collections.OrderedDict())
+        self._offered: collections.OrderedDict[FileIdentity, int] = collections.OrderedDict()
+        """Windows offered per file version (how far its window has grown)."""
+        self._paused = False
         self._queue: queue.Queue[_Item | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._started = False
@@ -82,8 +103,8 @@ class ReadAround:
     # -- lifecycle (the engine's run) ------------------------------------------
 
     def start(self) -> None:
-        """Allow pushes. The worker thread, and its buffer reserved from the memory
-        budget, start with the first offer: an idle mount pays nothing for them."""
+        """Allow pushes. The worker thread, and its mapping's size reserved from
+        the memory budget, start with the first offer: an idle mount pays nothing for them."""
         self._started = self._store is not None
 
     def _start_worker(self) -> bool:
@@ -95,7 +116,7 @@ class ReadAround:
         return True
 
     def stop(self) -> None:
-        """Blocking: let the worker finish its queue and end; give back the buffer.
+        """Blocking: let the worker finish its queue and end; give back its reservation.
         Called from a worker thread of trio's, before the FUSE session closes."""
         self._started = False
         thread, self._thread = self._thread, None
@@ -106,27 +127,42 @@ class ReadAround:
             self._budget.release(self._reserved)
             self._reserved = 0
 
+    def pause(self, paused: bool) -> None:
+        """Stop pushing (from the next piece on) while *paused*; offers are refused."""
+        self._paused = paused
+
     def wait_idle(self) -> None:
         """Blocking: until every queued window is done (tests)."""
         self._queue.join()
 
     # -- the event loop's side ---------------------------------------------------
 
-    def window(self, offset: int, whole_file_bytes: int) -> tuple[int, int]:
-        """The window (start, size) to push around a read at *offset*: the whole
-        file when it is read as one chunk (*whole_file_bytes*, else 0)."""
+    def window(self, offset: int, identity: FileIdentity,
+               whole_file_bytes: int = 0) -> list[tuple[int, int]]:
+        """The pieces (start, size) of the window to push around a read at
+        *offset* of *identity*, the one holding *offset* first: the whole file
+        when it is read as one chunk (*whole_file_bytes*, else 0)."""
         if whole_file_bytes:
-            return 0, min(whole_file_bytes, self.window_bytes)
-        return offset - offset % self.window_bytes, self.window_bytes
+            return [(0, min(whole_file_bytes, self.window_bytes))]
+        piece = self.window_bytes
+        growth = min(MAX_GROWTH, 1 << (self._offered.get(identity, 0) // 2))
+        first = offset - offset % piece
+        start = offset - offset % (piece * growth)
+        end = min(start + piece * growth, identity.size)
+        return [(first, piece)] + [(at, piece) for at in range(start, end, piece) if at != first]
 
-    def offer(self, fd: int, nodeid: int, identity: FileIdentity, start: int, size: int) -> bool:
-        """Queue the window at *start* of *identity* (read through *fd*, which is
-        duplicated) unless it was pushed already or the queue is full."""
-        if not self._started or start >= identity.size:
+    def offer(self, fd: int, nodeid: int, identity: FileIdentity,
+              pieces: list[tuple[int, int]]) -> bool:
+        """Queue the *pieces* of *identity* not pushed yet (read through *fd*,
+        which is duplicated), unless none is left or the queue is full."""
+        if not self._started or self._paused:
             return False
-        key = (identity, start)
-        if key in self._pushed:
-            self._pushed.move_to_end(key)
+        fresh = [(start, size) for start, size in pieces
+                 if start < identity.size and (identity, start) not in self._pushed]
+        for start, _ in pieces:
+            if (identity, start) in self._pushed:
+                self._pushed.move_to_end((identity, start))
+        if not fresh:
             return False
         if self._queue.qsize() >= MAX_QUEUED:
             self.dropped += 1
@@ -137,57 +173,66 @@ class ReadAround:
             own_fd = os.dup(fd)
         except OSError:
             return False
-        lru.remember(self._pushed, key, None, PUSHED_WINDOWS)
-        self._queue.put((own_fd, nodeid, identity, start, size))
+        for start, _ in fresh:
+            lru.remember(self._pushed, (identity, start), None, PUSHED_WINDOWS)
+        lru.remember(self._offered, identity, self._offered.get(identity, 0) + 1, GROWING_FILES)
+        self._queue.put((own_fd, nodeid, identity, fresh))
         return True
 
     # -- the worker ----------------------------------------------------------------
 
     def _work(self) -> None:
-        buf = bytearray(self.window_bytes)
         while (item := self._queue.get()) is not None:
-            fd, nodeid, identity, start, size = item
+            fd, nodeid, identity, pieces = item
             try:
-                pushed = self._push(fd, buf, nodeid, identity, start, size)
-            except OSError as exc:  # ENOENT: the kernel forgot the node; anything else
-                log.debug("read-around of node %d at %d stopped: %r", nodeid, start, exc)
-                pushed = 0
-            except Exception:  # a worker thread: never take the mount down
-                log.exception("read-around of node %d at %d failed", nodeid, start)
-                pushed = 0
+                for start, size in pieces:
+                    if self._paused or not self._push_counted(fd, nodeid, identity, start,
+                                                              size):
+                        break
             finally:
                 os.close(fd)
                 self._queue.task_done()
-            if pushed:
-                self.pushes += 1
-                self.pushed_bytes += pushed
-            else:
-                self.skipped += 1
         self._queue.task_done()
 
-    def _push(self, fd: int, buf: bytearray, nodeid: int, identity: FileIdentity,
-              start: int, size: int) -> int:
-        """Copy the window if SOURCE has it cached, store it in the kernel's page
-        cache, and undo that if the file changed meanwhile. Returns bytes pushed."""
+    def _push_counted(self, fd: int, nodeid: int, identity: FileIdentity, start: int,
+                      size: int) -> bool:
+        """One piece, counted; whether to go on with the window's next."""
+        try:
+            pushed = self._push(fd, nodeid, identity, start, size)
+        except OSError as exc:  # ENOENT: the kernel forgot the node; anything else
+            log.debug("read-around of node %d at %d stopped: %r", nodeid, start, exc)
+            self.skipped += 1
+            return False
+        except Exception:  # a worker thread: never take the mount down
+            log.exception("read-around of node %d at %d failed", nodeid, start)
+            self.skipped += 1
+            return False
+        if pushed:
+            self.pushes += 1
+            self.pushed_bytes += pushed
+        else:
+            self.skipped += 1
+        return True
+
+    def _push(self, fd: int, nodeid: int, identity: FileIdentity, start: int, size: int) -> int:
+        """Store the piece from SOURCE's page cache if it is all there, and undo
+        that if the file changed meanwhile. Returns bytes pushed."""
         assert self._store is not None
         wanted = min(size, identity.size - start)
-        # Ask first: a RWF_NOWAIT read that misses starts read-ahead of the window
-        # from the device, which is exactly the I/O read-around must never cause.
+        # Ask first: touching pages SOURCE does not have would read them from the
+        # device, which is exactly the I/O read-around must never cause.
         pages = cached_pages(fd, start, wanted)
-        if pages is None or pages * _PAGE < wanted - (_PAGE - 1) or not RWF_NOWAIT:
+        if pages is None or pages * _PAGE < wanted - (_PAGE - 1):
             return 0
         if FileIdentity.of(os.fstat(fd)) != identity:
             return 0
-        with memoryview(buf) as view, view[:wanted] as window:
-            try:
-                got = os.preadv(fd, [window], start, RWF_NOWAIT)
-            except BlockingIOError:
-                return 0
-            if got != wanted or FileIdentity.of(os.fstat(fd)) != identity:
-                return 0
-            self._store(nodeid, start, window)
-        if FileIdentity.of(os.fstat(fd)) != identity:
-            if self._invalidate is not None:
+        try:
+            with (mmap.mmap(fd, wanted, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE,
+                            prot=mmap.PROT_READ, offset=start) as mapped,
+                  memoryview(mapped) as window):
+                self._store(nodeid, start, window)
+        finally:
+            changed = FileIdentity.of(os.fstat(fd)) != identity
+            if changed and self._invalidate is not None:
                 self._invalidate(nodeid)
-            return 0
-        return wanted
+        return 0 if changed else wanted

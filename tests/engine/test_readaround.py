@@ -14,7 +14,7 @@ import trio.testing
 from stfs.backing import cached_pages
 from stfs.engine import EngineConfig, ReadEngine
 from stfs.metrics import Counters
-from stfs.readaround import MAX_QUEUED, WINDOW_BYTES
+from stfs.readaround import MAX_GROWTH, MAX_QUEUED, WINDOW_BYTES
 from tests.engine.test_engine import KIB, MIB, Source, read_all, run
 
 
@@ -120,14 +120,90 @@ def test_nothing_is_pushed_that_source_does_not_have_cached(src: Source) -> None
         fd = handle.fd
         os.fsync(fd)                                            # dirty pages stay cached
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        assert engine.read_around.offer(fd, handle.nodeid, handle.identity, 5 * MIB,
-                                        WINDOW_BYTES)
+        assert engine.read_around.offer(fd, handle.nodeid, handle.identity,
+                                        [(5 * MIB, WINDOW_BYTES)])
         await settle(engine)
         assert cached_pages(fd, 5 * MIB, WINDOW_BYTES) == 0     # and caused no read-ahead
 
     run(engine, body)
     assert kernel.stores == []
     assert engine.read_around.skipped == 1
+
+
+def test_the_window_grows_with_a_random_reader_and_starts_where_it_reads(src: Source) -> None:
+    piece = 64 * KIB
+    data = src.write("big", 64 * MIB, seed=9)
+    warm(src.root / "big")
+    kernel = FakeKernel()
+    engine = engine_with(kernel, read_around=piece)
+    # offsets in windows no earlier window covered (each is the last piece of its window)
+    offsets = [(2 * i + 1) * 8 * MIB - piece + 100 for i in range(4)]
+
+    async def body() -> list[list[int]]:
+        handle = src.open("big")
+        windows = []
+        for offset in offsets:
+            before = len(kernel.stores)
+            assert bytes(await engine.read(handle, offset, 4096)) == data[offset:offset + 4096]
+            await settle(engine)
+            windows.append([off for _, off, _ in kernel.stores[before:]])
+        return windows
+
+    windows = run(engine, body)
+    assert [len(w) for w in windows] == [1, 1, 2, 2]      # doubles every second window
+    for offset, window in zip(offsets, windows):
+        assert window[0] == offset - offset % piece          # the piece read comes first
+        size = len(window) * piece                          # aligned to its own size
+        assert sorted(window) == list(range(offset - offset % size, offset - offset % size + size,
+                                            piece))
+    for _, off, blob in kernel.stores:
+        assert blob == data[off:off + piece]
+    assert MAX_GROWTH * piece <= 64 * MIB
+
+
+def test_growth_stops_at_max_growth_and_each_piece_is_pushed_once(src: Source) -> None:
+    piece = 4 * KIB
+    data = src.write("big", 16 * MIB, seed=10)
+    warm(src.root / "big")
+    kernel = FakeKernel()
+    engine = engine_with(kernel, read_around=piece)
+
+    async def body() -> None:
+        handle = src.open("big")
+        for i in range(16):
+            await engine.read(handle, i * MIB + 8 * KIB, 512)
+            await settle(engine)
+        again = engine.read_around.window(8 * KIB, handle.identity)
+        assert len(again) == MAX_GROWTH
+        assert not engine.read_around.offer(handle.fd, handle.nodeid, handle.identity,
+                                            again[:1])          # pushed already: not again
+
+    run(engine, body)
+    offsets = [off for _, off, _ in kernel.stores]
+    assert len(offsets) == len(set(offsets))                    # each piece pushed once
+    assert len(offsets) == sum(min(MAX_GROWTH, 1 << (n // 2)) for n in range(16))
+    assert all(blob == data[off:off + piece] for _, off, blob in kernel.stores)
+    assert len([o for o in offsets if o >= 15 * MIB]) == MAX_GROWTH   # the largest window
+
+
+def test_pause_stops_a_window_between_pieces(src: Source) -> None:
+    piece = 64 * KIB
+    src.write("big", 8 * MIB, seed=11)
+    warm(src.root / "big")
+    kernel = FakeKernel()
+    engine = engine_with(kernel, read_around=piece)
+    kernel.on_store = lambda: engine.read_around.pause(True)
+
+    async def body() -> None:
+        handle = src.open("big")
+        pieces = [(i * piece, piece) for i in range(8)]
+        assert engine.read_around.offer(handle.fd, handle.nodeid, handle.identity, pieces)
+        await settle(engine)
+        assert not engine.read_around.offer(handle.fd, handle.nodeid, handle.identity,
+                                            [(4 * MIB, piece)])        # refused while paused
+
+    run(engine, body)
+    assert len(kernel.stores) == 1
 
 
 def test_a_full_queue_drops_offers_without_remembering_them(src: Source) -> None:
@@ -141,14 +217,15 @@ def test_a_full_queue_drops_offers_without_remembering_them(src: Source) -> None
     async def body() -> None:
         handle = src.open("big")
         offers = [engine.read_around.offer(handle.fd, handle.nodeid, handle.identity,
-                                           i * WINDOW_BYTES, WINDOW_BYTES) for i in range(12)]
+                                           [(i * WINDOW_BYTES, WINDOW_BYTES)])
+                  for i in range(12)]
         assert offers.count(True) <= 1 + MAX_QUEUED and not offers[-1]
         assert engine.read_around.dropped >= 12 - 1 - MAX_QUEUED
         release.set()
         await settle(engine)
         # a dropped window is offered again later
         assert engine.read_around.offer(handle.fd, handle.nodeid, handle.identity,
-                                        11 * WINDOW_BYTES, WINDOW_BYTES)
+                                        [(11 * WINDOW_BYTES, WINDOW_BYTES)])
         await settle(engine)
 
     run(engine, body)
