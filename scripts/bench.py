@@ -618,9 +618,9 @@ def main() -> int:
     if os.geteuid() != 0:
         print("bench: needs root (drops caches, mounts)", file=sys.stderr)
         return 1
-    summary = run(args)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)  # before the run: the pressure scenario writes here
+    summary = run(args)
     (out / "bench.json").write_text(json.dumps(summary, indent=2) + "\n")
     table = markdown(summary)
     (out / "bench.md").write_text(table)

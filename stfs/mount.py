@@ -189,11 +189,12 @@ def _fuse_options(config: MountConfig, source: str) -> set[str]:
     return options
 
 
-KERNEL_MAX_BACKGROUND = 16
+KERNEL_MAX_BACKGROUND = 32
 """Read-ahead requests the kernel keeps in flight (its default is 12). One
-event loop answers them in turn, so a deeper queue only adds waiting: with 16
-readers, 64 gave p95 read latencies of 10-13 ms and 16 gave 7-8 ms at the
-same throughput (``scripts/bench``'s readers16 workload, by hand)."""
+event loop answers them in turn, so a deeper queue adds waiting: with 16
+readers (``scripts/bench --workloads readers16 --peers``) 64 gave
+1200-1300 MB/s at a p95 of 22-24 ms, 32 gave 1000-1060 MB/s at 16-17 ms,
+and 16 cut throughput to 570-800 MB/s."""
 
 
 def kernel_read_ahead_kb(config: MountConfig) -> int:
