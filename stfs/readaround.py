@@ -157,11 +157,12 @@ class ReadAround:
         which is duplicated), unless none is left or the queue is full."""
         if not self._started or self._paused:
             return False
-        fresh = [(start, size) for start, size in pieces
-                 if start < identity.size and (identity, start) not in self._pushed]
-        for start, _ in pieces:
+        fresh = []
+        for start, size in pieces:
             if (identity, start) in self._pushed:
                 self._pushed.move_to_end((identity, start))
+            elif start < identity.size:
+                fresh.append((start, size))
         if not fresh:
             return False
         if self._queue.qsize() >= MAX_QUEUED:
