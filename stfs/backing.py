@@ -321,10 +321,9 @@ _SYS_CACHESTAT = 451  # the same number on every architecture (Linux 6.5+)
 _cachestat_works = True
 
 
-def cached_pages(fd: int, offset: int, length: int) -> int | None:
-    """How many pages of ``[offset, offset + length)`` are in the page cache
-    (``cachestat(2)``: no side effect, unlike a RWF_NOWAIT read, which starts
-    read-ahead of what it misses). None where the kernel lacks cachestat."""
+def cachestat(fd: int, offset: int, length: int) -> _Cachestat | None:
+    """``cachestat(2)`` of ``[offset, offset + length)`` (length 0: to the end):
+    pages cached, dirty, evicted... None where the kernel lacks cachestat."""
     global _cachestat_works
     if not _cachestat_works:
         return None
@@ -335,4 +334,12 @@ def cached_pages(fd: int, offset: int, length: int) -> int | None:
         if ctypes.get_errno() in (errno.ENOSYS, errno.EPERM):
             _cachestat_works = False  # EPERM: a seccomp filter that predates it
         return None
-    return int(result.nr_cache)
+    return result
+
+
+def cached_pages(fd: int, offset: int, length: int) -> int | None:
+    """How many pages of ``[offset, offset + length)`` are in the page cache
+    (``cachestat(2)``: no side effect, unlike a RWF_NOWAIT read, which starts
+    read-ahead of what it misses). None where the kernel lacks cachestat."""
+    result = cachestat(fd, offset, length)
+    return None if result is None else int(result.nr_cache)

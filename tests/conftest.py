@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from stfs.mountinfo import mount_at, mounts
+from tests.pagecache import unpin_all
 
 STFS = [sys.executable, "-m", "stfs"]
 MOUNT_TIMEOUT_S = 20.0
@@ -205,6 +206,7 @@ def mounter(tmp_path: Path) -> Iterator:  # type: ignore[type-arg]
     try:
         yield make
     finally:
+        unpin_all()  # a mapped file keeps its mount busy
         for mount in reversed(mounts):
             mount.unmount()
     for mount in mounts:
@@ -235,8 +237,10 @@ def mounted(mounter, source: Path) -> Mount:  # type: ignore[no-untyped-def]
 
 @pytest.fixture(autouse=True)
 def _no_mount_left_behind(tmp_path: Path) -> Iterator[None]:
-    """Whatever a test mounted under its tmp_path (even by mistake) is gone afterwards."""
+    """Whatever a test mounted under its tmp_path (even by mistake) is gone afterwards,
+    and so is whatever it pinned in the page cache."""
     yield
+    unpin_all()
     base = os.path.realpath(tmp_path) + "/"
     for _ in range(5):
         left = [e.mountpoint for e in mounts()

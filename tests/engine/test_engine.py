@@ -23,6 +23,7 @@ from stfs.backing import Backing, FileIdentity
 from stfs.engine import EngineConfig, ReadEngine
 from stfs.handles import HandleTable, OpenFile
 from stfs.metrics import Counters
+from tests.pagecache import pin
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -737,6 +738,7 @@ def test_no_read_ahead_while_source_has_the_bytes_in_its_page_cache(src: Source)
     """Copies from SOURCE's page cache are as quick as read-ahead would make them:
     read-ahead would only add work (tasks, reservations, evictions)."""
     data = src.write("big", 8 * MIB)
+    pin(src.root / "big")
     engine = make_engine()
 
     async def body() -> bytes:

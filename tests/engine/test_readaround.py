@@ -16,6 +16,7 @@ from stfs.engine import EngineConfig, ReadEngine
 from stfs.metrics import Counters
 from stfs.readaround import MAX_GROWTH, MAX_QUEUED, WINDOW_BYTES
 from tests.engine.test_engine import KIB, MIB, Source, read_all, run
+from tests.pagecache import pin
 
 
 class FakeKernel:
@@ -51,9 +52,9 @@ async def settle(engine: ReadEngine) -> None:
 
 
 def warm(path: os.PathLike[str]) -> None:
-    with open(path, "rb") as f:
-        while f.read(MIB):
-            pass
+    """Read *path* into the page cache and keep it there for the test (pushes
+    need SOURCE's pages cached)."""
+    pin(path)
 
 
 def test_a_random_read_pushes_its_aligned_window_once(src: Source) -> None:

@@ -26,6 +26,7 @@ import pytest
 
 from stfs.mountinfo import mounts
 from tests.conftest import Mount, force_unmount
+from tests.pagecache import pinned
 
 ENTRY_TIMEOUT_S = 1.0  # stfs's default --entry-timeout / --attr-timeout
 FRESH_WITHIN_S = 2.0  # a change in SOURCE must show within the timeout plus slack
@@ -828,15 +829,6 @@ def test_open_descriptor_keeps_old_content_after_rename_replacement(mounter, tmp
         os.close(source_fd)
 
 
-def page_cache_drops() -> int:
-    """How often anyone on this machine has written 1 or 3 to drop_caches."""
-    with open("/proc/vmstat") as f:
-        for line in f:
-            if line.startswith("drop_pagecache "):
-                return int(line.split()[1])
-    return 0
-
-
 def test_unchanged_file_is_served_from_kernel_cache_on_reopen(mounter, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     src = tmp_path / "src"
     src.mkdir()
@@ -847,24 +839,15 @@ def test_unchanged_file_is_served_from_kernel_cache_on_reopen(mounter, tmp_path:
     f = m.mountpoint / "f"
     assert read(f) == old
     assert stat_int(m, "bytes_served") >= size
-    # Other programs on the machine may drop the page cache; an attempt during
-    # which that happened proves nothing, so try again.
-    outcomes = []
-    for _ in range(6):
-        drops = page_cache_drops()
-        assert read(f) == old
+    # Reclaim and drop_caches would take the pages now and then; an open
+    # without keep_cache would still drop them, pinned or not.
+    with pinned(f):
         served_1 = stat_int(m, "bytes_served")
         assert read(f) == old
         time.sleep(ENTRY_TIMEOUT_S + 0.2)  # attributes expire and are refreshed: still unchanged
         assert read(f) == old
         served_2 = stat_int(m, "bytes_served")
-        if page_cache_drops() == drops:
-            outcomes.append(served_2 - served_1)
-            if served_2 == served_1:
-                break
-    if not outcomes:
-        pytest.skip("the page cache was dropped by another program during every attempt")
-    assert outcomes[-1] == 0, f"an unchanged file was read from SOURCE again: {outcomes} bytes"
+    assert served_2 == served_1, f"an unchanged file was read from SOURCE again: {served_2 - served_1} bytes"
     served_2 = stat_int(m, "bytes_served")
     new = os.urandom(size)
     rewrite_in_place(src / "f", new)
