@@ -21,7 +21,7 @@ import sys
 _M_ARENA_MAX = -8
 """glibc's mallopt parameter number (malloc.h)."""
 MALLOC_ARENAS = 2
-HEAP_TRIM_SLACK_BYTES = 8 * 1024 * 1024
+HEAP_TRIM_SLACK_BYTES = 4 * 1024 * 1024
 """Free heap beyond this (RSS over idle + held data) is given back to the OS."""
 
 _libc: ctypes.CDLL | None
