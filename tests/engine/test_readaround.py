@@ -57,11 +57,17 @@ def warm(path: os.PathLike[str]) -> None:
     pin(path)
 
 
-def test_a_random_read_pushes_its_aligned_window_once(src: Source) -> None:
-    data = src.write("big", 8 * MIB, seed=1)
+def warm_file_engine(src: Source, size: int, seed: int,
+                     piece: int = WINDOW_BYTES) -> tuple[bytes, FakeKernel, ReadEngine]:
+    """A file "big" in SOURCE's page cache and an engine pushing *piece*-sized pieces."""
+    data = src.write("big", size, seed=seed)
     warm(src.root / "big")
     kernel = FakeKernel()
-    engine = engine_with(kernel)
+    return data, kernel, engine_with(kernel, read_around=piece)
+
+
+def test_a_random_read_pushes_its_aligned_window_once(src: Source) -> None:
+    data, kernel, engine = warm_file_engine(src, 8 * MIB, 1)
 
     async def body() -> int:
         handle = src.open("big")
@@ -83,10 +89,7 @@ def test_a_random_read_pushes_its_aligned_window_once(src: Source) -> None:
 
 
 def test_a_sequential_reader_pushes_nothing(src: Source) -> None:
-    data = src.write("big", 4 * MIB, seed=2)
-    warm(src.root / "big")
-    kernel = FakeKernel()
-    engine = engine_with(kernel)
+    data, kernel, engine = warm_file_engine(src, 4 * MIB, 2)
 
     async def body() -> bytes:
         got = await read_all(engine, src.open("big"), 128 * KIB)
@@ -129,15 +132,6 @@ def test_nothing_is_pushed_that_source_does_not_have_cached(src: Source) -> None
     run(engine, body)
     assert kernel.stores == []
     assert engine.read_around.skipped == 1
-
-
-def warm_file_engine(src: Source, size: int, seed: int,
-                     piece: int) -> tuple[bytes, FakeKernel, ReadEngine]:
-    """A file "big" in SOURCE's page cache and an engine pushing *piece*-sized pieces."""
-    data = src.write("big", size, seed=seed)
-    warm(src.root / "big")
-    kernel = FakeKernel()
-    return data, kernel, engine_with(kernel, read_around=piece)
 
 
 def test_the_window_grows_with_a_random_reader_and_starts_where_it_reads(src: Source) -> None:

@@ -12,6 +12,7 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 import xxhash
@@ -56,6 +57,16 @@ def read_all(path: Path, request: int = MIB) -> bytes:
         while chunk := f.read(request):
             chunks.append(chunk)
     return b"".join(chunks)
+
+
+def read_on_to_eio(f: BinaryIO, got: bytearray) -> None:
+    """Append what *f* reads from where it is to its end to *got*; an EIO
+    (a file that changed under its reader) ends it early."""
+    try:
+        while chunk := f.read(MIB):
+            got += chunk
+    except OSError as exc:
+        assert exc.errno == errno.EIO
 
 
 def stfs_over(mounter, fs: FaultFS, *args: str, allow_log: tuple[str, ...] = ()) -> Mount:  # type: ignore[no-untyped-def]
@@ -180,11 +191,7 @@ def test_a_reader_served_from_the_kernel_page_cache_gets_eio_not_the_new_rest(fa
                 got += f.read(MIB)
             assert mount.stats()["reads"] == reads_before, "the first half did not come from the page cache"
         change(faulty, "cached", new)
-        try:
-            while chunk := f.read(MIB):
-                got += chunk
-        except OSError as exc:
-            assert exc.errno == errno.EIO
+        read_on_to_eio(f, got)
     assert bytes(got) == old[:len(got)], "old and new bytes were mixed"
     assert len(got) < len(old)
     assert mount.stats()["changed_files"] == 1
@@ -203,11 +210,7 @@ def test_a_new_reader_of_a_rewritten_file_never_hands_its_pages_to_an_old_one(fa
         got += f.read(2 * MIB)
         change(faulty, "shared", new)
         assert read_all(mount.mountpoint / "shared") == new   # a new reader, whole
-        try:
-            while chunk := f.read(MIB):
-                got += chunk
-        except OSError as exc:
-            assert exc.errno == errno.EIO
+        read_on_to_eio(f, got)
     assert bytes(got) == old[:len(got)], "the old reader got pages of the new version"
     assert len(got) < len(old)
 
