@@ -17,6 +17,7 @@ they started), so no lock is needed.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import trio
@@ -93,3 +94,17 @@ class MemoryBudget:
         assert self.held_bytes >= 0, "released more than was reserved"
         if self.waiting:
             self._lot.unpark_all()
+
+    def statistics(self) -> BudgetStatistics:
+        return BudgetStatistics(self.limit_bytes, self.held_bytes, self.peak_held_bytes,
+                                self.refused_speculative)
+
+
+@dataclasses.dataclass(frozen=True)
+class BudgetStatistics:
+    limit_bytes: int
+    held_bytes: int
+    """File data held now: cache, in flight, read-ahead, replies."""
+    peak_held_bytes: int
+    refused_speculative: int
+    """Read-ahead reservations refused for lack of room."""

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import dataclasses
 from collections.abc import Iterator
 
 from stfs.backing import ChunkData, FileIdentity
@@ -170,3 +171,15 @@ class ChunkCache:
 
     def clear(self) -> int:
         return self.shrink_to(0)
+
+    def statistics(self) -> CacheStatistics:
+        return CacheStatistics(self.cached_bytes, self.capacity_bytes, len(self), self.evictions)
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheStatistics:
+    cached_bytes: int
+    capacity_bytes: int
+    """Capacity now (shed under pressure)."""
+    entries: int
+    evictions: int

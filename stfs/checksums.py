@@ -23,6 +23,7 @@ never a reason to fail a read.
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import sqlite3
@@ -30,7 +31,11 @@ import threading
 import time
 from pathlib import Path
 
+import trio
+
+from stfs import lru
 from stfs.backing import FileIdentity
+from stfs.metrics import Counters
 
 log = logging.getLogger(__name__)
 
@@ -153,3 +158,61 @@ class ChecksumStore:
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
+
+
+RECENT_CHECKSUMS = 4096
+"""Whole-file checksums of this session kept in memory."""
+
+
+class ChecksumRegistry:
+    """The checksums the read path computes: kept in memory, recorded in the
+    store (in a worker thread) and compared with what the store knew.
+
+    A mismatch with a recorded checksum of the same identity is logged as
+    ``SOURCE CORRUPTION`` and counted; the recorded checksum stands.
+    """
+
+    def __init__(self, store: ChecksumStore | None, counters: Counters) -> None:
+        self.store = store
+        self.counters = counters
+        self._recent: collections.OrderedDict[FileIdentity, str] = collections.OrderedDict()
+        self._nursery: trio.Nursery | None = None
+
+    def attach(self, nursery: trio.Nursery | None) -> None:
+        """Where records into the store run (None: they are not recorded)."""
+        self._nursery = nursery
+
+    def completed(self, path: bytes, identity: FileIdentity, digest: str) -> None:
+        """A pass read the whole file *identity* and its bytes hash to *digest*."""
+        self.counters.checksums_computed += 1
+        self._remember(identity, digest)
+        if self.store is not None and self._nursery is not None:
+            self._nursery.start_soon(self._record, path, identity, digest)
+
+    async def lookup(self, identity: FileIdentity) -> str | None:
+        """The known whole-file checksum of *identity* (this session or the store)."""
+        known = self._recent.get(identity)
+        if known is None and self.store is not None:
+            known = await trio.to_thread.run_sync(self.store.get, identity)
+        return known
+
+    def known(self) -> dict[FileIdentity, str]:
+        """The checksums of this session, oldest first."""
+        return dict(self._recent)
+
+    def _remember(self, identity: FileIdentity, digest: str) -> None:
+        lru.remember(self._recent, identity, digest, RECENT_CHECKSUMS)
+
+    async def _record(self, path: bytes, identity: FileIdentity, digest: str) -> None:
+        assert self.store is not None
+        try:
+            previous = await trio.to_thread.run_sync(self.store.record, identity, digest, path)
+        except Exception:  # a background task: never take the mount down
+            log.exception("could not record the checksum of %s", os.fsdecode(path))
+            return
+        if previous is not None:
+            self._remember(identity, previous)  # the recorded one stands
+            self.counters.corruptions_detected += 1
+            log.error("SOURCE CORRUPTION: %s read as xxh3-128 %s, but %s when last read with "
+                      "the same size, mtime and ctime: its bytes changed without its metadata",
+                      os.fsdecode(path), digest, previous)

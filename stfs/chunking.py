@@ -14,8 +14,9 @@ form:
 * ``StreamState`` is the per-handle part: the chunk size grows (doubles) while
   access stays sequential and falls back to the base size on a seek, as
   rclone and mountpoint-s3 do; the read-ahead window does the same.
-* ``ChunkPerformanceTracker`` keeps the last 10 chunks (size, throughput,
-  latency) and the seeds' 40/30/30 score.
+* ``ChunkPerformanceTracker`` keeps the last 10 chunk reads (size and time),
+  whose throughput drives the sizer's low-throughput factor.
+* ``RequestPlanner`` applies all of it to one request.
 """
 
 from __future__ import annotations
@@ -77,55 +78,32 @@ def power_of_two_ceil(n: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class ChunkSample:
-    """One backing read: how big, how long, how much of it was used."""
+    """One backing read: how big, how long."""
 
     size: int
     seconds: float
-    used_fraction: float = 1.0
 
     @property
     def throughput_bps(self) -> float:
         return self.size / self.seconds if self.seconds > 0 else float("inf")
 
-    @property
-    def score(self) -> float:
-        """The seeds' weighting: 40 % throughput (50 MB/s is perfect), 30 % speed
-        (1 s is zero), 30 % memory efficiency (share of the chunk actually served)."""
-        throughput = min(self.throughput_bps / (50 * MIB), 1.0) * 0.4
-        speed = max(0.0, 1.0 - self.seconds) * 0.3
-        memory = min(max(self.used_fraction, 0.0), 1.0) * 0.3
-        return throughput + speed + memory
-
 
 class ChunkPerformanceTracker:
-    """The last ``HISTORY_SIZE`` chunk reads."""
+    """The last ``HISTORY_SIZE`` chunk reads (the sizer's throughput factor)."""
 
     def __init__(self, history: int = HISTORY_SIZE) -> None:
         self._samples: collections.deque[ChunkSample] = collections.deque(maxlen=history)
 
-    def record(self, size: int, seconds: float, used_fraction: float = 1.0) -> None:
-        self._samples.append(ChunkSample(size, seconds, used_fraction))
+    def record(self, size: int, seconds: float) -> None:
+        self._samples.append(ChunkSample(size, seconds))
 
     def seed(self, throughputs_bps: list[float]) -> None:
         """Start from throughputs learned in an earlier mount (one second each)."""
         for bps in throughputs_bps:
             self._samples.append(ChunkSample(int(bps), 1.0))
 
-    def samples(self) -> list[ChunkSample]:
-        return list(self._samples)
-
     def throughputs(self) -> list[float]:
         return [s.throughput_bps for s in self._samples]
-
-    def latencies(self) -> list[float]:
-        return [s.seconds for s in self._samples]
-
-    def best_recent_size(self) -> int | None:
-        """Chunk size of the best-scoring of the last five reads (seeds' choice)."""
-        recent = list(self._samples)[-5:]
-        if not recent:
-            return None
-        return max(recent, key=lambda s: s.score).size
 
 
 class AdaptiveChunkSizer:
@@ -204,3 +182,57 @@ class StreamState:
             self.seeks = 0
         self.next_offset = max(self.next_offset, offset + size) if sequential else offset + size
         return sequential
+
+
+class RequestPlanner:
+    """Per-request chunk decisions: pure arithmetic over the sizer and stream state.
+
+    * Files under ``STREAMING_TRIGGER`` that fit one chunk are one chunk (the
+      next power of two that holds them), read whole in one backing read.
+    * A stream's base chunk is the sizer's formula for the file's size class.
+    * A request that continues a stream lets its chunk size grow; a seek falls
+      back to the base size, and a stream that keeps seeking reads the smallest
+      aligned chunk that holds each request (``random_chunk``).
+    """
+
+    def __init__(self, sizer: AdaptiveChunkSizer) -> None:
+        self.sizer = sizer
+
+    def is_small(self, file_size: int) -> bool:
+        """Whether a file of *file_size* bytes is read whole, as one chunk."""
+        return file_size < STREAMING_TRIGGER and file_size <= self.sizer.max_chunk
+
+    @staticmethod
+    def whole_file_chunk(file_size: int) -> int:
+        """A small file's one chunk: the next power of two that holds it."""
+        return max(PAGE, power_of_two_ceil(file_size))
+
+    def base_chunk(self, file_size: int, memory_use_pct: float,
+                   throughputs_bps: Iterable[float] = ()) -> int:
+        """The chunk size a new stream of the file starts with."""
+        if self.is_small(file_size):
+            return self.whole_file_chunk(file_size)
+        return self.sizer.aligned(self.sizer.base_size(file_size, memory_use_pct,
+                                                       throughputs_bps))
+
+    def random_chunk(self, offset: int, size: int) -> int:
+        """The smallest aligned chunk holding the whole request at *offset*."""
+        chunk = self.sizer.aligned(power_of_two_ceil(size))
+        while offset % chunk + size > chunk and chunk < self.sizer.max_chunk:
+            chunk *= 2
+        return self.sizer.aligned(chunk)
+
+    def plan(self, state: StreamState, file_size: int, offset: int, size: int,
+             memory_use_pct: float, tracker: ChunkPerformanceTracker,
+             max_window_chunks: int) -> tuple[int, bool]:
+        """Account a request in *state*: (chunk size to read it with, whether it
+        continues a sequential stream). *tracker*: the stream's recent reads."""
+        if self.is_small(file_size):
+            return self.whole_file_chunk(file_size), False
+        base = random_chunk = 0  # only a seek needs them; skip the arithmetic otherwise
+        if not state.is_sequential(offset, size):
+            base = self.base_chunk(file_size, memory_use_pct, tracker.throughputs())
+            random_chunk = self.random_chunk(offset, size)
+        sequential = state.observe(offset, size, base, self.sizer.cap(memory_use_pct),
+                                   max_window_chunks, random_chunk)
+        return state.chunk_size, sequential

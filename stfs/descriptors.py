@@ -18,6 +18,7 @@ of open files ever see this.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import errno
 import logging
 import os
@@ -231,9 +232,18 @@ class DescriptorTable:
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
 
-    def as_dict(self) -> dict[str, int]:
-        return {"open": self.open_count, "limit": self.limit, "reopens": self.reopens,
-                "closed_idle": self.closed_idle}
+    def statistics(self) -> DescriptorStatistics:
+        return DescriptorStatistics(self.open_count, self.limit, self.reopens, self.closed_idle)
+
+
+@dataclasses.dataclass(frozen=True)
+class DescriptorStatistics:
+    open: int
+    """Backing descriptors open now."""
+    limit: int
+    reopens: int
+    closed_idle: int
+    """Idle descriptors closed for being over the limit."""
 
 
 def _close_quietly(fd: int) -> None:

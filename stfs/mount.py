@@ -14,7 +14,6 @@ import contextlib
 import ctypes
 import errno
 import logging
-import math
 import os
 import resource
 import signal
@@ -23,7 +22,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -48,9 +46,11 @@ from stfs.config import MountConfig
 from stfs.engine import EngineConfig, ReadEngine
 from stfs.errors import EXIT_FAILURE, EXIT_OK, StfsError, path_error
 from stfs.fs_ops import Operations
+from stfs.handles import HandleTable
 from stfs.metrics import Counters
 from stfs.mountinfo import mount_at
 from stfs.state import StateStore
+from stfs.stats_doc import stats_document
 from stfs.view import View
 
 log = logging.getLogger("stfs")
@@ -237,82 +237,11 @@ class Daemon:
         self.unmount_on_exit = False
 
     def stats(self) -> dict[str, Any]:
-        """The live stats snapshot (SPEC.md's keys)."""
+        """The live stats snapshot (SPEC.md's keys; METRICS.md lists them all)."""
         assert self.view is not None
-        c = self.counters
-        handles = self.view.handles
-        engine = self.engine
-        return metrics.snapshot_json_ready({
-            "version": 1,
-            "pid": os.getpid(),
-            "source": self.source,
-            "mountpoint": self.mountpoint,
-            "bytes_served": c.bytes_served,
-            "reads": c.reads,
-            "cache_bytes": engine.cache.cached_bytes,
-            "cache_limit_bytes": engine.cache.capacity_bytes,
-            "cache_entries": len(engine.cache),
-            "cache_hits": c.cache_hits,
-            "cache_misses": c.cache_misses,
-            "memory_limit_bytes": engine.budget.limit_bytes,
-            "held_bytes": engine.budget.held_bytes,
-            "peak_held_bytes": engine.budget.peak_held_bytes,
-            "open_handles": handles.open_files,
-            "open_dirs": handles.open_dirs,
-            "known_inodes": len(self.view.inodes),
-            "active_reads": c.active_reads,
-            "backing_reads": engine.backing_reads,
-            "inline_reads": engine.inline_reads,
-            "readahead_chunks": engine.readahead_chunks,
-            "readahead_refused": engine.budget.refused_speculative,
-            "read_around_pushes": engine.read_around.pushes,
-            "read_around_bytes": engine.read_around.pushed_bytes,
-            "pressure_level": engine.level.label,
-            "pressure_score": self.pressure.last_score.total if self.pressure else 0,
-            "pressure_level_changes": self.pressure.level_changes if self.pressure else 0,
-            "concurrency_cap": engine.concurrency_cap,
-            "memory_use_pct": round(engine.memory_use_pct(), 1),
-            "metrics_port": self.metrics_port,
-            "learned_throughput_bps": [round(x) for x in engine.global_tracker.throughputs()
-                                       if math.isfinite(x)],
-            "memory_trend": self.pressure.monitor.trend() if self.pressure else "steady",
-            "rss_growth_bytes_per_s": (round(self.pressure.monitor.growth_bytes_per_s())
-                                       if self.pressure else 0),
-            "cgroup_memory_limit_bytes": self._cgroup_limit(),
-            "rss_bytes": metrics.rss_bytes(),
-            "python_blocks": sys.getallocatedblocks(),
-            "buffer_pool_bytes": engine.pool.free_bytes,
-            "open_fds": metrics.open_fd_count(),
-            "retries": c.retries,
-            "recoveries": c.recoveries,
-            "errors": c.errors,
-            "interrupted_streams": c.interrupted_streams,
-            "recovered_streams": c.interrupted_streams - c.failed_streams,
-            "failed_streams": c.failed_streams,
-            "changed_files": c.changed_files,
-            "checksums_computed": c.checksums_computed,
-            "corruptions_detected": c.corruptions_detected,
-            "resources": engine.resources.as_dict(),
-            "backing_fds": engine.descriptors.as_dict(),
-            "uptime_s": c.uptime_s(),
-            "chunk_latency_ms": engine.latency_percentiles_ms(),
-            "read_latency_seconds": engine.read_latency.as_dict(),
-            "cache_hit_ratio": round(c.cache_hits / max(1, c.cache_hits + c.cache_misses), 4),
-            "kernel_request_bytes": engine.typical_request_bytes(),
-            "kernel": self.kernel.as_dict(),
-            "chunk_sizes": {str(k): v for k, v in sorted(engine.backing_read_sizes.items())},
-            "request_sizes": {str(k): v for k, v in sorted(engine.request_sizes.items())},
-            "handles": [
-                {"fh": h.fh, "path": os.fsdecode(h.path), "bytes_read": h.bytes_read,
-                 "age_s": round(time.monotonic() - h.opened_at, 3), **engine.stream_info(h.fh)}
-                for h in handles.files()
-            ],
-        })
-
-    def _cgroup_limit(self) -> int | None:
-        if self.pressure is None or not self.pressure.monitor.snapshots:
-            return None
-        return self.pressure.monitor.snapshots[-1].cgroup_limit_bytes
+        return stats_document(source=self.source, mountpoint=self.mountpoint, view=self.view,
+                              engine=self.engine, pressure=self.pressure, kernel=self.kernel,
+                              metrics_port=self.metrics_port)
 
     def history(self) -> dict[str, Any]:
         """The pressure controller's recent samples (level, cap, RSS over time)."""
@@ -333,16 +262,18 @@ class Daemon:
         buffers.limit_malloc_arenas()
         self.checksums = ChecksumStore(self.config.state_dir)
         self.checksums.open()
+        handles = HandleTable()
         self.engine = ReadEngine(engine_config(self.config, nofile), self.counters,
                                  opener=backing.open_file, checksums=self.checksums,
                                  kernel_store=_store_pages,
-                                 kernel_invalidate=_invalidate_pages)
+                                 kernel_invalidate=_invalidate_pages,
+                                 handles_of=handles.files_of_node)
         state_store = StateStore(self.config.state_dir)
         learned = state_store.throughputs(backing.root_stat.st_dev)
         if learned:
-            self.engine.global_tracker.seed(learned)
+            self.engine.reads.tracker.seed(learned)
             log.info("starting from %d throughput samples learned in earlier mounts", len(learned))
-        self.view = View(backing, self.engine)
+        self.view = View(backing, self.engine, handles)
         ops = Operations(self.view, self.config.attr_timeout, self.config.entry_timeout)
         try:
             with _captured_stderr() as libfuse_said:
@@ -362,7 +293,7 @@ class Daemon:
             finally:
                 pyfuse3.close(unmount=self.unmount_on_exit)
                 state_store.save_throughputs(backing.root_stat.st_dev,
-                                             self.engine.global_tracker.throughputs())
+                                             self.engine.reads.tracker.throughputs())
                 log.info("unmounted %s", self.summary())
         finally:
             self.view.close()

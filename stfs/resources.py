@@ -157,9 +157,22 @@ class ResourceRegistry:
     def owners(self) -> int:
         return len(self._by_owner)
 
-    def as_dict(self) -> dict[str, object]:
-        return {"tracked": self.counts(), "tracked_total": self.total(),
-                "freed": dict(sorted(self.freed.items())), "sweeps": self.sweeps,
-                "swept": self.swept, "emergency_cleanups": self.emergency_cleanups,
-                "free_errors": self.free_errors}
+    def statistics(self) -> ResourceStatistics:
+        return ResourceStatistics(self.counts(), self.total(), dict(sorted(self.freed.items())),
+                                  self.sweeps, self.swept, self.emergency_cleanups,
+                                  self.free_errors)
+
+
+@dataclasses.dataclass(frozen=True)
+class ResourceStatistics:
+    tracked: dict[str, int]
+    """Resources tracked now, by kind."""
+    tracked_total: int
+    freed: dict[str, int]
+    """Resources freed so far, by kind."""
+    sweeps: int
+    swept: int
+    """Resources the periodic sweep freed."""
+    emergency_cleanups: int
+    free_errors: int
 

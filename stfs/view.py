@@ -38,13 +38,14 @@ def _err(code: int) -> OSError:
 class View:
     """SOURCE as the kernel sees it through this mount."""
 
-    def __init__(self, backing: Backing, engine: ReadEngine) -> None:
+    def __init__(self, backing: Backing, engine: ReadEngine,
+                 handles: HandleTable | None = None) -> None:
+        """*handles*: the handle table the engine was given (``handles_of``)."""
         self.backing = backing
         self.engine = engine
         self.counters = engine.counters
         self.inodes = InodeTable(backing.root_stat)
-        self.handles = HandleTable()
-        engine.handles_of = self.handles.files_of_node
+        self.handles = handles if handles is not None else HandleTable()
         self._metadata_limiter = trio.CapacityLimiter(METADATA_THREADS)
 
     async def _blocking(self, fn: Callable[..., T], *args: Any) -> T:

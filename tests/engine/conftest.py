@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.engine.test_engine import Source
+from tests.engine.helpers import Source
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@ then through the engine with many more open handles than the limit."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
@@ -14,24 +15,21 @@ import pytest
 import trio
 import trio.testing
 
-import stfs.backing
-import stfs.engine
 from stfs import descriptors
+from stfs.backing_reads import BackingReader
 from stfs.descriptors import DescriptorTable, default_limit, raise_nofile_limit
-from stfs.engine import EngineConfig, ReadEngine
+from stfs.engine import ReadEngine
 from stfs.handles import OpenFile
-from stfs.metrics import Counters
-from tests.engine.test_engine import (
+from tests.engine.fakes import FakeBacking
+from tests.engine.helpers import (
     KIB,
     MIB,
     Source,
+    fd_count,
+    make_engine,
     read_to_size,
     run,
 )
-
-
-def fd_count() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 def fd_is_open(fd: int) -> bool:
@@ -144,7 +142,7 @@ def test_trim_closes_least_recently_used_idle_descriptors_and_pin_reopens(
         await table.trim()                                   # pinned f1 stays open
         assert handles[1].fd >= 0
         table.unpin(handles[1])
-        assert table.as_dict() == {"open": 3, "limit": 3, "reopens": 1, "closed_idle": 4}
+        assert dataclasses.asdict(table.statistics()) == {"open": 3, "limit": 3, "reopens": 1, "closed_idle": 4}
         table.close_all()
         assert table.open_count == 0 and all(h.fd == -1 for h in handles)
 
@@ -291,10 +289,10 @@ def test_concurrent_pins_of_a_closed_descriptor_reopen_it_once(
 
 # -- through the engine -----------------------------------------------------------------
 
-def limited_engine(source: Source, limit: int = 16, **extra: Any) -> ReadEngine:
-    return ReadEngine(EngineConfig(memory_limit=64 * MIB, cache_limit=48 * MIB, max_streams=8,
-                                   min_chunk=4096, max_chunk=1 * MIB, descriptor_limit=limit,
-                                   **extra), Counters(), opener=source.backing.open_file)
+def limited_engine(source: Source, limit: int = 16, reader: BackingReader | None = None,
+                   **extra: Any) -> ReadEngine:
+    return make_engine(source, reader=reader, memory_limit=64 * MIB, cache_limit=48 * MIB,
+                       max_streams=8, descriptor_limit=limit, **extra)
 
 
 def test_a_hundred_handles_under_a_limit_of_sixteen_read_exactly(
@@ -341,9 +339,7 @@ def test_the_limit_holds_with_inline_page_cache_reads(
     for i, name in enumerate(names):
         src.write(name, 48 * KIB + i, seed=i)
     # whatever the file system under the test: a local disk with every page cached
-    monkeypatch.setattr(stfs.engine, "is_local_block_device_id", lambda dev: True)
-    monkeypatch.setattr(stfs.engine, "pread_if_cached", stfs.backing.pread_identified)
-    engine = limited_engine(src)                 # inline_cached_reads: the default
+    engine = limited_engine(src, reader=FakeBacking(local=True, cached=True))
 
     async def body() -> int:
         fds_before = fd_count()

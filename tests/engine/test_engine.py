@@ -5,177 +5,30 @@ cache hits, budget peak) as the evidence."""
 from __future__ import annotations
 
 import errno
-import os
 import random
-import threading
-import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 import trio.testing
 
-import stfs.backing
-import stfs.engine
-from stfs.backing import Backing, FileIdentity
-from stfs.engine import EngineConfig, ReadEngine
-from stfs.handles import HandleTable, OpenFile
-from stfs.metrics import Counters
+from stfs.engine import ReadEngine
+from stfs.handles import OpenFile
+from tests.engine.fakes import FakeBacking
+from tests.engine.helpers import (
+    KERNEL_REQUEST,
+    KIB,
+    LARGE_REQUEST,
+    MIB,
+    Source,
+    make_engine,
+    read_all,
+    read_to_size,
+    run,
+    wait_until,
+)
 from tests.pagecache import pin
-
-KIB = 1024
-MIB = 1024 * KIB
-KERNEL_REQUEST = 128 * KIB       # what the kernel sends by default (read_ahead_kb)
-LARGE_REQUEST = 1 * MIB          # what it sends with max_pages 256
-
-
-def payload(size: int, seed: int) -> bytes:
-    return random.Random(seed).randbytes(size)
-
-
-class Source:
-    """A temporary SOURCE directory with files, opened the way View.open does."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.backing = Backing(str(root))
-        self.handles = HandleTable()
-        self.data: dict[str, bytes] = {}
-        self._nodeids: dict[str, int] = {}
-
-    def write(self, name: str, size: int, seed: int | None = None) -> bytes:
-        data = payload(size, seed if seed is not None else size ^ len(name))
-        (self.root / name).write_bytes(data)
-        self.data[name] = data
-        return data
-
-    def rewrite_in_place(self, name: str, seed: int) -> bytes:
-        """New bytes of the same size in the same inode, with a later mtime."""
-        path = self.root / name
-        st = path.stat()
-        data = payload(st.st_size, seed)
-        with open(path, "r+b") as f:
-            f.write(data)
-        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
-        self.data[name] = data
-        return data
-
-    def identity(self, name: str) -> FileIdentity:
-        return FileIdentity.of(os.stat(self.root / name))
-
-    def open(self, name: str) -> OpenFile:
-        fd, st = self.backing.open_file(name.encode())
-        nodeid = self._nodeids.setdefault(name, len(self._nodeids) + 2)
-        return self.handles.add_file(nodeid, name.encode(), fd, FileIdentity.of(st))
-
-    def close(self) -> None:
-        self.handles.close_all()
-        self.backing.close()
-
-
-def make_engine(memory_limit: int = 50 * MIB, cache_limit: int = 37 * MIB,
-                max_streams: int = 10, min_chunk: int = 4096,
-                max_chunk: int = 1 * MIB, inline_cached_reads: bool = True) -> ReadEngine:
-    return ReadEngine(EngineConfig(memory_limit=memory_limit, cache_limit=cache_limit,
-                                   max_streams=max_streams, min_chunk=min_chunk,
-                                   max_chunk=max_chunk,
-                                   inline_cached_reads=inline_cached_reads), Counters())
-
-
-def run(engine: ReadEngine, body: Callable[[], Awaitable[Any]], timeout: float = 20) -> Any:
-    """Run *body* under trio with the engine's background tasks (read-ahead) hosted."""
-    result: list[Any] = []
-
-    async def main() -> None:
-        with trio.fail_after(timeout):
-            async with trio.open_nursery() as nursery:
-                await nursery.start(engine.run)
-                result.append(await body())
-                nursery.cancel_scope.cancel()
-
-    trio.run(main)
-    return result[0]
-
-
-async def read_all(engine: ReadEngine, handle: OpenFile, request: int,
-                   start: int = 0) -> bytes:
-    """Read like a program does: back-to-back requests until a short/empty reply.
-
-    Between requests the event loop runs (in the daemon it waits for the
-    kernel's next request), which is when read-ahead tasks make progress."""
-    out = bytearray()
-    offset = start
-    while True:
-        got = await engine.read(handle, offset, request)
-        out += got
-        offset += len(got)
-        await trio.lowlevel.checkpoint()
-        if len(got) < request:
-            return bytes(out)
-
-
-async def read_to_size(engine: ReadEngine, handle: OpenFile, request: int) -> bytes:
-    """Read like the kernel does: it knows the size and never asks past the end."""
-    out = bytearray()
-    size = handle.identity.size
-    while len(out) < size:
-        got = await engine.read(handle, len(out), min(request, size - len(out)))
-        assert len(got) > 0
-        out += got
-        await trio.lowlevel.checkpoint()
-    return bytes(out)
-
-
-class SlowBacking:
-    """Stands in for ``stfs.engine.pread_identified`` (worker-thread reads).
-
-    Records every backing read, can sleep in the worker thread, and can hold
-    chosen reads (before or after reading the bytes) until ``release()``. The
-    page-cache fast path is switched off so every read goes through here.
-    """
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch, delay: float = 0.0) -> None:
-        self.original = stfs.backing.pread_identified
-        self.delay = delay
-        self.calls: list[tuple[int, int]] = []
-        self.hold_before: Callable[[int, int], bool] = lambda offset, n: False
-        self.hold_after: Callable[[int, int], bool] = lambda offset, n: False
-        self.held = 0
-        self.gate = threading.Event()
-        self._lock = threading.Lock()
-        monkeypatch.setattr(stfs.engine, "pread_identified", self)
-        monkeypatch.setattr(stfs.engine, "pread_if_cached", lambda *a: None, raising=False)
-
-    def __call__(self, fd: int, size_or_buf: Any, offset: int, *rest: Any) -> Any:
-        n = size_or_buf if isinstance(size_or_buf, int) else len(size_or_buf)
-        with self._lock:
-            self.calls.append((offset, n))
-            index = len(self.calls)
-        if self.hold_before(offset, index):
-            self._wait()
-        if self.delay:
-            time.sleep(self.delay)
-        result = self.original(fd, size_or_buf, offset, *rest)
-        if self.hold_after(offset, index):
-            self._wait()
-        return result
-
-    def _wait(self) -> None:
-        with self._lock:
-            self.held += 1
-        self.gate.wait(10)  # bounded: a failing test must not hang the run
-
-    def release(self) -> None:
-        self.gate.set()
-
-
-async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    with trio.fail_after(timeout):
-        while not predicate():
-            await trio.sleep(0.005)
-
 
 # -- correctness over real files ------------------------------------------------------
 
@@ -407,9 +260,7 @@ def test_a_read_past_end_of_file_does_not_leave_the_cache_unable_to_make_room(
 def test_concurrent_readers_of_one_missing_chunk_cause_one_backing_read(
         src: Source, monkeypatch: pytest.MonkeyPatch, backing: str) -> None:
     data = src.write("big", 20 * MIB)
-    if backing == "slow-thread":
-        SlowBacking(monkeypatch, delay=0.05)
-    engine = make_engine()
+    engine = make_engine(reader=FakeBacking(delay_s=0.05) if backing == "slow-thread" else None)
     offset = 5 * MIB + 123
 
     async def body() -> None:
@@ -424,15 +275,14 @@ def test_concurrent_readers_of_one_missing_chunk_cause_one_backing_read(
                 nursery.start_soon(reader, handle)
 
     run(engine, body)
-    assert engine.backing_reads == 1
+    assert engine.reads.reads == 1
     assert engine.counters.cache_misses == 1
 
 
 def test_concurrent_readers_of_one_small_file_cause_one_backing_read(
         src: Source, monkeypatch: pytest.MonkeyPatch) -> None:
     data = src.write("small", 700 * KIB)
-    SlowBacking(monkeypatch, delay=0.05)
-    engine = make_engine()
+    engine = make_engine(reader=FakeBacking(delay_s=0.05))
 
     async def body() -> None:
         async def reader(i: int) -> None:
@@ -446,7 +296,7 @@ def test_concurrent_readers_of_one_small_file_cause_one_backing_read(
                 nursery.start_soon(reader, i)
 
     run(engine, body)
-    assert engine.backing_reads == 1
+    assert engine.reads.reads == 1
 
 
 def test_concurrent_kernel_sized_first_reads_share_backing_reads(
@@ -456,7 +306,7 @@ def test_concurrent_kernel_sized_first_reads_share_backing_reads(
     data = src.write("f", 3 * MIB + 17)
 
     def backing_reads_for(readers: int) -> int:
-        engine = make_engine()
+        engine = make_engine(reader=FakeBacking(delay_s=0.02))
 
         async def body() -> None:
             async def reader() -> None:
@@ -469,9 +319,8 @@ def test_concurrent_kernel_sized_first_reads_share_backing_reads(
                     nursery.start_soon(reader)
 
         run(engine, body)
-        return engine.backing_reads
+        return engine.reads.reads
 
-    SlowBacking(monkeypatch, delay=0.02)
     alone = backing_reads_for(1)
     assert backing_reads_for(8) == alone
 
@@ -495,8 +344,8 @@ def test_a_file_under_1_mib_is_read_whole_in_one_backing_read_even_in_4k_pieces(
             assert bytes(await engine.read(other, offset, 4096)) == data[offset:offset + 4096]
 
     run(engine, body)
-    assert engine.backing_reads == 1
-    assert engine.readahead_chunks == 0
+    assert engine.reads.reads == 1
+    assert engine.readahead.chunks == 0
 
 
 @pytest.mark.parametrize("size", [1 * MIB, 1 * MIB + 1, 3 * MIB + 17])
@@ -507,13 +356,13 @@ def test_a_file_of_1_mib_or_more_streams_chunk_by_chunk(src: Source, size: int) 
     async def body() -> dict[int, int]:
         handle = src.open("f")
         assert bytes(await engine.read(handle, 0, 4096)) == data[:4096]
-        first = dict(engine.backing_read_sizes)
+        first = dict(engine.reads.sizes)
         assert await read_all(engine, handle, KERNEL_REQUEST) == data
         return first
 
     first = run(engine, body)
     assert max(first) < size           # the first backing read did not take the whole file
-    assert engine.backing_reads > 1
+    assert engine.reads.reads > 1
 
 
 # -- streams: growth and read-ahead ----------------------------------------------------
@@ -548,7 +397,7 @@ def test_a_sequential_stream_grows_its_chunks_and_read_ahead_feeds_later_reads(
     assert sizes == sorted(sizes)
     assert sizes[-1] > sizes[0]
     assert sizes[-1] == 1 * MIB                     # grew to max_chunk
-    assert engine.readahead_chunks > 0
+    assert engine.readahead.chunks > 0
     later_requests = (len(data) - 8 * KERNEL_REQUEST) // KERNEL_REQUEST
     assert later_misses == 0                        # every later request was prefetched
     assert later_hits >= later_requests
@@ -576,10 +425,10 @@ def test_a_random_access_stream_gets_no_read_ahead(src: Source) -> None:
         return engine.stream_info(handle.fh)
 
     info = run(engine, body)
-    assert engine.readahead_chunks == 0
+    assert engine.readahead.chunks == 0
     assert engine.budget.refused_speculative == 0     # none was even attempted
     assert info["chunk_size"] <= 256 * KIB            # no growth on random access
-    assert engine.backing_reads <= 60
+    assert engine.reads.reads <= 60
 
 
 def start_read_ahead(engine: ReadEngine, handle: OpenFile, data: bytes,
@@ -597,15 +446,13 @@ def start_read_ahead(engine: ReadEngine, handle: OpenFile, data: bytes,
 def test_release_cancels_read_ahead_and_forgets_the_stream(
         src: Source, monkeypatch: pytest.MonkeyPatch) -> None:
     data = src.write("big", 20 * MIB)
-    slow = SlowBacking(monkeypatch)
-    armed = [False]
-    slow.hold_before = lambda offset, index: armed[0]
-    engine = make_engine(max_streams=2)                           # one read-ahead at a time
+    slow = FakeBacking()
+    engine = make_engine(reader=slow, max_streams=2)                           # one read-ahead at a time
 
     async def body() -> tuple[int, int]:
         handle = src.open("big")
         await start_read_ahead(engine, handle, data)()
-        armed[0] = True           # from here on only read-ahead reads the backing
+        slow.armed = True           # from here on only read-ahead reads the backing
         await wait_until(lambda: slow.held >= 1)      # one read-ahead in a worker thread
         await trio.testing.wait_all_tasks_blocked()
         assert engine.stream_info(handle.fh)["readahead_chunks"] > 0
@@ -629,15 +476,14 @@ def test_release_cancels_read_ahead_and_forgets_the_stream(
 def test_a_seek_cancels_pending_read_ahead_and_closes_the_window(
         src: Source, monkeypatch: pytest.MonkeyPatch) -> None:
     data = src.write("big", 20 * MIB)
-    slow = SlowBacking(monkeypatch)
-    armed = [False]
-    slow.hold_before = lambda offset, index: armed[0] and offset < 10 * MIB
-    engine = make_engine(max_streams=2)
+    slow = FakeBacking()
+    slow.hold_before = lambda offset, index: slow.armed and offset < 10 * MIB
+    engine = make_engine(reader=slow, max_streams=2)
 
     async def body() -> int:
         handle = src.open("big")
         await start_read_ahead(engine, handle, data)()
-        armed[0] = True           # read-ahead from here on is held in its thread
+        slow.armed = True           # read-ahead from here on is held in its thread
         await wait_until(lambda: slow.held >= 1)
         await trio.testing.wait_all_tasks_blocked()
         calls = len(slow.calls)
@@ -660,15 +506,13 @@ def test_demand_read_waiting_on_a_cancelled_read_ahead_flight_still_gets_its_byt
     release of the stream that started it. The reader must neither see the
     read-ahead task's Cancelled nor wrong bytes: it reads the chunk itself."""
     data = src.write("big", 20 * MIB)
-    slow = SlowBacking(monkeypatch)
-    armed = [False]
-    slow.hold_before = lambda offset, index: armed[0]
-    engine = make_engine(max_streams=2)              # read-ahead limiter of one
+    slow = FakeBacking()
+    engine = make_engine(reader=slow, max_streams=2)              # read-ahead limiter of one
 
     async def body() -> dict[int, Any]:
         streamer = src.open("big")
         end = await start_read_ahead(engine, streamer, data, reads=4)()
-        armed[0] = True        # every backing read from here on waits for the gate
+        slow.armed = True        # every backing read from here on waits for the gate
         await wait_until(lambda: slow.held >= 1)     # a read-ahead in its worker thread
         await trio.testing.wait_all_tasks_blocked()  # others queued behind the limiter
         assert engine.budget.speculative_bytes > 0
@@ -745,7 +589,7 @@ def test_no_read_ahead_while_source_has_the_bytes_in_its_page_cache(src: Source)
         return await read_all(engine, src.open("big"), KERNEL_REQUEST)
 
     assert run(engine, body) == data
-    assert engine.inline_reads > 0 and engine.readahead_chunks == 0
+    assert engine.reads.inline_reads > 0 and engine.readahead.chunks == 0
 
 
 def test_small_file_changed_between_reads_is_read_again_whole(src: Source) -> None:
@@ -760,7 +604,7 @@ def test_small_file_changed_between_reads_is_read_again_whole(src: Source) -> No
         assert await read_to_size(engine, handle, 4096) == new
 
     run(engine, body)
-    assert engine.backing_reads == 2
+    assert engine.reads.reads == 2
 
 
 def test_file_changed_during_a_multi_chunk_read_never_yields_a_mix_of_versions(
@@ -770,9 +614,9 @@ def test_file_changed_during_a_multi_chunk_read_never_yields_a_mix_of_versions(
     the handle learns the new identity meanwhile, as View.getattr does. The reply
     must be one version, old or new, never old bytes followed by new ones."""
     old = src.write("f", 3 * MIB + 17, seed=1)
-    slow = SlowBacking(monkeypatch)
+    slow = FakeBacking()
     slow.hold_after = lambda offset, index: index == 2
-    engine = make_engine()
+    engine = make_engine(reader=slow)
     start, size = 1 * MIB + 32 * KIB, 1 * MIB
 
     async def body() -> tuple[bytes, bytes]:

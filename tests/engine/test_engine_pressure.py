@@ -3,60 +3,29 @@ and every read still answered with the right bytes (slow fake backing, no FUSE).
 
 from __future__ import annotations
 
-import threading
-import time
-from typing import Any
-
 import pytest
 import trio
 import trio.lowlevel
 
-import stfs.engine
-from stfs.engine import EngineConfig, ReadEngine
-from stfs.metrics import Counters
+from stfs.engine import ReadEngine
 from stfs.pressure import CACHE_SHARE, Level, cap_for
-from tests.engine.test_engine import Source, run
-
-MIB = 1024 * 1024
-
-
-class SlowBacking:
-    """Wraps the engine's thread read: sleeps and counts reads in flight."""
-
-    def __init__(self, delay_s: float) -> None:
-        self.delay_s = delay_s
-        self.in_flight = 0
-        self.peak = 0
-        self._lock = threading.Lock()
-        self._real = stfs.engine._timed_pread
-
-    def __call__(self, fd: int, buf: bytearray, offset: int) -> Any:
-        with self._lock:
-            self.in_flight += 1
-            self.peak = max(self.peak, self.in_flight)
-        try:
-            time.sleep(self.delay_s)
-            return self._real(fd, buf, offset)
-        finally:
-            with self._lock:
-                self.in_flight -= 1
+from tests.engine.fakes import FakeBacking
+from tests.engine.helpers import MIB, Source, make_engine, run
 
 
-def make_engine() -> ReadEngine:
-    return ReadEngine(EngineConfig(memory_limit=32 * MIB, cache_limit=24 * MIB, max_streams=10,
-                                   min_chunk=4096, max_chunk=256 * 1024,
-                                   inline_cached_reads=False), Counters())
+def pressure_engine(reader: FakeBacking | None = None) -> ReadEngine:
+    return make_engine(reader=reader, memory_limit=32 * MIB, cache_limit=24 * MIB,
+                       max_chunk=256 * 1024, inline_cached_reads=False)
 
 
 @pytest.mark.parametrize("level", list(Level))
 def test_each_level_caps_backing_reads_and_still_serves_right_bytes(
-        src: Source, monkeypatch: pytest.MonkeyPatch, level: Level) -> None:
-    slow = SlowBacking(0.01)
-    monkeypatch.setattr(stfs.engine, "_timed_pread", slow)
+        src: Source, level: Level) -> None:
+    slow = FakeBacking(delay_s=0.01)
     names = [f"f{i}" for i in range(16)]
     for name in names:
         src.write(name, 2 * MIB)
-    engine = make_engine()
+    engine = pressure_engine(slow)
     cap = cap_for(level, 10)
 
     async def body() -> None:
@@ -80,16 +49,15 @@ def test_each_level_caps_backing_reads_and_still_serves_right_bytes(
     assert slow.peak <= cap
     assert engine.counters.errors == 0
     if level >= Level.HEAVY:
-        assert engine.readahead_chunks == 0
+        assert engine.readahead.chunks == 0
     assert engine.cache.capacity_bytes == max(min(24 * MIB, 512 * 1024),
                                               int(24 * MIB * CACHE_SHARE[level]))
 
 
 def test_rising_pressure_sheds_cache_and_cancels_read_ahead(
-        src: Source, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(stfs.engine, "_timed_pread", SlowBacking(0.005))
+        src: Source) -> None:
     data = src.write("big", 12 * MIB)
-    engine = make_engine()
+    engine = pressure_engine(FakeBacking(delay_s=0.005))
 
     async def body() -> None:
         handle = src.open("big")
@@ -101,19 +69,19 @@ def test_rising_pressure_sheds_cache_and_cancels_read_ahead(
             await trio.lowlevel.checkpoint()
         await trio.sleep(0.2)
         assert engine.cache.cached_bytes > 2 * MIB
-        assert engine.readahead_chunks > 0
+        assert engine.readahead.chunks > 0
         engine.apply_pressure(Level.CRITICAL, 1, 90.0)
         assert engine.cache.cached_bytes <= 512 * 1024           # shed to the floor
-        assert not engine.readahead_enabled
-        before = engine.readahead_chunks
+        assert not engine.readahead.enabled
+        before = engine.readahead.chunks
         while chunk := await engine.read(handle, offset, 128 * 1024):
             assert bytes(chunk) == data[offset:offset + len(chunk)]
             offset += len(chunk)
         assert offset == len(data)
         await trio.sleep(0.1)
-        assert engine.readahead_chunks == before                  # none while critical
+        assert engine.readahead.chunks == before                  # none while critical
         engine.apply_pressure(Level.NONE, 10, 0.0)
-        assert engine.readahead_enabled
+        assert engine.readahead.enabled
         assert engine.cache.capacity_bytes == 24 * MIB
 
     run(engine, body, timeout=60)
@@ -121,7 +89,7 @@ def test_rising_pressure_sheds_cache_and_cancels_read_ahead(
 
 def test_critical_memory_use_shrinks_new_chunks(src: Source) -> None:
     src.write("big", 200 * MIB // 64)                              # a 3 MiB file: 64K class
-    engine = make_engine()
+    engine = pressure_engine()
 
     async def body() -> int:
         engine.apply_pressure(Level.CRITICAL, 1, 90.0)               # > 80 %: x0.5

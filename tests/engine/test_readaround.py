@@ -15,7 +15,7 @@ from stfs.backing import cached_pages
 from stfs.engine import EngineConfig, ReadEngine
 from stfs.metrics import Counters
 from stfs.readaround import MAX_GROWTH, MAX_QUEUED, WINDOW_BYTES
-from tests.engine.test_engine import KIB, MIB, Source, read_all, run
+from tests.engine.helpers import KIB, MIB, Source, read_all, run
 from tests.pagecache import pin
 
 
@@ -84,7 +84,7 @@ def test_a_random_read_pushes_its_aligned_window_once(src: Source) -> None:
     assert threading.get_ident() not in kernel.threads          # never on the event loop
     assert engine.read_around.pushes == 1
     assert engine.read_around.pushed_bytes == WINDOW_BYTES
-    waiting = sum(s.verifier.ahead_bytes for s in engine._streams.values())
+    waiting = sum(s.verifier.ahead_bytes for s in engine.streams)
     assert engine.budget.held_bytes == engine.cache.cached_bytes + waiting  # buffer given back
 
 
@@ -251,7 +251,7 @@ def test_no_push_when_off_or_under_pressure(src: Source, why: str) -> None:
     kernel = FakeKernel()
     engine = engine_with(kernel, read_around=0 if why == "off" else WINDOW_BYTES)
     if why == "pressure":
-        engine.readahead_enabled = False      # what heavy pressure does
+        engine.readahead.enabled = False      # what heavy pressure does
 
     async def body() -> None:
         await engine.read(src.open("big"), 2 * MIB, 4096)

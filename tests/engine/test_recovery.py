@@ -11,7 +11,7 @@ import errno
 import logging
 import os
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,29 +20,28 @@ import trio
 import trio.testing
 import xxhash
 
-import stfs.backing
-import stfs.engine
 from stfs import retry
 from stfs.backing import FileIdentity
 from stfs.budget import MemoryBudget
 from stfs.checksums import ChecksumStore, racy_window_ns
-from stfs.engine import EngineConfig, ReadEngine
+from stfs.engine import ReadEngine
 from stfs.handles import OpenFile
-from stfs.metrics import Counters
 from stfs.recovery import CHECKPOINT_CHUNKS, MAX_REORDER_BYTES, Piece, StreamVerifier
 from stfs.retry import RetryPolicy, RetrySettings
-from tests.engine.test_engine import (
+from tests.engine.fakes import FakeBacking, flip_bit_at
+from tests.engine.helpers import (
     KIB,
     MIB,
     Source,
+    make_engine,
+    mock_run,
     payload,
     read_all,
     run,
+    wait_until,
 )
 
 IDENT = FileIdentity(dev=2049, ino=77, size=0, mtime_ns=1, ctime_ns=2)
-REAL_TIMED_PREAD = stfs.engine._timed_pread
-REAL_PREAD_DIGEST = stfs.backing.pread_digest
 
 
 def xxh128(data: bytes) -> str:
@@ -355,37 +354,6 @@ def test_the_reorder_buffer_through_a_real_budget_balances() -> None:
 
 # -- the engine: whole-file checksums ---------------------------------------------------
 
-def make_engine(source: Source | None = None, *, checksums: ChecksumStore | None = None,
-                **config: Any) -> ReadEngine:
-    settings: dict[str, Any] = {"memory_limit": 50 * MIB, "cache_limit": 37 * MIB,
-                                "max_streams": 10, "min_chunk": 4096, "max_chunk": 1 * MIB}
-    settings.update(config)
-    return ReadEngine(EngineConfig(**settings), Counters(),
-                      opener=source.backing.open_file if source else None,
-                      checksums=checksums)
-
-
-def mock_run(engine: ReadEngine, body: Callable[[], Awaitable[Any]]) -> Any:
-    """Like ``run`` but on trio's MockClock (sleeps are instant; no fail_after, which
-    the clock's autojump would fire while a worker thread reads)."""
-    result: list[Any] = []
-
-    async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(engine.run)
-            result.append(await body())
-            nursery.cancel_scope.cancel()
-
-    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
-    return result[0]
-
-
-async def settle(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    with trio.fail_after(timeout):
-        while not predicate():
-            await trio.sleep(0.005)
-
-
 @pytest.mark.parametrize(("size", "req_size"), [
     (1, 4096), (700 * KIB, 4096), (700 * KIB, 128 * KIB), (3 * MIB + 17, 128 * KIB),
     (3 * MIB + 17, 1 * MIB), (9 * MIB, 128 * KIB), (2 * MIB, 3 * MIB)])
@@ -400,7 +368,7 @@ def test_the_engine_keeps_the_checksum_of_every_full_pass(src: Source, size: int
         return handle.identity
 
     identity = run(engine, body)
-    assert engine.recent_checksums == {identity: xxh128(data)}
+    assert engine.checksums.known() == {identity: xxh128(data)}
     assert engine.counters.checksums_computed == 1
     assert engine.budget.held_bytes == engine.cache.cached_bytes
 
@@ -418,7 +386,7 @@ def test_no_checksum_for_a_pass_that_did_not_start_at_zero_or_did_not_reach_the_
             await engine.read(head, offset, 128 * KIB)
 
     run(engine, body)
-    assert engine.recent_checksums == {} and engine.counters.checksums_computed == 0
+    assert engine.checksums.known() == {} and engine.counters.checksums_computed == 0
 
 
 def test_out_of_order_replies_after_the_first_still_give_the_checksum(
@@ -430,12 +398,12 @@ def test_out_of_order_replies_after_the_first_still_give_the_checksum(
         handle = src.open("f")
         for offset, n in swapped_pairs(requests(len(data), 128 * KIB), first=1):
             assert bytes(await engine.read(handle, offset, n)) == data[offset:offset + n]
-        await settle(lambda: engine.budget.speculative_bytes == 0)
+        await wait_until(lambda: engine.budget.speculative_bytes == 0)
         assert engine.budget.held_bytes == engine.cache.cached_bytes   # nothing waits
         return handle.identity
 
-    assert run(engine, body) in engine.recent_checksums
-    assert list(engine.recent_checksums.values()) == [xxh128(data)]
+    assert run(engine, body) in engine.checksums.known()
+    assert list(engine.checksums.known().values()) == [xxh128(data)]
 
 
 def test_a_small_file_read_with_replies_out_of_order_still_gets_its_checksum(
@@ -450,7 +418,7 @@ def test_a_small_file_read_with_replies_out_of_order_still_gets_its_checksum(
         return handle.identity
 
     identity = run(engine, body)
-    assert engine.recent_checksums.get(identity) == xxh128(data)
+    assert engine.checksums.known().get(identity) == xxh128(data)
 
 
 def test_concurrent_first_reads_completing_out_of_order_still_give_the_checksum(
@@ -467,7 +435,7 @@ def test_concurrent_first_reads_completing_out_of_order_still_give_the_checksum(
         return handle.identity, engine.budget.held_bytes - engine.cache.cached_bytes
 
     identity, waiting = run(engine, body)
-    assert (engine.recent_checksums.get(identity), waiting) == (xxh128(data), 0)
+    assert (engine.checksums.known().get(identity), waiting) == (xxh128(data), 0)
 
 
 def test_concurrent_reads_of_a_pass_are_exact_and_leave_the_budget_balanced(
@@ -494,12 +462,12 @@ def test_concurrent_reads_of_a_pass_are_exact_and_leave_the_budget_balanced(
         assert b"".join(got[o] for o, _ in reqs) == data
         identity = handle.identity
         await engine.release(handle)
-        await settle(lambda: engine.budget.speculative_bytes == 0)
+        await wait_until(lambda: engine.budget.speculative_bytes == 0)
         assert engine.budget.held_bytes == engine.cache.cached_bytes
         return identity
 
     identity = run(engine, body)
-    assert engine.recent_checksums.get(identity, xxh128(data)) == xxh128(data)
+    assert engine.checksums.known().get(identity, xxh128(data)) == xxh128(data)
 
 
 @pytest.fixture
@@ -516,7 +484,7 @@ def test_a_full_pass_checksum_is_recorded_in_the_state_dir_and_survives_a_remoun
     async def body() -> FileIdentity:
         handle = src.open("f")
         assert await read_all(engine, handle, 128 * KIB) == data
-        await settle(lambda: store.get(handle.identity) is not None)
+        await wait_until(lambda: store.get(handle.identity) is not None)
         assert await engine.checksum_of(handle.identity) == xxh128(data)
         return handle.identity
 
@@ -531,7 +499,7 @@ def test_a_full_pass_checksum_is_recorded_in_the_state_dir_and_survives_a_remoun
         return await later.checksum_of(identity)
 
     assert run(later, ask) == xxh128(data)
-    assert later.recent_checksums == {}
+    assert later.checksums.known() == {}
     assert engine.counters.corruptions_detected == 0
     remounted.close()
 
@@ -549,7 +517,7 @@ def test_bytes_that_change_without_their_identity_are_reported_as_corruption(
         got = await read_all(engine, handle, 128 * KIB)
         assert len(got) == len(data)
         assert engine.counters.checksums_computed == 1
-        await settle(recorded)                   # the record runs as a background task
+        await wait_until(recorded)                   # the record runs as a background task
         await trio.sleep(0.05)
         return handle.identity
 
@@ -558,17 +526,9 @@ def test_bytes_that_change_without_their_identity_are_reported_as_corruption(
     assert store.get(identity) == xxh128(data)
     assert first.counters.corruptions_detected == 0
 
-    real = REAL_TIMED_PREAD
-
-    def rotten(fd: int, buf: bytearray, offset: int) -> Any:
-        got, ident, seconds = real(fd, buf, offset)
-        if offset <= 1000 < offset + len(got):
-            got[1000 - offset] ^= 0x40            # a bit flipped on the way: same identity
-        return got, ident, seconds
-
-    monkeypatch.setattr(stfs.engine, "_timed_pread", rotten)
-    second = make_engine(checksums=store, inline_cached_reads=False)
-    with caplog.at_level(logging.ERROR, logger="stfs.engine"):
+    rotten = FakeBacking(corrupt=flip_bit_at(1000))  # a bit flipped on the way: same identity
+    second = make_engine(reader=rotten, checksums=store, inline_cached_reads=False)
+    with caplog.at_level(logging.ERROR, logger="stfs"):
         assert run(second, lambda: full_pass(
             second, lambda: second.counters.corruptions_detected > 0)) == identity
         assert second.counters.corruptions_detected == 1
@@ -576,7 +536,7 @@ def test_bytes_that_change_without_their_identity_are_reported_as_corruption(
     rotten_data[1000] ^= 0x40
     assert second.counters.checksums_computed == 1
     assert store.get(identity) == xxh128(data)                   # the first one stays
-    assert second.recent_checksums[identity] == xxh128(data)     # and is the one known
+    assert second.checksums.known()[identity] == xxh128(data)     # and is the one known
     errors = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert len(errors) == 1
     message = errors[0].getMessage()
@@ -590,10 +550,10 @@ def test_bytes_that_change_without_their_identity_are_reported_as_corruption(
 CHUNK = 64 * KIB
 
 
-def pass_engine(**config: Any) -> ReadEngine:
+def pass_engine(source: Source | None = None, **config: Any) -> ReadEngine:
     """Fixed 64K chunks and 64K requests: each request starts a new chunk, so
     each is checked against the file's identity before being served."""
-    return make_engine(min_chunk=CHUNK, max_chunk=CHUNK, **config)
+    return make_engine(source, min_chunk=CHUNK, max_chunk=CHUNK, **config)
 
 
 async def read_until(engine: ReadEngine, handle: OpenFile, end: int,
@@ -618,7 +578,7 @@ def test_an_in_place_rewrite_in_the_middle_of_a_pass_fails_the_pass_with_eio(
         handle = src.open("movie.bin")
         assert await read_until(engine, handle, 512 * KIB) == old[:512 * KIB]
         new = src.rewrite_in_place("movie.bin", seed=2)
-        with caplog.at_level(logging.WARNING, logger="stfs.engine"), \
+        with caplog.at_level(logging.WARNING, logger="stfs"), \
                 pytest.raises(OSError) as caught:
             await engine.read(handle, 512 * KIB, CHUNK)
         assert caught.value.errno == errno.EIO
@@ -661,7 +621,7 @@ def test_after_a_failed_pass_a_new_pass_from_zero_gets_the_new_version(
     assert identity == src.identity("f")
     assert engine.counters.changed_files == 1 and engine.counters.errors == 1
     assert engine.counters.checksums_computed == 1               # the new pass was whole
-    assert list(engine.recent_checksums.values()) == [xxh128(new)]
+    assert list(engine.checksums.known().values()) == [xxh128(new)]
 
 
 def wait_out_racy_window(identity: FileIdentity) -> None:
@@ -684,17 +644,17 @@ def test_a_new_pass_after_a_change_is_checksummed_under_the_new_identity(
         handle = src.open("f")
         first = handle.identity
         assert await read_all(engine, handle, CHUNK) == old
-        await settle(lambda: store.get(first) is not None)
+        await wait_until(lambda: store.get(first) is not None)
         new = src.rewrite_in_place("f", seed=32)
         assert await read_all(engine, handle, CHUNK) == new      # a new pass, same handle
         second = handle.identity
-        await settle(lambda: store.get(second) is not None
+        await wait_until(lambda: store.get(second) is not None
                      or engine.counters.corruptions_detected > 0, timeout=2)
         return first, second, new
 
     first, second, new = run(engine, body)
     assert engine.counters.corruptions_detected == 0
-    assert engine.recent_checksums == {first: xxh128(old), second: xxh128(new)}
+    assert engine.checksums.known() == {first: xxh128(old), second: xxh128(new)}
     assert (store.get(first), store.get(second)) == (xxh128(old), xxh128(new))
     store.close()
 
@@ -708,7 +668,7 @@ def test_truncation_below_what_was_read_fails_the_pass_with_eio(
         handle = src.open("f")
         assert await read_until(engine, handle, 1 * MIB) == old[:1 * MIB]
         os.truncate(src.root / "f", 512 * KIB)
-        with caplog.at_level(logging.WARNING, logger="stfs.engine"), \
+        with caplog.at_level(logging.WARNING, logger="stfs"), \
                 pytest.raises(OSError) as caught:
             await engine.read(handle, 1 * MIB, CHUNK)
         assert caught.value.errno == errno.EIO
@@ -733,7 +693,7 @@ def test_an_append_in_the_middle_of_a_pass_is_read_on_to_the_new_end(
         handle = src.open("log.txt")
         got = await read_until(engine, handle, 1 * MIB)
         append(src.root / "log.txt", extra)
-        with caplog.at_level(logging.INFO, logger="stfs.engine"):
+        with caplog.at_level(logging.INFO, logger="stfs"):
             got += await read_all(engine, handle, CHUNK, start=1 * MIB)
         assert got == old + extra
         assert handle.identity == src.identity("log.txt")
@@ -744,7 +704,7 @@ def test_an_append_in_the_middle_of_a_pass_is_read_on_to_the_new_end(
     assert engine.counters.changed_files == 0 and engine.counters.errors == 0
     assert "unchanged" in caplog.text
     # the checksum of a pass spanning two identities is not kept
-    assert engine.recent_checksums == {}
+    assert engine.checksums.known() == {}
 
 
 def test_a_touch_in_the_middle_of_a_pass_changes_nothing_for_the_reader(
@@ -789,7 +749,7 @@ def test_a_random_reader_whose_bytes_changed_gets_eio_until_it_reads_offset_zero
         assert bytes(await engine.read(handle, 2 * MIB, 4 * KIB)) == new[2 * MIB:2 * MIB + 4 * KIB]
         return new
 
-    with caplog.at_level(logging.WARNING, logger="stfs.engine"):
+    with caplog.at_level(logging.WARNING, logger="stfs"):
         run(engine, body)
     assert engine.counters.changed_files == 1
     assert any("db changed while being read" in r.getMessage() for r in caplog.records)
@@ -952,44 +912,10 @@ def test_replies_around_a_rewrite_are_each_of_one_version(src: Source,
 
 # -- resuming after a transient error -------------------------------------------------------
 
-class Faults:
-    """Fails the engine's thread reads with the given errnos, by call index."""
-
-    def __init__(self, errnos: list[int | None],
-                 before: Callable[[int], None] | None = None) -> None:
-        self.errnos = errnos
-        self.calls: list[int] = []
-        self.before = before
-        self._real = REAL_TIMED_PREAD
-
-    def __call__(self, fd: int, buf: bytearray, offset: int) -> Any:
-        index = len(self.calls)
-        self.calls.append(offset)
-        if index < len(self.errnos) and self.errnos[index] is not None:
-            if self.before is not None:
-                self.before(index)
-            raise OSError(self.errnos[index], "injected")
-        return self._real(fd, buf, offset)
-
-
-class Digests:
-    """Records the engine's verification re-reads; can make them disagree."""
-
-    def __init__(self, lie: bool = False) -> None:
-        self.calls: list[tuple[int, int]] = []
-        self.lie = lie
-        self._real = REAL_PREAD_DIGEST
-
-    def __call__(self, fd: int, scratch: bytearray, start: int, end: int, hasher: Any) -> Any:
-        self.calls.append((start, end))
-        digest, got, identity = self._real(fd, scratch, start, end, hasher)
-        return (digest ^ 1 if self.lie else digest), got, identity
-
-
 def fault_engine(source: Source | None = None, **config: Any) -> ReadEngine:
     engine = make_engine(source, min_chunk=CHUNK, max_chunk=CHUNK, inline_cached_reads=False,
                          **config)
-    engine.readahead_enabled = False      # every backing read is a demand read, in order
+    engine.readahead.enabled = False      # every backing read is a demand read, in order
     return engine
 
 
@@ -998,45 +924,43 @@ def test_a_retried_read_first_re_reads_the_last_checkpointed_chunk(
         src: Source, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
         lie: bool) -> None:
     data = src.write("f", 2 * MIB, seed=15)
-    faults = Faults([None] * 6 + [errno.EIO])           # the 7th chunk's first try fails
-    digests = Digests(lie=lie)
-    monkeypatch.setattr(stfs.engine, "_timed_pread", faults)
-    monkeypatch.setattr(stfs.engine, "pread_digest", digests)
-    engine = fault_engine()
+    faults = FakeBacking(errnos=[None] * 6 + [errno.EIO],      # the 7th chunk's first try fails
+                         lie_digests=lie)
+    engine = fault_engine(reader=faults)
 
     async def body() -> Any:
         handle = src.open("f")
         assert await read_until(engine, handle, 6 * CHUNK) == data[:6 * CHUNK]
-        assert faults.calls == [i * CHUNK for i in range(6)]
+        assert faults.offsets == [i * CHUNK for i in range(6)]
         try:
             got = bytes(await engine.read(handle, 6 * CHUNK, CHUNK))
         except OSError as exc:
             return exc
         return got
 
-    with caplog.at_level(logging.INFO, logger="stfs.engine"):
+    with caplog.at_level(logging.INFO, logger="stfs"):
         outcome = mock_run(engine, body)
     # the checkpoint after 5 chunks holds chunk 4 ([256K, 320K)); chunk 5 is pending
-    assert digests.calls[0] == (4 * CHUNK, 5 * CHUNK)
+    assert faults.digest_calls[0] == (4 * CHUNK, 5 * CHUNK)
     c = engine.counters
     assert (c.retries, c.interrupted_streams) == (1, 1)
     if lie:
         assert isinstance(outcome, OSError) and outcome.errno == errno.EIO
         assert (c.recoveries, c.changed_files, c.failed_streams, c.errors) == (0, 1, 1, 1)
-        assert len(faults.calls) == 7                   # never read on from changed bytes
+        assert len(faults.offsets) == 7                   # never read on from changed bytes
         assert "changed while its read was being retried" in caplog.text
     else:
         assert outcome == data[6 * CHUNK:7 * CHUNK]
         assert (c.recoveries, c.changed_files, c.failed_streams, c.errors) == (1, 0, 0, 0)
-        assert faults.calls[6:] == [6 * CHUNK, 6 * CHUNK]
+        assert faults.offsets[6:] == [6 * CHUNK, 6 * CHUNK]
         assert "recovered after 1 retries" in caplog.text
 
 
 def test_a_stream_that_exhausts_its_retries_counts_as_failed_once(
         src: Source, monkeypatch: pytest.MonkeyPatch) -> None:
     data = src.write("f", 2 * MIB, seed=16)
-    monkeypatch.setattr(stfs.engine, "_timed_pread", Faults([None] + [errno.EIO] * 6))
-    engine = fault_engine()
+    fake = FakeBacking(errnos=[None] + [errno.EIO] * 6)
+    engine = fault_engine(reader=fake)
 
     async def body() -> None:
         handle = src.open("f")
@@ -1107,20 +1031,18 @@ def test_configured_policies_replace_the_defaults(src: Source,
                                                   monkeypatch: pytest.MonkeyPatch
                                                   ) -> None:
     data = src.write("f", 1 * MIB, seed=17)
-    faults = Faults([errno.EIO] * 10)
-    monkeypatch.setattr(stfs.engine, "_timed_pread", faults)
+    faults = FakeBacking(errnos=[errno.EIO] * 10)
     settings = RetrySettings(file_system=RetryPolicy.parse("file_system", "4:0.25:3:1"),
                              jitter=0.0)
-    engine = fault_engine(retry=settings)
+    engine = fault_engine(reader=faults, retry=settings)
     got, waited = read_once(src, "f", engine)
     assert isinstance(got, OSError) and got.errno == errno.EIO
-    assert len(faults.calls) == 4
+    assert len(faults.offsets) == 4
     assert waited == pytest.approx(0.25 + 0.75 + 1.0)        # x3, capped at 1 s
     assert engine.counters.retries == 3
 
-    faults2 = Faults([errno.EIO] * 3)
-    monkeypatch.setattr(stfs.engine, "_timed_pread", faults2)
-    engine2 = fault_engine(retry=settings)
+    faults2 = FakeBacking(errnos=[errno.EIO] * 3)
+    engine2 = fault_engine(reader=faults2, retry=settings)
     got2, waited2 = read_once(src, "f", engine2)
     assert got2 == data[:CHUNK] and waited2 == pytest.approx(2.0)
     assert engine2.counters.recoveries == 1
@@ -1130,14 +1052,13 @@ def test_the_per_read_deadline_stops_retrying(src: Source,
                                               monkeypatch: pytest.MonkeyPatch
                                               ) -> None:
     src.write("f", 1 * MIB, seed=18)
-    faults = Faults([errno.ETIMEDOUT] * 20)
-    monkeypatch.setattr(stfs.engine, "_timed_pread", faults)
+    faults = FakeBacking(errnos=[errno.ETIMEDOUT] * 20)
     settings = RetrySettings(network=RetryPolicy.parse("network", "20:1:2:100"), jitter=0.0,
                              deadline_s=5.0)
-    engine = fault_engine(retry=settings)
+    engine = fault_engine(reader=faults, retry=settings)
     got, waited = read_once(src, "f", engine)
     assert isinstance(got, OSError) and got.errno == errno.ETIMEDOUT
-    assert len(faults.calls) == 3                   # 1 s + 2 s; 4 s more would pass 5 s
+    assert len(faults.offsets) == 3                   # 1 s + 2 s; 4 s more would pass 5 s
     assert waited == pytest.approx(3.0)
 
 
@@ -1147,8 +1068,8 @@ def test_jitter_is_configurable(src: Source, monkeypatch: pytest.MonkeyPatch,
     src.write("f", 1 * MIB, seed=19)
     waits = []
     for _ in range(5):
-        monkeypatch.setattr(stfs.engine, "_timed_pread", Faults([errno.EBUSY]))
-        engine = fault_engine(retry=RetrySettings(jitter=jitter))
+        fake = FakeBacking(errnos=[errno.EBUSY])
+        engine = fault_engine(reader=fake, retry=RetrySettings(jitter=jitter))
         got, waited = read_once(src, "f", engine)
         assert isinstance(got, bytes)
         waits.append(waited)
@@ -1161,14 +1082,13 @@ def test_jitter_is_configurable(src: Source, monkeypatch: pytest.MonkeyPatch,
 def test_estale_and_ebadf_reopen_the_file_before_retrying(
         src: Source, monkeypatch: pytest.MonkeyPatch, err: int) -> None:
     data = src.write("f", 1 * MIB, seed=20)
-    faults = Faults([err])
-    monkeypatch.setattr(stfs.engine, "_timed_pread", faults)
-    engine = fault_engine(src)
+    faults = FakeBacking(errnos=[err])
+    engine = fault_engine(src, reader=faults)
     fds_before = len(os.listdir("/proc/self/fd"))
     got, _ = read_once(src, "f", engine)
     assert got == data[:CHUNK]
     assert engine.descriptors.reopens == 1
-    assert engine.counters.recoveries == 1 and len(faults.calls) == 2
+    assert engine.counters.recoveries == 1 and len(faults.offsets) == 2
     assert engine.descriptors.open_count == 0
     assert len(os.listdir("/proc/self/fd")) == fds_before     # the old fd was closed too
 
@@ -1176,8 +1096,8 @@ def test_estale_and_ebadf_reopen_the_file_before_retrying(
 def test_other_errors_do_not_reopen(src: Source, monkeypatch: pytest.MonkeyPatch
                                     ) -> None:
     data = src.write("f", 1 * MIB, seed=21)
-    monkeypatch.setattr(stfs.engine, "_timed_pread", Faults([errno.EIO, errno.ETIMEDOUT]))
-    engine = fault_engine(src)
+    fake = FakeBacking(errnos=[errno.EIO, errno.ETIMEDOUT])
+    engine = fault_engine(src, reader=fake)
     got, _ = read_once(src, "f", engine)
     assert got == data[:CHUNK] and engine.descriptors.reopens == 0
 
@@ -1192,13 +1112,12 @@ def test_estale_on_a_name_that_now_holds_another_file_fails_with_eio(
         tmp.write_bytes(payload(1 * MIB, 23))
         os.replace(tmp, src.root / "f")
 
-    faults = Faults([errno.ESTALE], before=replace)
-    monkeypatch.setattr(stfs.engine, "_timed_pread", faults)
-    engine = fault_engine(src)
+    faults = FakeBacking(errnos=[errno.ESTALE], before=replace)
+    engine = fault_engine(src, reader=faults)
     with caplog.at_level(logging.WARNING, logger="stfs.descriptors"):
         got, _ = read_once(src, "f", engine)
     assert isinstance(got, OSError) and got.errno == errno.EIO
-    assert len(faults.calls) == 1                   # nothing read from the other file
+    assert len(faults.offsets) == 1                   # nothing read from the other file
     assert engine.descriptors.reopens == 0
     assert "another file" in caplog.text
     assert engine.descriptors.open_count == 0
@@ -1211,11 +1130,10 @@ def test_a_file_rewritten_during_a_retry_fails_that_read_and_every_later_one(
     verify against the new version and go on)."""
     data = src.write("f", 2 * MIB, seed=16)
     new: list[bytes] = []
-    faults = Faults([None] * 6 + [errno.EAGAIN, errno.EAGAIN],
+    faults = FakeBacking(errnos=[None] * 6 + [errno.EAGAIN, errno.EAGAIN],
                     before=lambda i: new.append(src.rewrite_in_place("f", seed=17))
                     if i == 6 else None)
-    monkeypatch.setattr(stfs.engine, "_timed_pread", faults)
-    engine = fault_engine()
+    engine = fault_engine(reader=faults)
 
     async def body() -> list[Any]:
         handle = src.open("f")
@@ -1269,9 +1187,7 @@ def test_a_new_pass_waits_for_the_handles_still_on_the_old_version(src: Source) 
     """Replies go into the page cache every handle of the file reads from: a handle
     may start over on the new version only once no other handle reads the old one."""
     old = src.write("f", 2 * MIB, seed=20)
-    engine = pass_engine()
-
-    engine.handles_of = src.handles.files_of_node      # what the view does
+    engine = pass_engine(src)
 
     async def body() -> list[Any]:
         reader, restarter = src.open("f"), src.open("f")

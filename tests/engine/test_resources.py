@@ -4,9 +4,8 @@ emergency cleanup under critical pressure, and no leak after many cycles."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import os
-import threading
 from typing import Any
 
 import pytest
@@ -14,17 +13,19 @@ import trio
 import trio.lowlevel
 import trio.testing
 
-import stfs.engine
-from stfs.engine import EngineConfig, ReadEngine
-from stfs.metrics import Counters
+from stfs.engine import ReadEngine
 from stfs.pressure import Level
 from stfs.resources import Priority, ResourceRegistry
-from tests.engine.test_engine import (
+from tests.engine.fakes import FakeBacking
+from tests.engine.helpers import (
     KIB,
     MIB,
     Source,
+    fd_count,
+    make_engine,
     read_to_size,
     run,
+    settle,
     wait_until,
 )
 
@@ -99,7 +100,7 @@ def test_a_free_that_raises_is_logged_and_the_others_are_still_freed(
     messages = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert any("readahead" in m and "3" in m for m in messages), messages
     assert any("buffer" in m for m in messages), messages
-    assert reg.as_dict()["free_errors"] == 2
+    assert reg.statistics().free_errors == 2
 
 
 def test_forget_removes_without_freeing_and_drops_empty_owners() -> None:
@@ -115,7 +116,7 @@ def test_forget_removes_without_freeing_and_drops_empty_owners() -> None:
     assert freed == [] and sum(reg.freed.values()) == 0
 
 
-def test_counts_total_and_as_dict() -> None:
+def test_counts_total_and_statistics() -> None:
     reg = ResourceRegistry(FakeClock())
     for owner in (1, 2, 3):
         reg.register(owner, "descriptor", Priority.DESCRIPTOR, lambda: None)
@@ -125,7 +126,7 @@ def test_counts_total_and_as_dict() -> None:
     assert list(reg.counts()) == ["descriptor", "readahead", "stream"]   # sorted
     assert reg.total() == 7 and reg.owners() == 3
     go(reg.free_owner, 2)
-    assert reg.as_dict() == {
+    assert dataclasses.asdict(reg.statistics()) == {
         "tracked": {"descriptor": 2, "stream": 2}, "tracked_total": 4,
         "freed": {"descriptor": 1, "readahead": 1, "stream": 1}, "sweeps": 0, "swept": 0,
         "emergency_cleanups": 0, "free_errors": 0}
@@ -207,49 +208,7 @@ def test_emergency_frees_only_speculative_resources() -> None:
 
 # -- the engine's handles -------------------------------------------------------------
 
-def make_engine(source: Source, **config: Any) -> ReadEngine:
-    settings: dict[str, Any] = {"memory_limit": 50 * MIB, "cache_limit": 37 * MIB,
-                                "max_streams": 10, "min_chunk": 4096, "max_chunk": 1 * MIB}
-    settings.update(config)
-    return ReadEngine(EngineConfig(**settings), Counters(), opener=source.backing.open_file)
-
-
-def fd_count() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
-async def settle(engine: ReadEngine) -> None:
-    """Let scheduled read-ahead start and finish."""
-    await trio.sleep(0.02)
-    await wait_until(lambda: engine.budget.speculative_bytes == 0
-                     and "readahead" not in engine.resources.counts())
-    await trio.testing.wait_all_tasks_blocked()
-
-
-class Gate:
-    """Holds armed backing reads in their worker thread until ``open()``."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.armed = False
-        self.held = 0
-        self._event = threading.Event()
-        self._lock = threading.Lock()
-        self._real = stfs.engine._timed_pread
-        monkeypatch.setattr(stfs.engine, "_timed_pread", self)
-
-    def __call__(self, fd: int, buf: bytearray, offset: int) -> Any:
-        if self.armed:
-            with self._lock:
-                self.held += 1
-            self._event.wait(10)          # bounded: a failing test must not hang
-        return self._real(fd, buf, offset)
-
-    def open(self) -> None:
-        self.armed = False
-        self._event.set()
-
-
-async def hold_read_ahead(engine: ReadEngine, handle: Any, data: bytes, gate: Gate) -> int:
+async def hold_read_ahead(engine: ReadEngine, handle: Any, data: bytes, gate: FakeBacking) -> int:
     """Read *handle* sequentially until read-ahead is under way, then hold every
     backing read started after a demand read returns (only read-ahead starts
     then) in its worker thread; returns the offset reached."""
@@ -272,8 +231,8 @@ async def hold_read_ahead(engine: ReadEngine, handle: Any, data: bytes, gate: Ga
 def test_open_read_and_release_register_and_free_each_kind(
         src: Source, monkeypatch: pytest.MonkeyPatch) -> None:
     data = src.write("big", 8 * MIB, seed=5)
-    gate = Gate(monkeypatch)
-    engine = make_engine(src, inline_cached_reads=False)
+    gate = FakeBacking()
+    engine = make_engine(src, reader=gate, inline_cached_reads=False)
 
     async def body() -> None:
         fds_before = fd_count()
@@ -293,7 +252,7 @@ def test_open_read_and_release_register_and_free_each_kind(
         # a read-ahead still reads through the descriptor in its thread: it is
         # closed when that read lets go of it, not under it
         assert handle.fd >= 0 and engine.descriptors.open_count == 1
-        gate.open()
+        gate.release()
         await wait_until(lambda: engine.budget.speculative_bytes == 0)
         await wait_until(lambda: engine.budget.held_bytes == engine.cache.cached_bytes)
         await wait_until(lambda: engine.descriptors.open_count == 0)
@@ -342,11 +301,7 @@ def test_release_after_a_failed_read_still_frees_everything(
         src: Source, monkeypatch: pytest.MonkeyPatch) -> None:
     src.write("f", 2 * MIB, seed=1)
 
-    def fail(fd: int, buf: bytearray, offset: int) -> Any:
-        raise PermissionError(13, "injected")
-
-    monkeypatch.setattr(stfs.engine, "_timed_pread", fail)
-    engine = make_engine(src, inline_cached_reads=False)
+    engine = make_engine(src, reader=FakeBacking(errnos=[13] * 10), inline_cached_reads=False)
 
     async def body() -> None:
         fds_before = fd_count()
@@ -402,8 +357,8 @@ def test_sweep_frees_the_resources_of_a_handle_never_released(
 def test_sweep_of_idle_live_handles_frees_only_their_read_ahead(
         src: Source, monkeypatch: pytest.MonkeyPatch) -> None:
     data = src.write("big", 8 * MIB, seed=6)
-    gate = Gate(monkeypatch)
-    engine = make_engine(src, inline_cached_reads=False)
+    gate = FakeBacking()
+    engine = make_engine(src, reader=gate, inline_cached_reads=False)
 
     async def body() -> None:
         handle = src.open("big")
@@ -413,7 +368,7 @@ def test_sweep_of_idle_live_handles_frees_only_their_read_ahead(
         assert engine.resources.counts() == {"descriptor": 1, "stream": 1}
         assert engine.resources.freed["readahead"] >= 1
         assert handle.fd >= 0
-        gate.open()
+        gate.release()
         await wait_until(lambda: engine.budget.speculative_bytes == 0)
         got = await read_to_size(engine, handle, 1 * MIB)
         assert got == data
@@ -428,20 +383,20 @@ def test_critical_pressure_runs_an_emergency_cleanup_of_read_ahead(
         src: Source, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
     data = src.write("big", 8 * MIB, seed=7)
-    gate = Gate(monkeypatch)
-    engine = make_engine(src, inline_cached_reads=False)
+    gate = FakeBacking()
+    engine = make_engine(src, reader=gate, inline_cached_reads=False)
 
     async def body() -> None:
         handle = src.open("big")
         engine.open(handle)
         offset = await hold_read_ahead(engine, handle, data, gate)
-        with caplog.at_level(logging.WARNING, logger="stfs.engine"):
+        with caplog.at_level(logging.WARNING, logger="stfs"):
             engine.apply_pressure(Level.CRITICAL, 1, 95.0)
         await wait_until(lambda: engine.resources.emergency_cleanups == 1)
         assert engine.resources.counts() == {"descriptor": 1, "stream": 1}
         assert engine.resources.freed["readahead"] >= 1
         assert any("emergency" in r.getMessage() for r in caplog.records)
-        gate.open()
+        gate.release()
         await wait_until(lambda: engine.budget.speculative_bytes == 0)
         await trio.sleep(0.05)
         await trio.testing.wait_all_tasks_blocked()
@@ -492,11 +447,11 @@ def test_release_right_after_a_read_leaves_no_descriptor_open(
         engine.open(handle)
         offset = len(await engine.read(handle, 0, 128 * KIB))
         while True:
-            scheduled = engine._streams[handle.fh].readahead_bytes
+            scheduled = engine.streams.get(handle.fh).readahead_bytes
             got = await engine.read(handle, offset, 128 * KIB)
             assert bytes(got) == data[offset:offset + len(got)]
             offset += len(got)
-            if engine._streams[handle.fh].readahead_bytes > scheduled:
+            if engine.streams.get(handle.fh).readahead_bytes > scheduled:
                 break             # this read scheduled read-ahead that has not begun
             assert offset < 6 * MIB, "read-ahead never scheduled"
             await trio.sleep(0.002)

@@ -10,13 +10,10 @@ import pytest
 import trio
 import trio.testing
 
-import stfs.engine
 from stfs import retry
-from stfs.engine import EngineConfig, ReadEngine
-from stfs.metrics import Counters
-from tests.engine.test_engine import Source
-
-MIB = 1024 * 1024
+from stfs.engine import ReadEngine
+from tests.engine.fakes import FakeBacking
+from tests.engine.helpers import MIB, Source, make_engine
 
 
 @pytest.mark.parametrize(("err", "policy"), [
@@ -48,29 +45,10 @@ def test_delays_grow_are_capped_and_jittered_within_a_quarter() -> None:
             assert nominal * 0.75 <= retry.NETWORK.delay_s(n, rng) <= nominal * 1.25
 
 
-class Faults:
-    """Fails the engine's thread reads with the given errnos, by call index."""
-
-    def __init__(self, errnos: list[int | None]) -> None:
-        self.errnos = errnos
-        self.calls = 0
-        self._real = stfs.engine._timed_pread
-
-    def __call__(self, fd: int, buf: bytearray, offset: int) -> Any:
-        index = self.calls
-        self.calls += 1
-        if index < len(self.errnos) and self.errnos[index] is not None:
-            err = self.errnos[index]
-            raise OSError(err, "injected")
-        return self._real(fd, buf, offset)
-
-
-def engine_and_read(source: Source, name: str, faults: Faults,
-                    monkeypatch: pytest.MonkeyPatch) -> tuple[ReadEngine, Any, float]:
-    monkeypatch.setattr(stfs.engine, "_timed_pread", faults)
-    engine = ReadEngine(EngineConfig(memory_limit=16 * MIB, cache_limit=8 * MIB, max_streams=4,
-                                     min_chunk=4096, max_chunk=1 * MIB,
-                                     inline_cached_reads=False), Counters())
+def engine_and_read(source: Source, name: str,
+                    faults: FakeBacking) -> tuple[ReadEngine, Any, float]:
+    engine = make_engine(reader=faults, memory_limit=16 * MIB, cache_limit=8 * MIB,
+                         max_streams=4, inline_cached_reads=False)
     outcome: list[Any] = []
 
     async def main() -> None:
@@ -90,39 +68,37 @@ def engine_and_read(source: Source, name: str, faults: Faults,
 
 
 def test_transient_errors_are_retried_with_backoff_and_the_read_recovers(
-        src: Source, monkeypatch: pytest.MonkeyPatch) -> None:
+        src: Source) -> None:
     data = src.write("f", 300 * 1024)
-    engine, got, waited = engine_and_read(src, "f", Faults([errno.EIO, errno.EINTR]),
-                                          monkeypatch)
+    engine, got, waited = engine_and_read(src, "f", FakeBacking(errnos=[errno.EIO, errno.EINTR]))
     assert got == data[:65536]
     assert (engine.counters.retries, engine.counters.recoveries) == (2, 1)
     assert 0.75 * (1.0 + 2.0) <= waited <= 1.25 * (1.0 + 2.0)   # 1 s then 2 s, jittered
 
 
 def test_a_fault_that_persists_fails_after_the_policys_attempts(
-        src: Source, monkeypatch: pytest.MonkeyPatch) -> None:
+        src: Source) -> None:
     src.write("f", 300 * 1024)
-    faults = Faults([errno.EIO] * 10)
-    engine, got, _ = engine_and_read(src, "f", faults, monkeypatch)
+    faults = FakeBacking(errnos=[errno.EIO] * 10)
+    engine, got, _ = engine_and_read(src, "f", faults)
     assert isinstance(got, OSError) and got.errno == errno.EIO
-    assert faults.calls == 3
+    assert len(faults.calls) == 3
     assert engine.counters.retries == 2 and engine.counters.recoveries == 0
 
 
-def test_network_errors_get_five_attempts(src: Source,
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_network_errors_get_five_attempts(src: Source) -> None:
     data = src.write("f", 300 * 1024)
-    faults = Faults([errno.ETIMEDOUT] * 4)
-    engine, got, _ = engine_and_read(src, "f", faults, monkeypatch)
+    faults = FakeBacking(errnos=[errno.ETIMEDOUT] * 4)
+    engine, got, _ = engine_and_read(src, "f", faults)
     assert got == data[:65536]
-    assert faults.calls == 5 and engine.counters.retries == 4
+    assert len(faults.calls) == 5 and engine.counters.retries == 4
 
 
 @pytest.mark.parametrize("err", [errno.EACCES, errno.EPERM, errno.ENOENT])
 def test_permission_and_missing_file_errors_fail_at_once(
-        src: Source, monkeypatch: pytest.MonkeyPatch, err: int) -> None:
+        src: Source, err: int) -> None:
     src.write("f", 300 * 1024)
-    faults = Faults([err])
-    engine, got, waited = engine_and_read(src, "f", faults, monkeypatch)
+    faults = FakeBacking(errnos=[err])
+    engine, got, waited = engine_and_read(src, "f", faults)
     assert isinstance(got, OSError) and got.errno == err
-    assert faults.calls == 1 and engine.counters.retries == 0 and waited == 0
+    assert len(faults.calls) == 1 and engine.counters.retries == 0 and waited == 0

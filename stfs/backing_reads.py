@@ -1,0 +1,269 @@
+"""Backing reads: every read of SOURCE's bytes for the read path.
+
+A read runs in a worker thread behind a ``trio.CapacityLimiter`` whose size
+is the concurrency cap (pressure and congestion control set it), so the
+event loop never waits on a device; bytes SOURCE already has in its page
+cache are copied on the event loop with ``RWF_NOWAIT``, which cannot wait on
+a disk (local block devices only). Read-ahead also passes a second limiter
+of half the cap, so demand reads always find room.
+
+Errors are retried by class (``stfs.retry``): speculative reads never,
+permission and missing-file errors never, ESTALE and EBADF after reopening
+the descriptor, ENOMEM after shedding memory. Each read's device time (not
+its wait for a thread) is recorded for the chunk sizer, the pressure score
+and ``stfs stats``.
+
+How bytes come out of SOURCE is a ``BackingReader``: ``SourceReader`` in the
+daemon, fakes in tests.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from typing import Protocol, TypeVar
+
+import trio
+
+from stfs import backing
+from stfs.backing import ChunkData, FileIdentity, Hasher
+from stfs.chunking import ChunkPerformanceTracker
+from stfs.descriptors import DescriptorTable, FileReplacedError
+from stfs.handles import OpenFile
+from stfs.metrics import Counters
+from stfs.retry import DEFAULT_SETTINGS, REOPEN_ERRNOS, RetrySettings, sheds_memory
+from stfs.streams import Stream
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+LATENCY_SAMPLES = 2048
+RECENT_READS = 4096
+
+
+class BackingReader(Protocol):
+    """Blocking reads of an open SOURCE descriptor, each with the identity
+    (fstat before and after) the bytes belong to."""
+
+    def pread(self, fd: int, buf: bytearray, offset: int) -> tuple[ChunkData, FileIdentity]:
+        """Fill *buf* from *offset* (short only at end of file)."""
+
+    def pread_if_cached(self, fd: int, buf: bytearray,
+                        offset: int) -> tuple[ChunkData, FileIdentity] | None:
+        """Like ``pread`` if the bytes are all in the page cache, else None at once."""
+
+    def pread_digest(self, fd: int, scratch: bytearray, start: int, end: int,
+                     hasher: Hasher) -> tuple[int, int, FileIdentity]:
+        """Feed ``[start, end)`` into *hasher*: (digest, bytes read, identity)."""
+
+    def is_local(self, dev: int) -> bool:
+        """Whether *dev* is a local block device (page-cache reads cannot hang)."""
+
+
+class SourceReader:
+    """The daemon's ``BackingReader``: ``stfs.backing``'s reads."""
+
+    def pread(self, fd: int, buf: bytearray, offset: int) -> tuple[ChunkData, FileIdentity]:
+        return backing.pread_identified(fd, buf, offset)
+
+    def pread_if_cached(self, fd: int, buf: bytearray,
+                        offset: int) -> tuple[ChunkData, FileIdentity] | None:
+        return backing.pread_if_cached(fd, buf, offset)
+
+    def pread_digest(self, fd: int, scratch: bytearray, start: int, end: int,
+                     hasher: Hasher) -> tuple[int, int, FileIdentity]:
+        return backing.pread_digest(fd, scratch, start, end, hasher)
+
+    def is_local(self, dev: int) -> bool:
+        return backing.is_local_block_device_id(dev)
+
+
+@dataclasses.dataclass(frozen=True)
+class BackingReadStatistics:
+    reads: int
+    """Backing reads of chunks (demand and read-ahead)."""
+    inline_reads: int
+    """Of those, copied from SOURCE's page cache on the event loop."""
+    in_flight: int
+    """Reads running in worker threads now."""
+    cap: int
+    """Concurrent backing reads allowed now."""
+    chunk_sizes: dict[int, int]
+    """Reads by size."""
+    latency_ms: dict[str, float]
+    """p50/p95/p99 of recent reads' device time."""
+    learned_throughput_bps: list[float]
+
+
+class BackingReads:
+    """Runs backing reads in worker threads under the concurrency cap, with retries."""
+
+    def __init__(self, reader: BackingReader, descriptors: DescriptorTable, counters: Counters,
+                 *, max_streams: int, retry: RetrySettings = DEFAULT_SETTINGS,
+                 inline_cached_reads: bool = True,
+                 shed_memory: Callable[[], None] = lambda: None) -> None:
+        self.reader = reader
+        self.descriptors = descriptors
+        self.counters = counters
+        self.retry = retry
+        self.inline_cached_reads = inline_cached_reads
+        self._shed_memory = shed_memory
+        self._limiter = trio.CapacityLimiter(max_streams)
+        self._speculative_limiter = trio.CapacityLimiter(max(1, max_streams // 2))
+        self.cap = max_streams
+        self.reads = 0
+        self.inline_reads = 0
+        self.sizes: collections.Counter[int] = collections.Counter()
+        self._latencies_s: collections.deque[float] = collections.deque(maxlen=LATENCY_SAMPLES)
+        self._recent: collections.deque[tuple[float, int, float]] = collections.deque(
+            maxlen=RECENT_READS)
+        self.tracker = ChunkPerformanceTracker()
+        """Recent chunk reads of every stream (the chunk sizer's global view)."""
+
+    def set_cap(self, cap: int) -> None:
+        """Allow *cap* concurrent backing reads (read-ahead: half of them)."""
+        if cap != self.cap:
+            self.cap = cap
+            self._limiter.total_tokens = cap
+            self._speculative_limiter.total_tokens = max(1, cap // 2)
+
+    def in_flight(self) -> int:
+        return int(self._limiter.borrowed_tokens)
+
+    def recent(self, since: float) -> list[tuple[int, float]]:
+        """(size, seconds) of the reads that ended at or after *since* (monotonic)."""
+        return [(size, seconds) for at, size, seconds in self._recent if at >= since]
+
+    def is_local(self, handle: OpenFile) -> bool:
+        return self.reader.is_local(handle.identity.dev)
+
+    # -- reads -------------------------------------------------------------------
+
+    async def read_chunk(self, stream: Stream, buf: bytearray, start: int, *,
+                         speculative: bool,
+                         resume: Callable[[], Awaitable[None]] | None = None,
+                         ) -> tuple[ChunkData, FileIdentity]:
+        """Fill *buf* from *start* of *stream*'s file: (data, the identity it is of).
+
+        *resume* runs before a demand read is retried (it proves the file unchanged).
+        """
+        handle = stream.handle
+        began = time.monotonic()
+        fd = self.descriptors.fd_now(handle)
+        cached = None
+        if fd >= 0 and self.inline_cached_reads and self.is_local(handle):
+            # Bytes already in the kernel's page cache: a memory copy that cannot
+            # wait on the disk (RWF_NOWAIT), cheaper here than a thread round trip.
+            cached = self.reader.pread_if_cached(fd, buf, start)
+        if cached is not None:
+            data, identity = cached
+            seconds = time.monotonic() - began
+            await trio.lowlevel.checkpoint()
+        else:
+            data, identity, seconds = await self.run(
+                stream, lambda fd: self._timed_pread(fd, buf, start),
+                speculative=speculative, resume=resume)
+        if not speculative:  # what the reader meets now
+            stream.source_cached = cached is not None
+        size = len(buf)
+        self.reads += 1
+        self.inline_reads += cached is not None
+        self.sizes[size] += 1
+        self._latencies_s.append(seconds)
+        self._recent.append((time.monotonic(), size, seconds))
+        stream.tracker.record(size, seconds)
+        self.tracker.record(size, seconds)
+        return data, identity
+
+    def _timed_pread(self, fd: int, buf: bytearray,
+                     offset: int) -> tuple[ChunkData, FileIdentity, float]:
+        """The read as the device served it, without time queued for a thread."""
+        began = time.monotonic()
+        data, identity = self.reader.pread(fd, buf, offset)
+        return data, identity, time.monotonic() - began
+
+    async def fstat(self, stream: Stream) -> os.stat_result:
+        """fstat of *stream*'s descriptor in a worker thread (a network file
+        system may take a round trip for it)."""
+        handle = stream.handle
+        fd = await self.descriptors.pin(handle)
+        try:
+            return await trio.to_thread.run_sync(os.fstat, fd, limiter=self._limiter)
+        finally:
+            self.descriptors.unpin(handle)
+
+    async def run(self, stream: Stream, op: Callable[[int], T], *, speculative: bool = False,
+                  resume: Callable[[], Awaitable[None]] | None = None) -> T:
+        """Run blocking *op(fd)* on *stream*'s descriptor in a worker thread,
+        retrying by the error's policy (*resume* runs before each retry).
+
+        Speculative work is never retried: a failure just ends it, and the
+        reader's own demand read retries.
+        """
+        handle = stream.handle
+        settings = self.retry
+        deadline = trio.current_time() + settings.deadline_s
+        extra = self._speculative_limiter if speculative else contextlib.nullcontext()
+        attempt = 0
+        while True:
+            try:
+                fd = await self.descriptors.pin(handle)
+                try:
+                    async with extra:
+                        result = await trio.to_thread.run_sync(op, fd, limiter=self._limiter)
+                finally:
+                    self.descriptors.unpin(handle)
+                if attempt:
+                    self.counters.recoveries += 1
+                    log.info("%s: read recovered after %d retries", os.fsdecode(handle.path),
+                             attempt)
+                return result
+            except FileReplacedError:
+                raise
+            except OSError as exc:
+                attempt += 1
+                policy = settings.policy_for(exc.errno)
+                if speculative or attempt >= policy.attempts:
+                    raise
+                delay = settings.delay_s(policy, attempt)
+                if trio.current_time() + delay > deadline:
+                    raise
+                if not stream.interrupted:
+                    stream.interrupted = True
+                    self.counters.interrupted_streams += 1
+                if sheds_memory(exc.errno):
+                    self._shed_memory()
+                self.counters.retries += 1
+                log.info("%s: %s; retry %d of %d (%s policy) in %.2f s",
+                         os.fsdecode(handle.path), os.strerror(exc.errno or 0),
+                         attempt, policy.attempts - 1, policy.name, delay)
+                await trio.sleep(delay)
+                if exc.errno in REOPEN_ERRNOS:
+                    await self.descriptors.reopen(handle)
+                if resume is not None:
+                    await resume()
+
+    # -- figures -----------------------------------------------------------------
+
+    def statistics(self) -> BackingReadStatistics:
+        return BackingReadStatistics(
+            reads=self.reads, inline_reads=self.inline_reads, in_flight=self.in_flight(),
+            cap=self.cap, chunk_sizes=dict(sorted(self.sizes.items())),
+            latency_ms=_percentiles_ms(self._latencies_s),
+            learned_throughput_bps=self.tracker.throughputs())
+
+
+def _percentiles_ms(samples_s: collections.deque[float]) -> dict[str, float]:
+    samples = sorted(samples_s)
+    if not samples:
+        return {"p50": 0.0, "p95": 0.0, "p99": 0.0}
+
+    def pct(q: float) -> float:
+        return 1000 * samples[min(len(samples) - 1, int(q * len(samples)))]
+
+    return {"p50": pct(0.50), "p95": pct(0.95), "p99": pct(0.99)}

@@ -1,0 +1,159 @@
+"""Fetcher: the chunk holding an offset, from the chunk cache, a read in
+flight, or one new backing read into the cache.
+
+Every chunk read is reserved in the ``MemoryBudget`` before it starts (a
+demand read waits for room; read-ahead is refused instead) and is cached when
+it lands. Concurrent readers of bytes inside a chunk being read wait for that
+read instead of starting their own (single flight per chunk). A chunk that
+lands under another identity than the handle's raises ``IdentityChanged``:
+bytes of two versions never meet.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import trio
+
+from stfs.backing import ChunkData, FileIdentity
+from stfs.backing_reads import BackingReads
+from stfs.budget import MemoryBudget
+from stfs.buffers import BufferPool
+from stfs.cache import ChunkCache
+from stfs.metrics import Counters
+from stfs.streams import Stream
+from stfs.versions import IdentityChanged, VersionGuard
+
+
+class Flight:
+    """One backing read in progress; readers of bytes inside it wait for it."""
+
+    __slots__ = ("data", "done", "error", "size", "start")
+
+    def __init__(self, start: int, size: int) -> None:
+        self.start = start
+        self.size = size
+        self.done = trio.Event()
+        self.data: ChunkData | None = None
+        self.error: BaseException | None = None
+
+
+class Fetcher:
+    """Chunks by offset: cache, single flight, backing reads into the cache."""
+
+    def __init__(self, reads: BackingReads, guard: VersionGuard, cache: ChunkCache,
+                 budget: MemoryBudget, pool: BufferPool, counters: Counters) -> None:
+        self.reads = reads
+        self.guard = guard
+        self.cache = cache
+        self.budget = budget
+        self.pool = pool
+        self.counters = counters
+        self._flights: dict[FileIdentity, list[Flight]] = {}
+
+    async def chunk_at(self, stream: Stream, offset: int, chunk_size: int,
+                       sequential: bool, want_end: int) -> tuple[int, ChunkData]:
+        """The chunk holding *offset* as (start, data).
+
+        A new chunk starts at *offset* itself for a sequential stream (so chunks
+        follow the kernel's requests and later requests fall inside one chunk),
+        at the chunk-size boundary otherwise (so random readers share chunks). A
+        sequential request only partly covered by a cached chunk is re-read from
+        its own offset rather than assembled from two chunks.
+        """
+        identity = stream.handle.identity
+        while True:
+            found = self.cache.lookup(identity, offset, stream.handle.fh)
+            if found is not None:
+                start, data = found
+                # Covered as far as a new chunk of this size from here could reach?
+                covered = start + len(data) >= min(want_end, identity.size, offset + chunk_size)
+                if covered or not sequential:
+                    self.counters.cache_hits += 1
+                    return found
+                del found, data
+            flight = self.flight_at(identity, offset)
+            if flight is None:
+                break
+            await flight.done.wait()
+            if flight.error is not None:
+                raise flight.error
+            # Landed in the cache (or was cancelled): look again.
+            landed: ChunkData | None = flight.data
+            if landed is not None and flight.start <= offset < flight.start + len(landed):
+                reach = min(want_end, identity.size, offset + chunk_size)
+                if flight.start + len(landed) >= reach or not sequential:
+                    self.counters.cache_hits += 1
+                    return flight.start, landed
+                break
+        self.counters.cache_misses += 1
+        start = offset if sequential else offset - offset % chunk_size
+        fetched = await self.fetch(stream, start, chunk_size, speculative=False)
+        assert fetched is not None
+        return start, fetched
+
+    def flight_at(self, identity: FileIdentity, offset: int) -> Flight | None:
+        for flight in self._flights.get(identity, ()):
+            if flight.start <= offset < flight.start + flight.size:
+                return flight
+        return None
+
+    def covered_to(self, identity: FileIdentity, start: int, size: int) -> int | None:
+        """End of a cached or in-flight chunk covering all of [start, start + size)
+        (or to end of file), else None. A chunk covering only part does not count:
+        read-ahead must follow the kernel's request boundaries, and a misaligned
+        chain would leave every request straddling two chunks."""
+        want_end = min(start + size, identity.size)
+        found = self.cache.lookup(identity, start, -1)
+        if found is not None and found[0] + len(found[1]) >= want_end:
+            return found[0] + len(found[1])
+        flight = self.flight_at(identity, start)
+        if flight is not None and flight.start + flight.size >= want_end:
+            return flight.start + flight.size
+        return None
+
+    async def fetch(self, stream: Stream, start: int, chunk_size: int,
+                    speculative: bool) -> ChunkData | None:
+        """Read one chunk from SOURCE into the cache (single flight per chunk).
+
+        Speculative (read-ahead): None when the chunk is covered already or the
+        budget has no room for it."""
+        handle = stream.handle
+        identity = handle.identity
+        if speculative:
+            if self.covered_to(identity, start, chunk_size) is not None:
+                return None
+            if not self.budget.try_reserve_speculative(chunk_size):
+                return None
+        else:
+            await self.budget.reserve(chunk_size)
+        flight = Flight(start, chunk_size)
+        flights = self._flights.setdefault(identity, [])
+        flights.append(flight)
+        cached = False
+        try:
+            buf = self.pool.take(chunk_size)
+            resume = (None if speculative
+                      else functools.partial(self.guard.verify_resume, stream, buf))
+            data, identity_now = await self.reads.read_chunk(
+                stream, buf, start, speculative=speculative, resume=resume)
+            del buf, resume  # the pool reuses a buffer only when it is the sole owner
+            if identity_now != identity:
+                handle.seen_identity = identity_now
+                raise IdentityChanged(identity_now)
+            flight.data = data
+            self.cache.insert((identity, start), data, chunk_size, handle.fh)
+            cached = True
+            return data
+        except (OSError, IdentityChanged) as exc:
+            flight.error = exc  # never a Cancelled: that belongs to this task alone
+            raise
+        finally:
+            if speculative:
+                self.budget.speculative_done(chunk_size)
+            if not cached:
+                self.budget.release(chunk_size)
+            flights.remove(flight)
+            if not flights:
+                del self._flights[identity]
+            flight.done.set()

@@ -1,0 +1,137 @@
+"""Read-ahead and read-around scheduling: speculative work for streams.
+
+* Read-ahead: a sequential stream prefetches up to its window of chunks
+  (``StreamState.readahead_chunks``, which doubles with the stream, bounded
+  by a share of the chunk cache per stream), chained from where its last
+  request's chunk ended and following the kernel's request boundaries. Each
+  prefetch is a task in the engine's nursery, registered as a speculative
+  resource of its handle; a seek, a release or heavy pressure cancels it.
+  While a stream's demand reads find SOURCE's page cache holding the bytes,
+  read-ahead waits: those copies are as quick as a cache hit.
+* Read-around: a random read of a file on a local block device offers the
+  window around it to ``ReadAround``, which pushes it into the kernel's page
+  cache for the mount when SOURCE has it cached.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+
+import trio
+
+from stfs.fetcher import Fetcher
+from stfs.readaround import ReadAround
+from stfs.resources import Priority, ResourceRegistry
+from stfs.streams import Stream, StreamTable
+from stfs.versions import IdentityChanged
+
+log = logging.getLogger(__name__)
+
+MAX_READAHEAD_BYTES = 16 * 1024 * 1024
+"""A stream's read-ahead never exceeds this many bytes."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadAheadStatistics:
+    enabled: bool
+    chunks: int
+    """Chunks read ahead that landed in the cache."""
+    read_around_pushes: int
+    read_around_bytes: int
+
+
+class ReadAhead:
+    """Schedules read-ahead of sequential streams and read-around of random ones."""
+
+    def __init__(self, fetcher: Fetcher, streams: StreamTable, resources: ResourceRegistry,
+                 read_around: ReadAround, *, cache_limit: int) -> None:
+        self.fetcher = fetcher
+        self.streams = streams
+        self.resources = resources
+        self.read_around = read_around
+        self.cache_limit = cache_limit
+        self.enabled = True
+        self.chunks = 0
+        self._nursery: trio.Nursery | None = None
+
+    def attach(self, nursery: trio.Nursery | None) -> None:
+        """Where prefetch tasks run (None: nowhere, nothing is scheduled)."""
+        self._nursery = nursery
+
+    def set_enabled(self, enabled: bool) -> None:
+        """Switch read-ahead and read-around (off under heavy pressure)."""
+        self.enabled = enabled
+        self.read_around.pause(not enabled)
+        if not enabled:
+            self.streams.cancel_readahead()
+
+    def max_window_chunks(self, chunk_size: int) -> int:
+        """Read-ahead window bound: a share of the cache per active stream."""
+        per_stream = min(MAX_READAHEAD_BYTES, self.cache_limit // (2 * max(1, len(self.streams))))
+        return max(0, per_stream // max(chunk_size, 1))
+
+    # -- read-ahead -------------------------------------------------------------
+
+    def schedule(self, stream: Stream, next_start: int, chunk_size: int) -> None:
+        """Prefetch up to the stream's window of chunks, chained from *next_start*."""
+        window = stream.state.readahead_chunks
+        if not self.enabled or window <= 0 or self._nursery is None or stream.source_cached:
+            return
+        identity = stream.handle.identity
+        limit_bytes = window * chunk_size
+        chunk_start = next_start
+        for _ in range(window):
+            if chunk_start >= identity.size or stream.readahead_bytes + chunk_size > limit_bytes:
+                break
+            covered_to = self.fetcher.covered_to(identity, chunk_start, chunk_size)
+            if covered_to is not None:
+                chunk_start = covered_to
+                continue
+            stream.readahead_bytes += chunk_size
+            self._nursery.start_soon(self._prefetch, stream, chunk_start, chunk_size)
+            chunk_start += chunk_size
+
+    async def _prefetch(self, stream: Stream, start: int, chunk_size: int) -> None:
+        handle = stream.handle
+        if self.streams.get(handle.fh) is not stream:  # released before this task ran
+            stream.readahead_bytes -= chunk_size
+            return
+        scope = trio.CancelScope()
+        stream.readahead_scopes.add(scope)
+        tracked = self.resources.register(handle.fh, "readahead", Priority.SPECULATIVE,
+                                          scope.cancel, chunk_size)
+        try:
+            with scope:
+                if await self.fetcher.fetch(stream, start, chunk_size, speculative=True):
+                    self.chunks += 1
+        except (OSError, IdentityChanged) as exc:
+            log.debug("read-ahead of %r at %d stopped: %r", handle.path, start, exc)
+        except Exception:  # a background task: never take the mount down
+            log.exception("read-ahead of %s at %d failed", os.fsdecode(handle.path), start)
+        finally:
+            self.resources.forget(tracked)
+            stream.readahead_scopes.discard(scope)
+            stream.readahead_bytes -= chunk_size
+
+    # -- read-around ------------------------------------------------------------
+
+    def after_random_read(self, stream: Stream, offset: int, whole_file_chunk: int) -> None:
+        """A read at *offset* that did not continue the stream: offer the window
+        around it to the kernel's page cache (once per window and version).
+        *whole_file_chunk*: the file's one chunk when it is read whole, else 0."""
+        handle = stream.handle
+        if (not self.enabled or not self.read_around.enabled or handle.direct_io
+                or not self.fetcher.reads.is_local(handle)):
+            return
+        fd = self.fetcher.reads.descriptors.fd_now(handle)
+        if fd < 0:
+            return
+        identity = handle.identity
+        self.read_around.offer(fd, handle.nodeid, identity,
+                               self.read_around.window(offset, identity, whole_file_chunk))
+
+    def statistics(self) -> ReadAheadStatistics:
+        return ReadAheadStatistics(self.enabled, self.chunks, self.read_around.pushes,
+                                   self.read_around.pushed_bytes)

@@ -1,0 +1,97 @@
+"""Per-handle read state: one ``Stream`` for each open file handle that reads.
+
+A stream holds what the read path learns about one handle: its access pattern
+and chunk size (``StreamState``), the performance of its backing reads, the
+verifier that hashes what it served, the read-ahead tasks working for it and
+a few flags. Components of the read path take a ``Stream`` (which knows its
+handle) instead of passing ``(handle, state)`` around.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+
+import trio
+
+from stfs.backing import FileIdentity
+from stfs.chunking import ChunkPerformanceTracker, StreamState
+from stfs.handles import OpenFile
+from stfs.recovery import StreamVerifier
+
+
+@dataclasses.dataclass(eq=False)
+class Stream:
+    """The read path's state for one open handle."""
+
+    handle: OpenFile
+    state: StreamState
+    verifier: StreamVerifier
+    tracker: ChunkPerformanceTracker = dataclasses.field(
+        default_factory=ChunkPerformanceTracker)
+    readahead_scopes: set[trio.CancelScope] = dataclasses.field(default_factory=set)
+    readahead_bytes: int = 0
+    """Bytes of read-ahead scheduled for this stream and not yet landed."""
+    chunk_seen: tuple[int, int] = (0, 0)
+    """The chunk the last request was served from: requests inside it skip the
+    identity check made before serving a new chunk."""
+    change_lock: trio.Lock = dataclasses.field(default_factory=trio.Lock)
+    sequential: bool = False
+    """Whether the latest request continued a sequential run."""
+    next_offset: int = 0
+    """Where the latest reply ended: a request elsewhere is a seek."""
+    noted: FileIdentity | None = None
+    """The version this stream last reported as served through the mount."""
+    source_cached: bool = False
+    """Whether this stream's latest demand read found SOURCE's page cache holding
+    the bytes: read-ahead then only adds work (the kernel's own requests already
+    come in parallel), so it waits until a read has to wait for the device."""
+    interrupted: bool = False
+    """A backing read of this stream met a transient error (and was retried)."""
+    failed: bool = False
+    """An interrupted stream that got an error anyway."""
+
+    def cancel_readahead(self) -> None:
+        for scope in self.readahead_scopes:
+            scope.cancel()
+
+
+class StreamTable:
+    """Streams by file handle number: made at a handle's first read, dropped at release."""
+
+    def __init__(self, make: Callable[[OpenFile], Stream]) -> None:
+        self._make = make
+        self._streams: dict[int, Stream] = {}
+
+    def __len__(self) -> int:
+        return len(self._streams)
+
+    def __iter__(self) -> Iterator[Stream]:
+        return iter(list(self._streams.values()))
+
+    def fhs(self) -> list[int]:
+        return list(self._streams)
+
+    def get(self, fh: int) -> Stream | None:
+        return self._streams.get(fh)
+
+    def of(self, handle: OpenFile) -> tuple[Stream, bool]:
+        """*handle*'s stream, and whether it was made just now."""
+        stream = self._streams.get(handle.fh)
+        if stream is not None:
+            return stream, False
+        stream = self._streams[handle.fh] = self._make(handle)
+        return stream, True
+
+    def drop(self, fh: int) -> bool:
+        """Forget *fh*'s stream: cancel its read-ahead, give back its verifier's memory."""
+        stream = self._streams.pop(fh, None)
+        if stream is None:
+            return False
+        stream.cancel_readahead()
+        stream.verifier.reset()  # gives back what its reorder buffer reserved
+        return True
+
+    def cancel_readahead(self) -> None:
+        for stream in self._streams.values():
+            stream.cancel_readahead()
