@@ -65,6 +65,11 @@ class FakeBacking(SourceReader):
     def offsets(self) -> list[int]:
         return [offset for offset, _ in self.calls]
 
+    def arm(self) -> None:
+        """Hold reads from now on (again, after a ``release()``)."""
+        self._gate.clear()
+        self.armed = True
+
     def release(self) -> None:
         """Let every held read go on, and hold no more."""
         self.armed = False

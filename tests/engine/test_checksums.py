@@ -9,11 +9,20 @@ import os
 import sqlite3
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
+import trio
 
 from stfs.backing import FileIdentity
-from stfs.checksums import COARSE_RACY_NS, FINE_RACY_NS, ChecksumStore, racy_window_ns
+from stfs.checksums import (
+    COARSE_RACY_NS,
+    FINE_RACY_NS,
+    ChecksumRegistry,
+    ChecksumStore,
+    racy_window_ns,
+)
+from stfs.metrics import Counters
 
 A = FileIdentity(dev=2049, ino=1234, size=4096, mtime_ns=1_700_000_000_000_000_000,
                  ctime_ns=1_700_000_000_500_000_000)
@@ -202,3 +211,51 @@ def test_open_says_whether_the_store_is_usable(tmp_path: Path) -> None:
     bad = ChecksumStore(blocker)
     assert bad.open() is False
     assert bad.open() is False
+
+
+# -- the registry the read path reports to -------------------------------------------
+
+def registry_run(registry: ChecksumRegistry, body: Any) -> Any:
+    async def main() -> Any:
+        async with trio.open_nursery() as nursery:
+            registry.attach(nursery)
+            result = await body()
+            registry.attach(None)
+            return result
+    return trio.run(main)
+
+
+def test_the_registry_keeps_records_and_looks_up_checksums(tmp_path: Path) -> None:
+    store = ChecksumStore(tmp_path)
+    counters = Counters()
+    registry = ChecksumRegistry(store, counters)
+    ident = FileIdentity(1, 2, 3, 4, 5)
+
+    async def body() -> list[str | None]:
+        registry.completed(b"f", ident, "a" * 32)
+        return [await registry.lookup(ident), await registry.lookup(ident._replace(ino=9))]
+
+    assert registry_run(registry, body) == ["a" * 32, None]
+    assert registry.known() == {ident: "a" * 32}
+    assert store.get(ident) == "a" * 32 and counters.checksums_computed == 1
+    later = ChecksumRegistry(store, Counters())                 # a later mount
+    assert registry_run(later, lambda: later.lookup(ident)) == "a" * 32
+    store.close()
+
+
+def test_a_different_checksum_for_the_same_identity_is_reported_as_corruption(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    store = ChecksumStore(tmp_path)
+    ident = FileIdentity(1, 2, 3, 4, 5)
+    assert store.record(ident, "a" * 32, b"f") is None       # long after its ctime: not racy
+    counters = Counters()
+    registry = ChecksumRegistry(store, counters)
+
+    async def body() -> None:
+        registry.completed(b"f", ident, "b" * 32)
+
+    with caplog.at_level(logging.ERROR, logger="stfs"):
+        registry_run(registry, body)
+    assert counters.corruptions_detected == 1 and "SOURCE CORRUPTION" in caplog.text
+    assert registry.known() == {ident: "a" * 32}                # the recorded one stands
+    store.close()

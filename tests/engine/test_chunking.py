@@ -15,6 +15,7 @@ from stfs.chunking import (
     AdaptiveChunkSizer,
     ChunkPerformanceTracker,
     ChunkSample,
+    RequestPlanner,
     StreamState,
     file_class_size,
     memory_factor,
@@ -324,3 +325,49 @@ def test_first_request_at_offset_zero_is_sequential_but_does_not_grow_yet() -> N
     state = StreamState(chunk_size=BASE)
     assert state.observe(0, 4 * KIB, BASE, CAP, WINDOW) is True
     assert (state.chunk_size, state.readahead_chunks, state.sequential_reads) == (BASE, 0, 1)
+
+
+# -- the request planner -----------------------------------------------------------
+
+def planner(min_chunk: int = 4 * KIB, max_chunk: int = 1 * MIB) -> RequestPlanner:
+    return RequestPlanner(AdaptiveChunkSizer(min_chunk, max_chunk))
+
+
+@pytest.mark.parametrize(("size", "small", "whole"), [
+    (0, True, 4 * KIB), (1, True, 4 * KIB), (700 * KIB, True, 1 * MIB),
+    (1 * MIB - 1, True, 1 * MIB), (1 * MIB, False, 1 * MIB)])
+def test_small_files_are_one_chunk_of_the_next_power_of_two(size: int, small: bool,
+                                                           whole: int) -> None:
+    assert planner().is_small(size) is small
+    assert RequestPlanner.whole_file_chunk(size) == whole
+    assert not planner(max_chunk=256 * KIB).is_small(700 * KIB)   # larger than a chunk
+
+
+@pytest.mark.parametrize(("offset", "size", "chunk"), [
+    (0, 4 * KIB, 4 * KIB), (4 * KIB, 4 * KIB, 4 * KIB), (2 * KIB, 4 * KIB, 8 * KIB),
+    (60 * KIB, 8 * KIB, 128 * KIB), (0, 3 * MIB, 1 * MIB)])
+def test_a_random_chunk_is_the_smallest_aligned_one_holding_the_request(
+        offset: int, size: int, chunk: int) -> None:
+    assert planner().random_chunk(offset, size) == chunk
+
+
+def test_plan_grows_a_sequential_stream_and_falls_back_on_a_seek() -> None:
+    p = planner()
+    tracker = ChunkPerformanceTracker()
+    file_size = 200 * MIB
+    state = StreamState(chunk_size=p.base_chunk(file_size, 0.0))
+    assert state.chunk_size == 256 * KIB
+    plans = [p.plan(state, file_size, offset, 128 * KIB, 0.0, tracker, 8)
+             for offset in range(0, 6 * 128 * KIB, 128 * KIB)]
+    assert all(sequential for _, sequential in plans)
+    assert plans[-1][0] == 1 * MIB and state.readahead_chunks > 0
+    chunk, sequential = p.plan(state, file_size, 100 * MIB, 4 * KIB, 0.0, tracker, 8)
+    assert (chunk, sequential) == (256 * KIB, False)
+    chunk, sequential = p.plan(state, file_size, 50 * MIB, 4 * KIB, 0.0, tracker, 8)
+    assert (chunk, sequential) == (4 * KIB, False)              # keeps seeking: request-sized
+
+
+def test_plan_reads_a_small_file_whole_and_never_sequentially() -> None:
+    state = StreamState(chunk_size=1 * MIB)
+    assert planner().plan(state, 700 * KIB, 0, 4 * KIB, 0.0, ChunkPerformanceTracker(),
+                          8) == (1 * MIB, False)

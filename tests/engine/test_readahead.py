@@ -1,0 +1,86 @@
+"""Read-ahead scheduling and the stream table on their own (through an
+engine's parts): the window bound, what schedules nothing, cancelling on
+disable and on drop."""
+
+from __future__ import annotations
+
+import trio
+import trio.testing
+
+from stfs.engine import ReadEngine
+from stfs.readahead import MAX_READAHEAD_BYTES
+from stfs.streams import Stream
+from tests.engine.fakes import FakeBacking
+from tests.engine.helpers import KIB, MIB, Source, make_engine, run, wait_until
+
+CHUNK = 128 * KIB
+
+
+def streaming(engine: ReadEngine, src: Source, window: int) -> Stream:
+    handle = src.open("f")
+    engine.open(handle)
+    stream, _ = engine.streams.of(handle)
+    stream.state.readahead_chunks = window
+    return stream
+
+
+def test_the_window_is_a_share_of_the_cache_per_stream(src: Source) -> None:
+    src.write("f", 1 * MIB)
+    engine = make_engine(src, cache_limit=8 * MIB)
+    assert engine.readahead.max_window_chunks(CHUNK) == 4 * MIB // CHUNK    # half the cache
+    for _ in range(4):
+        streaming(engine, src, 0)
+    assert engine.readahead.max_window_chunks(CHUNK) == 1 * MIB // CHUNK    # shared by four
+    big = make_engine(src, memory_limit=256 * MIB, cache_limit=200 * MIB)
+    assert big.readahead.max_window_chunks(CHUNK) == MAX_READAHEAD_BYTES // CHUNK
+
+
+def test_a_window_is_fetched_once_and_disabling_schedules_nothing(src: Source) -> None:
+    data = src.write("f", 8 * MIB)
+    fake = FakeBacking()
+    engine = make_engine(src, reader=fake)
+
+    async def body() -> list[int]:
+        stream = streaming(engine, src, 4)
+        engine.readahead.schedule(stream, 0, CHUNK)
+        engine.readahead.schedule(stream, 0, CHUNK)            # covered: nothing more
+        await wait_until(lambda: engine.readahead.chunks == 4)
+        engine.readahead.set_enabled(False)
+        engine.readahead.schedule(stream, 4 * CHUNK, CHUNK)
+        await trio.testing.wait_all_tasks_blocked()
+        found = engine.cache.lookup(stream.handle.identity, 3 * CHUNK, -1)
+        assert found is not None and bytes(found[1]) == data[3 * CHUNK:4 * CHUNK]
+        return fake.offsets
+
+    assert sorted(run(engine, body)) == [0, CHUNK, 2 * CHUNK, 3 * CHUNK]
+    assert engine.readahead.statistics().chunks == 4
+
+
+def test_disabling_and_dropping_cancel_queued_read_ahead(src: Source) -> None:
+    src.write("f", 8 * MIB)
+    fake = FakeBacking()
+    fake.arm()
+    engine = make_engine(src, reader=fake, max_streams=2)      # read-ahead: one at a time
+
+    async def body() -> None:
+        stream = streaming(engine, src, 4)
+        engine.readahead.schedule(stream, 0, CHUNK)
+        await wait_until(lambda: fake.held == 1 and len(stream.readahead_scopes) == 4)
+        engine.readahead.set_enabled(False)
+        fake.release()
+        await wait_until(lambda: stream.readahead_bytes == 0)
+        assert len(fake.calls) == 1               # the one in its thread; none queued ran
+        engine.readahead.set_enabled(True)
+        other = streaming(engine, src, 4)
+        fake.arm()
+        engine.readahead.schedule(other, 4 * MIB, CHUNK)
+        await wait_until(lambda: fake.held == 2 and len(other.readahead_scopes) == 4)
+        assert engine.streams.drop(other.handle.fh)
+        assert engine.streams.get(other.handle.fh) is None
+        fake.release()
+        await wait_until(lambda: other.readahead_bytes == 0)
+        assert len(fake.calls) == 2
+
+    run(engine, body)
+    assert engine.budget.speculative_bytes == 0 and not engine.resources.counts().get(
+        "readahead")

@@ -1,0 +1,100 @@
+"""The version guard on its own (through an engine's parts): identity checks,
+and what a change means for a stream that served nothing, one whose bytes
+are unchanged, one whose bytes changed, and one that shares the page cache
+with handles still on the old version."""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+
+from stfs.engine import ReadEngine
+from stfs.handles import OpenFile
+from stfs.streams import Stream
+from stfs.versions import IdentityChanged
+from tests.engine.helpers import KIB, MIB, Source, make_engine, run
+
+CHUNK = 64 * KIB
+
+
+def opened(engine: ReadEngine, handle: OpenFile) -> Stream:
+    engine.open(handle)
+    stream, _ = engine.streams.of(handle)
+    return stream
+
+
+def guard_engine(src: Source) -> ReadEngine:
+    return make_engine(src, min_chunk=CHUNK, max_chunk=CHUNK)
+
+
+def test_check_passes_an_unchanged_file_and_raises_on_a_change(src: Source) -> None:
+    src.write("f", 2 * MIB, seed=1)
+    engine = guard_engine(src)
+
+    async def body() -> None:
+        stream = opened(engine, src.open("f"))
+        await engine.guard.check(stream)
+        src.rewrite_in_place("f", seed=2)
+        with pytest.raises(IdentityChanged) as caught:
+            await engine.guard.check(stream)
+        assert caught.value.identity == src.identity("f")
+
+    run(engine, body)
+
+
+def test_a_stream_that_served_nothing_takes_the_new_version(src: Source) -> None:
+    src.write("f", 2 * MIB, seed=1)
+    engine = guard_engine(src)
+
+    async def body() -> None:
+        handle = src.open("f")
+        stream = opened(engine, handle)
+        src.rewrite_in_place("f", seed=2)
+        await engine.guard.on_changed(stream, 0, src.identity("f"))
+        assert handle.identity == src.identity("f")
+
+    run(engine, body)
+    assert engine.counters.changed_files == 0
+
+
+@pytest.mark.parametrize("change", ["rewrite", "touch"])
+def test_a_stream_that_served_bytes_goes_on_only_if_they_are_unchanged(
+        src: Source, change: str) -> None:
+    src.write("f", 2 * MIB, seed=1)
+    engine = guard_engine(src)
+
+    async def body() -> object:
+        handle = src.open("f")
+        stream = opened(engine, handle)
+        for offset in range(0, 4 * CHUNK, CHUNK):
+            await engine.read(handle, offset, CHUNK)
+        if change == "rewrite":
+            src.rewrite_in_place("f", seed=2)
+        else:
+            src.rewrite_in_place("f", seed=1)          # same bytes, a new mtime
+        try:
+            await engine.guard.on_changed(stream, 4 * CHUNK, src.identity("f"))
+        except OSError as exc:
+            return exc.errno
+        return handle.identity == src.identity("f")
+
+    outcome = run(engine, body)
+    assert outcome == (errno.EIO if change == "rewrite" else True)
+    assert engine.counters.changed_files == (1 if change == "rewrite" else 0)
+
+
+def test_a_new_version_waits_while_other_handles_read_the_old_one(src: Source) -> None:
+    src.write("f", 2 * MIB, seed=1)
+    engine = guard_engine(src)
+
+    async def body() -> object:
+        old_reader, newcomer = src.open("f"), src.open("f")
+        opened(engine, old_reader)
+        stream = opened(engine, newcomer)
+        src.rewrite_in_place("f", seed=2)
+        with pytest.raises(OSError) as caught:
+            await engine.guard.on_changed(stream, 0, src.identity("f"))
+        return caught.value.errno
+
+    assert run(engine, body) == errno.EIO
