@@ -155,7 +155,7 @@ class StatsCollector(Collector):
 
 
 def families(stats: Stats) -> Iterator[Metric]:
-    """The metric families of one ``stfs stats --json`` snapshot, in METRICS.md's order."""
+    """The metric families of one ``stfs stats --json`` snapshot, in a fixed order."""
     mountpoint = str(stats.get("mountpoint", ""))
 
     def one(kind: str, name: str, help_text: str, value: Any,
