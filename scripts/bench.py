@@ -34,6 +34,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from stfs.mountinfo import mount_at
+
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 MIB = 1024 * 1024
@@ -101,9 +103,7 @@ def drop_caches() -> None:
 
 
 def is_mounted(path: Path) -> bool:
-    real = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == real for line in f)
+    return mount_at(os.path.realpath(path)) is not None
 
 
 def wait_mounted(path: Path, proc: subprocess.Popen[bytes] | None, timeout: float = 30) -> None:

@@ -81,10 +81,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.faultfs import FaultFS
+from stfs.mountinfo import mount_at, mounts  # noqa: E402 - after the path setup
+from tests.faultfs import FaultFS  # noqa: E402
 
 PYTHON = sys.executable
 KIB = 1024
@@ -274,7 +277,8 @@ class Verifier:
                    and self.content.expected(f.rel, v.number, f.size, offset, len(data)) == data}
         if not matched and len(data) <= want_len:
             matched = {v.number for v in versions if v not in candidates
-                       and self.content.expected(f.rel, v.number, f.size, offset, len(data)) == data}
+                       and self.content.expected(f.rel, v.number, f.size, offset,
+                                                 len(data)) == data}
             if matched:
                 stream.stale_reads += 1
         if not matched:
@@ -379,7 +383,8 @@ class Soak:
         (self.backing / ".staging").mkdir()
         for i in range(FILES):
             # log-uniform 64 KiB .. 8 MiB, never a round size
-            size = int(math.exp(rng.uniform(math.log(64 * KIB), math.log(8 * MIB)))) + rng.randrange(4096)
+            size = (int(math.exp(rng.uniform(math.log(64 * KIB), math.log(8 * MIB))))
+                    + rng.randrange(4096))
             self._add_file(f"files/f{i:02d}.bin", size)
             self.big.append(f"files/f{i:02d}.bin")
         for i in range(HELD_FILES):
@@ -431,19 +436,16 @@ class Soak:
     def daemon_fds(self) -> int | None:
         assert self.stfs is not None
         try:
-            return len(os.listdir(f"/proc/{self.stfs.pid}/fd"))
-        except OSError:
+            return int(psutil.Process(self.stfs.pid).num_fds())
+        except psutil.Error:
             return None
 
     def daemon_rss(self) -> int | None:
         assert self.stfs is not None
         try:
-            for line in Path(f"/proc/{self.stfs.pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-        except OSError:
-            pass
-        return None
+            return int(psutil.Process(self.stfs.pid).memory_info().rss)
+        except psutil.Error:
+            return None
 
     def stfs_stats(self) -> dict[str, Any]:
         try:
@@ -516,7 +518,8 @@ class Soak:
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         return stream, fd
 
-    def read(self, stream: Stream, fd: int, offset: int, size: int, positional: bool) -> bytes | None:
+    def read(self, stream: Stream, fd: int, offset: int, size: int,
+             positional: bool) -> bytes | None:
         t0 = time.monotonic()
         try:
             data = os.pread(fd, size, offset) if positional else os.read(fd, size)
@@ -703,7 +706,8 @@ class Soak:
                     after = os.stat(path)
                     end = time.monotonic()
                 how = "in-place"
-                if (before.st_mtime_ns, before.st_ctime_ns) == (after.st_mtime_ns, after.st_ctime_ns):
+                if ((before.st_mtime_ns, before.st_ctime_ns)
+                        == (after.st_mtime_ns, after.st_ctime_ns)):
                     self.identity_kept += 1  # the harness's fault, not stfs's: reported
             else:
                 staging = self.backing / ".staging" / Path(rel).name
@@ -920,10 +924,12 @@ class Soak:
             "held": {"opened": self.held_opened, "open_handles_seen": self.held_handles_seen,
                      "from_s": _finite(self.hold_window[0]), "to_s": _finite(self.hold_window[1])},
             "descriptors": {"idle_fds": idle_fds, "end_fds": fds_end,
-                            "max_fds": max((s["fds"] for s in self.samples if s["fds"]), default=None),
+                            "max_fds": max((s["fds"] for s in self.samples if s["fds"]),
+                                           default=None),
                             "open_handles_end": k["handles_end"],
-                            "open_handles_zero_after_s": (round(k["handles_zero_s"], 3)
-                                                          if k["handles_zero_s"] is not None else None),
+                            "open_handles_zero_after_s": (
+                                round(k["handles_zero_s"], 3)
+                                if k["handles_zero_s"] is not None else None),
                             "idle_open_fds_stat": k["idle_stats"].get("open_fds"),
                             "end_open_fds_stat": final.get("open_fds"),
                             "faultfs_open_files_end": k["ffs_stats"].get("open_files")},
@@ -935,7 +941,8 @@ class Soak:
             "stfs": {key: final.get(key, 0) for key in STATS_KEYS}
             | {"tracked_resources": final.get("tracked_resources", final.get("resources", {})),
                "backing_fds": final.get("backing_fds", {})},
-            "faultfs": {"ops": k["ffs_stats"].get("ops"), "injected": k["ffs_stats"].get("injected"),
+            "faultfs": {"ops": k["ffs_stats"].get("ops"),
+                        "injected": k["ffs_stats"].get("injected"),
                         "reads": k["ffs_stats"].get("reads"),
                         "read_bytes": k["ffs_stats"].get("read_bytes"),
                         "events_dropped": self.events_dropped},
@@ -991,26 +998,14 @@ def log_findings(path: Path) -> dict[str, Any]:
 
 
 def fstype_at(path: Path) -> str | None:
-    real = os.path.realpath(path)
-    found = None
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            if _unescape(left.split(" ")[4]) == real:
-                found = right.split(" ")[0]
-    return found
+    """The type of the topmost mount at *path*, None if nothing is mounted there."""
+    entry = mount_at(os.path.realpath(path))
+    return entry.fstype if entry is not None else None
 
 
 def mounts_under(root: Path) -> list[str]:
     base = os.path.realpath(root) + "/"
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        return [p for p in (_unescape(line.split(" ")[4]) for line in f) if p.startswith(base)]
-
-
-def _unescape(field: str) -> str:
-    import re
-
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+    return [entry.mountpoint for entry in mounts() if entry.mountpoint.startswith(base)]
 
 
 def unmount_stfs(proc: subprocess.Popen[bytes], mountpoint: Path) -> None:

@@ -109,7 +109,8 @@ class Backing:
     def _openat2(self, path: bytes, flags: int) -> int:
         how = _OpenHow(flags, 0, _RESOLVE)
         for _ in range(16):  # EAGAIN: a concurrent rename raced the resolution
-            fd = _libc.syscall(_SYS_OPENAT2, self.dir_fd, path, ctypes.byref(how), ctypes.sizeof(how))
+            fd = _libc.syscall(_SYS_OPENAT2, self.dir_fd, path, ctypes.byref(how),
+                               ctypes.sizeof(how))
             if fd >= 0:
                 return int(fd)
             err = ctypes.get_errno()

@@ -81,7 +81,8 @@ class ChunkCache:
 
     # -- lookup ------------------------------------------------------------
 
-    def lookup(self, identity: FileIdentity, offset: int, owner: int) -> tuple[int, ChunkData] | None:
+    def lookup(self, identity: FileIdentity, offset: int,
+               owner: int) -> tuple[int, ChunkData] | None:
         """The cached chunk of *identity* holding byte *offset*: (start, data)."""
         starts = self._starts.get(identity)
         if starts:

@@ -107,9 +107,11 @@ def request_stats(mountpoint: str, timeout: float = 5.0, command: str = "stats")
     except (TimeoutError, ConnectionRefusedError) as exc:
         raise StfsError(f"{mountpoint}: the stfs daemon does not answer ({exc})") from None
     except PermissionError:
-        raise StfsError(f"{mountpoint}: permission denied (stats are for the mount's owner)") from None
+        raise StfsError(f"{mountpoint}: permission denied "
+                        "(stats are for the mount's owner)") from None
     except OSError as exc:
-        raise StfsError(f"{mountpoint}: cannot reach the stfs daemon: {os.strerror(exc.errno or errno.EIO)}") from None
+        reason = os.strerror(exc.errno or errno.EIO)
+        raise StfsError(f"{mountpoint}: cannot reach the stfs daemon: {reason}") from None
     try:
         reply = json.loads(data)
     except ValueError:

@@ -52,8 +52,9 @@ def ensure_demo_source(state_dir: Path) -> str:
                 remaining -= n
     for i in range(200):
         (building / "small" / f"note-{i:03d}.txt").write_text(f"note {i}\n" * (1 + i % 50))
-    (building / "nested" / "deeper" / "deepest").mkdir(parents=True)
-    (building / "nested" / "deeper" / "deepest" / "hello.txt").write_text("hello from deep inside\n")
+    deepest = building / "nested" / "deeper" / "deepest"
+    deepest.mkdir(parents=True)
+    (deepest / "hello.txt").write_text("hello from deep inside\n")
     os.symlink("README.txt", building / "link-to-readme")
     shutil.rmtree(target, ignore_errors=True)
     os.rename(building, target)

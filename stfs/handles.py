@@ -72,7 +72,8 @@ class HandleTable:
         self._by_node.setdefault(nodeid, {})[handle.fh] = handle
         return handle
 
-    def add_dir(self, nodeid: int, path: bytes, entries: list[tuple[bytes, os.stat_result]]) -> OpenDir:
+    def add_dir(self, nodeid: int, path: bytes,
+                entries: list[tuple[bytes, os.stat_result]]) -> OpenDir:
         handle = OpenDir(next(self._next_fh), nodeid, path, entries)
         self._dirs[handle.fh] = handle
         return handle

@@ -1,14 +1,16 @@
 """Live counters of the mount, and the stats snapshot served to ``stfs stats``.
 
 Components increment counters here; nothing here does I/O except reading the
-process's own RSS when a snapshot is taken.
+process's own RSS and descriptor count (psutil) when a snapshot is taken.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import statistics
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import psutil
@@ -55,7 +57,26 @@ def reset_process() -> None:
 
 
 def open_fd_count() -> int:
-    return len(os.listdir("/proc/self/fd"))
+    """File descriptors open in this process now."""
+    return int(_process.num_fds())
+
+
+PERCENTILES = {"p50": 50, "p95": 95, "p99": 99}
+
+
+def percentiles(samples: Iterable[float]) -> dict[str, float]:
+    """p50, p95 and p99 of *samples*, in their unit; all 0.0 when there are none.
+
+    ``statistics.quantiles`` with the "inclusive" method: linear interpolation
+    between the two closest samples, the smallest sample being p0 and the largest
+    p100 (numpy's default), so a percentile never lies outside the samples.
+    """
+    data = list(samples)
+    if len(data) < 2:  # quantiles needs two points before Python 3.13
+        only = float(data[0]) if data else 0.0
+        return {name: only for name in PERCENTILES}
+    cuts = statistics.quantiles(data, n=100, method="inclusive")
+    return {name: cuts[q - 1] for name, q in PERCENTILES.items()}
 
 
 def snapshot_json_ready(values: dict[str, Any]) -> dict[str, Any]:
@@ -71,7 +92,8 @@ class Histogram:
     """Cumulative-bucket histogram (Prometheus style) of durations in seconds."""
 
     bounds: tuple[float, ...] = LATENCY_BUCKETS_S
-    counts: list[int] = dataclasses.field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS_S) + 1))
+    counts: list[int] = dataclasses.field(
+        default_factory=lambda: [0] * (len(LATENCY_BUCKETS_S) + 1))
     total: float = 0.0
     count: int = 0
 

@@ -1,9 +1,10 @@
 """Optional ``/metrics`` endpoint for a Prometheus scraper (``--metrics-listen``).
 
 A minimal HTTP/1.0 responder on trio: ``GET /metrics`` answers the same text
-exposition as ``stfs stats --prometheus``; anything else is 404 or 405. It
-listens on loopback unless an address is given. No request body, no
-keep-alive: one request per connection, bounded in size and time.
+exposition as ``stfs stats --prometheus`` (body and content type from
+``prometheus_client``); anything else is 404 or 405. It listens on loopback
+unless an address is given. No request body, no keep-alive: one request per
+connection, bounded in size and time.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import trio
+from prometheus_client.exposition import generate_latest
 
 from stfs import prometheus
 from stfs.errors import UsageError
@@ -40,6 +42,7 @@ def parse_listen(text: str) -> tuple[str, int]:
 async def serve(host: str, port: int, stats: Callable[[], dict[str, Any]], *,
                 task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve /metrics until cancelled; reports the bound port through task_status."""
+    registry = prometheus.registry_for(stats)
 
     async def handle(stream: trio.SocketStream) -> None:
         async with stream:
@@ -52,15 +55,16 @@ async def serve(host: str, port: int, stats: Callable[[], dict[str, Any]], *,
                     request += chunk
             method, _, rest = request.partition(b" ")
             path = rest.split(b" ", 1)[0].split(b"?", 1)[0]
+            content_type = "text/plain; charset=utf-8"
             if method != b"GET":
-                status, body = "405 Method Not Allowed", "only GET\n"
+                status, payload = "405 Method Not Allowed", b"only GET\n"
             elif path != b"/metrics":
-                status, body = "404 Not Found", "see /metrics\n"
+                status, payload = "404 Not Found", b"see /metrics\n"
             else:
-                status, body = "200 OK", prometheus.render(stats())
-            payload = body.encode()
-            head = (f"HTTP/1.0 {status}\r\nContent-Type: text/plain; version=0.0.4; "
-                    f"charset=utf-8\r\nContent-Length: {len(payload)}\r\nConnection: close\r\n\r\n")
+                status, payload = "200 OK", generate_latest(registry)
+                content_type = prometheus.CONTENT_TYPE
+            head = (f"HTTP/1.0 {status}\r\nContent-Type: {content_type}\r\n"
+                    f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n")
             try:
                 await stream.send_all(head.encode() + payload)
             except trio.BrokenResourceError:

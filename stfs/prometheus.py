@@ -1,20 +1,33 @@
-"""Prometheus text exposition (format 0.0.4) of a daemon's stats snapshot.
+"""Prometheus exposition of a daemon's stats snapshot, through ``prometheus_client``.
 
-``render(stats)`` is a pure function of the dict ``stfs stats --json`` prints:
-every metric gets ``# HELP`` and ``# TYPE`` lines, the prefix ``stfs_``,
-counters end in ``_total``, units are in the names (bytes, seconds, ratio),
-and every sample carries a ``mountpoint`` label. Keys missing from the
-snapshot (an older or newer daemon) are left out rather than invented.
+``StatsCollector`` turns the dict ``stfs stats --json`` prints into metric
+families; ``prometheus_client`` writes the text. Every metric has the prefix
+``stfs_``, counters end in ``_total``, units are in the names (bytes, seconds,
+ratio), and every sample carries a ``mountpoint`` label. A key missing from the
+snapshot, ``null`` or not a number (an older or newer daemon) leaves its family
+out rather than inventing a value.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector, CollectorRegistry
+
+Stats = Mapping[str, Any]
+
 PREFIX = "stfs_"
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
+"""The type of what ``generate_latest`` writes (the library's CONTENT_TYPE_LATEST is 1.0.0)."""
 
 PRESSURE_LEVELS = ("none", "light", "moderate", "heavy", "critical")
 
@@ -47,7 +60,8 @@ COUNTERS: tuple[tuple[str, str, str], ...] = (
      "Whole-file reads whose checksum differed from the one recorded for the same identity."),
     ("errors", "errors_total", "Reads that failed with an error returned to the reader."),
     ("backing_reads", "backing_reads_total", "Reads issued to the backing file system."),
-    ("inline_reads", "inline_reads_total", "Backing reads of bytes already in the page cache, copied on the event loop (RWF_NOWAIT)."),
+    ("inline_reads", "inline_reads_total",
+     "Backing reads of bytes already in the page cache, copied on the event loop (RWF_NOWAIT)."),
     ("readahead_chunks", "readahead_chunks_total", "Chunks fetched ahead of the reader."),
     ("readahead_refused", "readahead_refused_total",
      "Read-ahead chunks refused by the memory budget."),
@@ -66,8 +80,8 @@ GAUGES: tuple[tuple[str, str, str, Scale], ...] = (
     ("cache_entries", "cache_entries", "Chunks held in the page cache.", _same),
     ("memory_limit_bytes", "memory_limit_bytes",
      "Hard ceiling for all file data held (--memory-limit).", _same),
-    ("held_bytes", "held_bytes", "All file data held now: cache, in-flight, read-ahead and reply buffers.",
-     _same),
+    ("held_bytes", "held_bytes",
+     "All file data held now: cache, in-flight, read-ahead and reply buffers.", _same),
     ("peak_held_bytes", "peak_held_bytes", "Highest held_bytes since the mount.", _same),
     ("open_handles", "open_handles", "Open file handles.", _same),
     ("open_dirs", "open_dirs", "Open directory handles.", _same),
@@ -75,7 +89,8 @@ GAUGES: tuple[tuple[str, str, str, Scale], ...] = (
     ("active_reads", "active_reads", "Read requests in progress.", _same),
     ("pressure_score", "pressure_score", "Memory pressure score behind the level.", _same),
     ("concurrency_cap", "concurrency_cap", "Concurrent backing reads allowed now.", _same),
-    ("memory_use_pct", "memory_use_ratio", "Worst of the engine, RSS, cgroup and system memory views, as a ratio (may exceed 1).",
+    ("memory_use_pct", "memory_use_ratio",
+     "Worst of the engine, RSS, cgroup and system memory views, as a ratio (may exceed 1).",
      lambda v: v / 100.0),
     ("rss_growth_bytes_per_s", "rss_growth_bytes_per_second",
      "Recent growth rate of the daemon's resident set.", _same),
@@ -83,12 +98,14 @@ GAUGES: tuple[tuple[str, str, str, Scale], ...] = (
      "Memory limit of the daemon's cgroup, when there is one.", _same),
     ("rss_bytes", "rss_bytes", "Resident set size of the daemon.", _same),
     ("open_fds", "open_fds", "File descriptors open in the daemon.", _same),
-    ("uptime_s", "uptime_seconds", "Seconds since the daemon started setting up the mount.", _same),
+    ("uptime_s", "uptime_seconds", "Seconds since the daemon started setting up the mount.",
+     _same),
     ("cache_hit_ratio", "cache_hit_ratio", "Cache hits over all chunk lookups (0-1).", _same),
     ("kernel_request_bytes", "kernel_request_bytes",
      "Read request size the kernel sends most often.", _same),
 )
 
+# key of the "kernel" object -> (metric name without prefix, help text, scale)
 KERNEL_GAUGES: tuple[tuple[str, str, str, Scale], ...] = (
     ("read_ahead_kb", "kernel_read_ahead_bytes", "Kernel read-ahead window of the mount.",
      lambda v: v * 1024),
@@ -98,13 +115,16 @@ KERNEL_GAUGES: tuple[tuple[str, str, str, Scale], ...] = (
      _same),
 )
 
+# key of the "resources" object -> (metric name without prefix, help text)
 RESOURCE_COUNTERS: tuple[tuple[str, str, str], ...] = (
     ("sweeps", "resource_sweeps_total", "Periodic sweeps for orphaned and idle resources."),
     ("swept", "resources_swept_total", "Resources freed by sweeps."),
     ("emergency_cleanups", "emergency_cleanups_total",
      "Emergency cleanups under critical memory pressure."),
 )
+TRACKED_KINDS = ("descriptor", "stream", "readahead")
 
+# key of the "backing_fds" object -> (metric name without prefix, type, help text)
 BACKING_FD_METRICS: tuple[tuple[str, str, str, str], ...] = (
     ("open", "backing_fds", "gauge", "Backing file descriptors open now."),
     ("limit", "backing_fds_limit", "gauge", "Backing descriptors kept open at most."),
@@ -119,142 +139,120 @@ def _number(value: Any) -> float | None:
     return value
 
 
-def format_value(value: float) -> str:
-    """A sample value as the exposition format writes it."""
-    if isinstance(value, int):
-        return str(value)
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    if value.is_integer() and abs(value) < 1e15:
-        return str(int(value))
-    return repr(value)
+def _object(stats: Stats, key: str) -> Stats:
+    value = stats.get(key)
+    return value if isinstance(value, Mapping) else {}
 
 
-def escape_label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+class StatsCollector(Collector):
+    """Metric families of the snapshot *snapshot()* returns, taken afresh on every collect."""
+
+    def __init__(self, snapshot: Callable[[], Stats]) -> None:
+        self._snapshot = snapshot
+
+    def collect(self) -> Iterator[Metric]:
+        return families(self._snapshot())
 
 
-def escape_help(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("\n", "\\n")
+def families(stats: Stats) -> Iterator[Metric]:
+    """The metric families of one ``stfs stats --json`` snapshot, in a fixed order."""
+    mountpoint = str(stats.get("mountpoint", ""))
 
+    def one(kind: str, name: str, help_text: str, value: Any,
+            scale: Scale = _same) -> Iterator[Metric]:
+        number = _number(value)
+        if number is None:
+            return
+        family: CounterMetricFamily | GaugeMetricFamily
+        if kind == "counter":
+            family = CounterMetricFamily(PREFIX + name, help_text, labels=["mountpoint"])
+        else:
+            family = GaugeMetricFamily(PREFIX + name, help_text, labels=["mountpoint"])
+        family.add_metric([mountpoint], scale(number))
+        yield family
 
-def _labels(pairs: Iterable[tuple[str, str]]) -> str:
-    inner = ",".join(f'{name}="{escape_label(value)}"' for name, value in pairs)
-    return "{" + inner + "}" if inner else ""
-
-
-class _Writer:
-    def __init__(self, mountpoint: str) -> None:
-        self.base = [("mountpoint", mountpoint)]
-        self.lines: list[str] = []
-
-    def family(self, name: str, kind: str, help_text: str) -> None:
-        self.lines.append(f"# HELP {PREFIX}{name} {escape_help(help_text)}")
-        self.lines.append(f"# TYPE {PREFIX}{name} {kind}")
-
-    def sample(self, name: str, value: float, extra: Iterable[tuple[str, str]] = ()) -> None:
-        labels = _labels([*self.base, *extra])
-        self.lines.append(f"{PREFIX}{name}{labels} {format_value(value)}")
-
-    def simple(self, name: str, kind: str, help_text: str, value: float) -> None:
-        self.family(name, kind, help_text)
-        self.sample(name, value)
-
-
-def render(stats: dict[str, Any]) -> str:
-    """The Prometheus text exposition (0.0.4) of a ``stfs stats --json`` snapshot."""
-    out = _Writer(str(stats.get("mountpoint", "")))
+    def labelled(name: str, help_text: str, label: str,
+                 samples: list[tuple[str, float]]) -> Iterator[Metric]:
+        family = GaugeMetricFamily(PREFIX + name, help_text, labels=["mountpoint", label])
+        for label_value, value in samples:
+            family.add_metric([mountpoint, label_value], value)
+        yield family
 
     for key, name, help_text in COUNTERS:
-        value = _number(stats.get(key))
-        if value is not None:
-            out.simple(name, "counter", help_text, value)
-
+        yield from one("counter", name, help_text, stats.get(key))
     for key, name, help_text, scale in GAUGES:
-        value = _number(stats.get(key))
-        if value is not None:
-            out.simple(name, "gauge", help_text, scale(value))
-
-    kernel = stats.get("kernel")
-    if isinstance(kernel, dict):
-        for key, name, help_text, scale in KERNEL_GAUGES:
-            value = _number(kernel.get(key))
-            if value is not None:
-                out.simple(name, "gauge", help_text, scale(value))
+        yield from one("gauge", name, help_text, stats.get(key), scale)
+    kernel = _object(stats, "kernel")
+    for key, name, help_text, scale in KERNEL_GAUGES:
+        yield from one("gauge", name, help_text, kernel.get(key), scale)
 
     level = stats.get("pressure_level")
     if isinstance(level, str):
         if level in PRESSURE_LEVELS:
-            out.simple("pressure_level", "gauge",
-                       "Memory pressure level: 0 none, 1 light, 2 moderate, 3 heavy, 4 critical.",
-                       PRESSURE_LEVELS.index(level))
-        out.family("pressure_level_info", "gauge", "Memory pressure level by name (always 1).")
-        out.sample("pressure_level_info", 1, [("level", level)])
-
+            yield from one("gauge", "pressure_level",
+                           "Memory pressure level: 0 none, 1 light, 2 moderate, 3 heavy, "
+                           "4 critical.", PRESSURE_LEVELS.index(level))
+        yield from labelled("pressure_level_info", "Memory pressure level by name (always 1).",
+                            "level", [(level, 1)])
     trend = stats.get("memory_trend")
     if isinstance(trend, str):
-        out.family("memory_trend_info", "gauge",
-                   "Direction of the daemon's memory use by name (always 1).")
-        out.sample("memory_trend_info", 1, [("trend", trend)])
+        yield from labelled("memory_trend_info",
+                            "Direction of the daemon's memory use by name (always 1).",
+                            "trend", [(trend, 1)])
 
-    latency = stats.get("chunk_latency_ms")
-    if isinstance(latency, dict):
-        quantiles = [(k, _number(v)) for k, v in latency.items()
-                     if k.startswith("p") and k[1:].isdigit()]
-        if quantiles:
-            out.family("chunk_latency_quantile_seconds", "gauge",
-                       "Recent backing chunk read latency at a quantile.")
-            for key, value in quantiles:
-                if value is not None:
-                    out.sample("chunk_latency_quantile_seconds", value / 1000.0,
-                               [("quantile", str(int(key[1:]) / 100))])
+    quantiles = [(str(int(key[1:]) / 100), number / 1000.0)
+                 for key, value in _object(stats, "chunk_latency_ms").items()
+                 if key.startswith("p") and key[1:].isdigit()
+                 and (number := _number(value)) is not None]
+    if quantiles:
+        yield from labelled("chunk_latency_quantile_seconds",
+                            "Recent backing chunk read latency at a quantile.",
+                            "quantile", quantiles)
 
-    resources = stats.get("resources")
-    if isinstance(resources, dict):
-        tracked = resources.get("tracked")
-        if isinstance(tracked, dict):
-            out.family("tracked_resources", "gauge",
-                       "Per-handle resources tracked now, by kind.")
-            for kind in ("descriptor", "stream", "readahead"):
-                out.sample("tracked_resources", _number(tracked.get(kind)) or 0,
-                           [("kind", kind)])
-        for key, name, help_text in RESOURCE_COUNTERS:
-            value = _number(resources.get(key))
-            if value is not None:
-                out.simple(name, "counter", help_text, value)
-    fds = stats.get("backing_fds")
-    if isinstance(fds, dict):
-        for key, name, kind, help_text in BACKING_FD_METRICS:
-            value = _number(fds.get(key))
-            if value is not None:
-                out.simple(name, kind, help_text, value)
+    resources = _object(stats, "resources")
+    tracked = resources.get("tracked")
+    if isinstance(tracked, Mapping):
+        yield from labelled("tracked_resources", "Per-handle resources tracked now, by kind.",
+                            "kind", [(kind, _number(tracked.get(kind)) or 0)
+                                     for kind in TRACKED_KINDS])
+    for key, name, help_text in RESOURCE_COUNTERS:
+        yield from one("counter", name, help_text, resources.get(key))
+    fds = _object(stats, "backing_fds")
+    for key, name, kind, help_text in BACKING_FD_METRICS:
+        yield from one(kind, name, help_text, fds.get(key))
 
-    _histogram(out, stats.get("read_latency_seconds"))
-    return "\n".join(out.lines) + "\n"
+    yield from _histogram(mountpoint, stats.get("read_latency_seconds"))
 
 
-def _histogram(out: _Writer, hist: Any) -> None:
-    if not isinstance(hist, dict) or not isinstance(hist.get("buckets"), list):
+def _histogram(mountpoint: str, hist: Any) -> Iterator[Metric]:
+    """``read_latency_seconds`` (cumulative ``[bound, count]`` pairs, sum, count)."""
+    if not isinstance(hist, Mapping) or not isinstance(hist.get("buckets"), list):
         return
-    name = "read_duration_seconds"
-    out.family(name, "histogram", "Time to answer one read request.")
-    saw_inf = False
+    count = _number(hist.get("count")) or 0
+    buckets: list[tuple[str, float]] = []
     for bucket in hist["buckets"]:
         if not isinstance(bucket, (list, tuple)) or len(bucket) != 2:
             continue
-        bound, count = bucket
+        bound, value = bucket
         if bound == "+Inf" or (isinstance(bound, float) and math.isinf(bound)):
-            le = "+Inf"
-            saw_inf = True
+            buckets.append(("+Inf", _number(value) or 0))
         elif _number(bound) is not None:
-            le = repr(float(bound))
-        else:
-            continue
-        out.sample(f"{name}_bucket", _number(count) or 0, [("le", le)])
-    total_count = _number(hist.get("count")) or 0
-    if not saw_inf:
-        out.sample(f"{name}_bucket", total_count, [("le", "+Inf")])
-    out.sample(f"{name}_sum", _number(hist.get("sum")) or 0)
-    out.sample(f"{name}_count", total_count)
+            buckets.append((repr(float(bound)), _number(value) or 0))
+    if not buckets or buckets[-1][0] != "+Inf":
+        buckets.append(("+Inf", count))  # the +Inf bucket is the count
+    family = HistogramMetricFamily(PREFIX + "read_duration_seconds",
+                                   "Time to answer one read request.", labels=["mountpoint"])
+    family.add_metric([mountpoint], buckets, _number(hist.get("sum")) or 0)
+    yield family
+
+
+def registry_for(snapshot: Callable[[], Stats]) -> CollectorRegistry:
+    """A private registry holding only the stats of *snapshot()* (no process metrics)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(StatsCollector(snapshot))
+    return registry
+
+
+def render(stats: Stats) -> str:
+    """The Prometheus text exposition of a ``stfs stats --json`` snapshot."""
+    return generate_latest(registry_for(lambda: stats)).decode()

@@ -29,9 +29,9 @@ one read first). A reader that keeps landing on
 pages not yet pushed is spread over the file, and each such landing is a
 round trip; larger windows make those few. Only pieces SOURCE has cached are
 ever pushed, so the kernel's copy never outgrows SOURCE's, and
-``pause()`` (heavy memory pressure) stops a window between pieces. The bytes are checked to be of the
-handle's version before and after the store; if the file changed meanwhile,
-the inode's cached pages are dropped again.
+``pause()`` (heavy memory pressure) stops a window between pieces. The bytes
+are checked to be of the handle's version before and after the store; if the
+file changed meanwhile, the inode's cached pages are dropped again.
 """
 
 from __future__ import annotations

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from stfs.mountinfo import mount_at
 from tests.conftest import Mount, run_stfs
 
 
-def test_metrics_endpoint_serves_the_prometheus_exposition(mounter, source: Path) -> None:
+def test_metrics_endpoint_serves_the_prometheus_exposition(mounter: Callable[..., Mount],
+                                                           source: Path) -> None:
     mount: Mount = mounter(source, "--metrics-listen", "127.0.0.1:0")
     port = mount.stats()["metrics_port"]
     assert isinstance(port, int) and port > 0
@@ -30,6 +34,9 @@ def test_metrics_endpoint_serves_the_prometheus_exposition(mounter, source: Path
     with pytest.raises(urllib.error.HTTPError) as missing:
         urllib.request.urlopen(f"http://127.0.0.1:{port}/other", timeout=5)
     assert missing.value.code == 404
+    with pytest.raises(urllib.error.HTTPError) as not_get:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", data=b"x", timeout=5)
+    assert not_get.value.code == 405
 
 
 def test_bad_metrics_listen_value_is_a_usage_error(source: Path, tmp_path: Path) -> None:
@@ -51,5 +58,4 @@ def test_metrics_port_in_use_fails_the_mount_with_one_line(source: Path, tmp_pat
     assert result.returncode == 1
     expected = f"stfs: --metrics-listen 127.0.0.1:{port}: address already in use"
     assert result.stderr.splitlines() == [expected]
-    with open("/proc/self/mountinfo") as f:
-        assert str(tmp_path / "m") not in f.read()
+    assert mount_at(os.path.realpath(tmp_path / "m")) is None
