@@ -35,7 +35,7 @@ from stfs.backing import ChunkData, FileIdentity, Hasher
 from stfs.chunking import ChunkPerformanceTracker
 from stfs.descriptors import DescriptorTable, FileReplacedError
 from stfs.handles import OpenFile
-from stfs.metrics import Counters
+from stfs.metrics import Counters, percentiles
 from stfs.retry import DEFAULT_SETTINGS, REOPEN_ERRNOS, RetrySettings, sheds_memory
 from stfs.streams import Stream
 
@@ -254,16 +254,6 @@ class BackingReads:
         return BackingReadStatistics(
             reads=self.reads, inline_reads=self.inline_reads, in_flight=self.in_flight(),
             cap=self.cap, chunk_sizes=dict(sorted(self.sizes.items())),
-            latency_ms=_percentiles_ms(self._latencies_s),
+            latency_ms={k: 1000 * v for k, v in percentiles(self._latencies_s).items()},
             learned_throughput_bps=self.tracker.throughputs())
 
-
-def _percentiles_ms(samples_s: collections.deque[float]) -> dict[str, float]:
-    samples = sorted(samples_s)
-    if not samples:
-        return {"p50": 0.0, "p95": 0.0, "p99": 0.0}
-
-    def pct(q: float) -> float:
-        return 1000 * samples[min(len(samples) - 1, int(q * len(samples)))]
-
-    return {"p50": pct(0.50), "p95": pct(0.95), "p99": pct(0.99)}

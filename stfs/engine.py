@@ -300,12 +300,15 @@ class ReadEngine:
     async def _read(self, stream: Stream, offset: int, size: int) -> bytes | memoryview:
         handle = stream.handle
         self.request_sizes[size] += 1
+        seen = handle.seen_identity
+        if seen is not None and seen != handle.identity:
+            raise IdentityChanged(seen)  # someone's getattr saw the file change
         seen_start, seen_end = stream.chunk_seen
-        if not seen_start <= offset < seen_end or (
-                handle.seen_identity is not None and handle.seen_identity != handle.identity):
-            await self.guard.check(stream)
+        new_chunk = not seen_start <= offset < seen_end
         file_size = handle.identity.size
         if offset >= file_size:
+            if new_chunk:
+                await self.guard.check(stream)  # grown? then the read is retried
             return b""  # the kernel asks past the end only when it knows a new size
         chunk_size, sequential = self.planner.plan(
             stream.state, file_size, offset, size, self.memory_use_pct(), stream.tracker,
@@ -314,7 +317,12 @@ class ReadEngine:
             stream.cancel_readahead()
         stream.sequential = sequential
         end = offset + size
-        start, data = await self.fetcher.chunk_at(stream, offset, chunk_size, sequential, end)
+        start, data, fresh = await self.fetcher.chunk_at(stream, offset, chunk_size,
+                                                         sequential, end)
+        if new_chunk and not fresh:
+            # Bytes from the cache (or another request's read): is the file still
+            # that version? A chunk read just now was checked as it was read.
+            await self.guard.check(stream)
         chunk_end = start + len(data)
         stream.chunk_seen = (start, chunk_end)
         reply: bytes | memoryview | bytearray
@@ -358,8 +366,8 @@ class ReadEngine:
         n = 0
         chunk_end = offset
         while n < size:
-            start, data = await self.fetcher.chunk_at(stream, offset + n, chunk_size, False,
-                                                      offset + size)
+            start, data, _ = await self.fetcher.chunk_at(stream, offset + n, chunk_size,
+                                                         False, offset + size)
             if handle.identity != identity:
                 raise IdentityChanged(handle.identity)  # two versions must never meet
             chunk_end = start + len(data)

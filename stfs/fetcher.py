@@ -12,6 +12,7 @@ bytes of two versions never meet.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import trio
 
@@ -23,6 +24,16 @@ from stfs.cache import ChunkCache
 from stfs.metrics import Counters
 from stfs.streams import Stream
 from stfs.versions import IdentityChanged, VersionGuard
+
+
+class Chunk(NamedTuple):
+    """A chunk found or read for a request."""
+
+    start: int
+    data: ChunkData
+    fresh: bool
+    """Read from SOURCE by this request: its identity was checked as it was read
+    (fstat before and after), so serving it needs no other check."""
 
 
 class Flight:
@@ -52,8 +63,8 @@ class Fetcher:
         self._flights: dict[FileIdentity, list[Flight]] = {}
 
     async def chunk_at(self, stream: Stream, offset: int, chunk_size: int,
-                       sequential: bool, want_end: int) -> tuple[int, ChunkData]:
-        """The chunk holding *offset* as (start, data).
+                       sequential: bool, want_end: int) -> Chunk:
+        """The chunk holding *offset*.
 
         A new chunk starts at *offset* itself for a sequential stream (so chunks
         follow the kernel's requests and later requests fall inside one chunk),
@@ -70,7 +81,7 @@ class Fetcher:
                 covered = start + len(data) >= min(want_end, identity.size, offset + chunk_size)
                 if covered or not sequential:
                     self.counters.cache_hits += 1
-                    return found
+                    return Chunk(start, data, False)
                 del found, data
             flight = self.flight_at(identity, offset)
             if flight is None:
@@ -84,13 +95,13 @@ class Fetcher:
                 reach = min(want_end, identity.size, offset + chunk_size)
                 if flight.start + len(landed) >= reach or not sequential:
                     self.counters.cache_hits += 1
-                    return flight.start, landed
+                    return Chunk(flight.start, landed, False)
                 break
         self.counters.cache_misses += 1
         start = offset if sequential else offset - offset % chunk_size
         fetched = await self.fetch(stream, start, chunk_size, speculative=False)
         assert fetched is not None
-        return start, fetched
+        return Chunk(start, fetched, True)
 
     def flight_at(self, identity: FileIdentity, offset: int) -> Flight | None:
         for flight in self._flights.get(identity, ()):

@@ -33,8 +33,8 @@ def test_concurrent_requests_for_one_chunk_share_one_backing_read(src: Source) -
         got: list[tuple[int, bytes]] = []
 
         async def one(stream: Stream, offset: int) -> None:
-            start, chunk = await engine.fetcher.chunk_at(stream, offset, CHUNK, False,
-                                                         offset + 4096)
+            start, chunk, _ = await engine.fetcher.chunk_at(stream, offset, CHUNK, False,
+                                                            offset + 4096)
             got.append((start, bytes(chunk)))
 
         async with trio.open_nursery() as nursery:
