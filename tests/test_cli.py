@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 
 from stfs import __version__
-from stfs.cli import parse_mount_options
-from stfs.config import parse_size
+from stfs.cli import OPTIONS, Option, mount_config, parse_mount_options
+from stfs.config import MountConfig, parse_size
 from stfs.errors import UsageError
 from stfs.mountinfo import mount_at
 from tests.conftest import (
@@ -548,3 +548,68 @@ def test_parse_mount_options_rejects_with_usage_error(values: list[str], named: 
         parse_mount_options(values)
     assert info.value.exit_code == 2
     assert named in info.value.message
+
+
+# -- the option table: one entry per option, both spellings -------------------------
+
+
+SAMPLES = {  # a valid, non-default value of each option that takes one
+    "memory_limit": "32M", "cache_size": "8M", "max_streams": "4", "min_chunk": "8K",
+    "max_chunk": "512K", "read_around": "64K", "attr_timeout": "0.5", "entry_timeout": "2",
+    "metrics_listen": "127.0.0.1:9101", "monitor_interval": "0.5", "sweep_interval": "5",
+    "max_open_fds": "64", "retry_file_system": "2:0.1:2:1", "retry_network": "4:0.2:1.5:3",
+    "retry_jitter": "0.1", "read_deadline": "10", "state_dir": "/tmp/stfs-cli-state",
+    "log_level": "debug", "log_file": "/tmp/stfs-cli.log", "fsname": "my-data",
+}
+
+
+def test_every_option_of_the_table_has_a_sample_here() -> None:
+    valued = {option.name for option in OPTIONS if not option.flag}
+    assert valued == set(SAMPLES), "a new option needs a sample value in SAMPLES"
+
+
+@pytest.mark.parametrize("option", [o for o in OPTIONS if o.long], ids=lambda o: o.name)
+def test_every_long_option_gives_the_same_config_as_its_o_form(option: Option) -> None:
+    paths = ["/srv/src", "/srv/mnt"]
+    dashed_name = option.name.replace("_", "-")
+    if option.flag:
+        long_form, o_form, dashed = [option.option], option.name, dashed_name
+    else:
+        sample = SAMPLES[option.name]
+        long_form = [option.option, sample]
+        o_form, dashed = f"{option.name}={sample}", f"{dashed_name}={sample}"
+    by_long = mount_config([*long_form, *paths])
+    assert mount_config(["-o", o_form, *paths]) == by_long
+    assert mount_config(["-o", dashed, *paths]) == by_long
+    assert by_long != mount_config(paths), f"{option.option} changed nothing"
+    assert getattr(by_long, option.name) == (True if option.flag else option.value(
+        SAMPLES[option.name]))
+
+
+@pytest.mark.parametrize("option", [o for o in OPTIONS if not o.long], ids=lambda o: o.name)
+def test_mount_only_options_work_in_o_and_are_no_long_options(option: Option) -> None:
+    text = option.name if option.flag else f"{option.name}={SAMPLES[option.name]}"
+    config = mount_config(["-o", text, "/srv/src", "/srv/mnt"])
+    assert getattr(config, option.name) == (True if option.flag else SAMPLES[option.name])
+    with pytest.raises(UsageError):
+        mount_config([option.option, *([] if option.flag else [SAMPLES[option.name]]),
+                      "/srv/src", "/srv/mnt"])
+
+
+def test_long_option_wins_over_o() -> None:
+    config = mount_config(["-o", "memory_limit=64M", "--memory-limit", "32M", "/s", "/m"])
+    assert config.memory_limit == 32 * MIB
+
+
+@pytest.mark.parametrize("option", [o for o in OPTIONS if o.default is not None],
+                         ids=lambda o: o.name)
+def test_the_default_help_shows_is_the_default_used(option: Option) -> None:
+    defaults = MountConfig(source="/s", mountpoint="/m")
+    assert option.value(option.default or "") == getattr(defaults, option.name)
+    assert f"(default {option.default})" in option.help_text()
+
+
+def test_mount_help_names_every_option_of_the_table() -> None:
+    out = run_stfs("mount", "--help").stdout
+    for option in OPTIONS:
+        assert (option.option if option.long else option.name) in out, option.name
