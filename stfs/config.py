@@ -1,7 +1,9 @@
 """Mount configuration: one frozen dataclass built by the CLI and passed down.
 
-Also owns the parsing of SIZE values (``4K``, ``50M``, ``1G``; powers of 1024)
-and the default locations (state directory, runtime directory).
+Also owns byte counts as people write and read them: SIZE values (``4K``,
+``50M``, ``1G``; powers of 1024) parsed and spelled back, and the one
+human-readable formatter (``12.3 MiB``); and the default locations (state
+directory, runtime directory).
 """
 
 from __future__ import annotations
@@ -43,6 +45,18 @@ def format_size(n_bytes: int) -> str:
         if n_bytes and n_bytes % unit == 0:
             return f"{n_bytes // unit}{suffix}"
     return str(n_bytes)
+
+
+def human_bytes(value: object) -> str:
+    """``12.3 MiB`` style (powers of 1024); whole bytes below 1 KiB; '-' if not a number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "-"
+    size = float(value)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(size) < 1024:
+            return f"{size:.0f} B" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"
 
 
 def default_state_dir() -> Path:

@@ -16,9 +16,9 @@ from collections.abc import Callable
 from typing import Any, TextIO
 
 from stfs import control, prometheus
+from stfs.config import human_bytes
 from stfs.errors import StfsError
-from stfs.mount import FSTYPE, _resolved
-from stfs.mountinfo import mount_at
+from stfs.mountinfo import FSTYPE, mount_at, resolve
 
 CLEAR = "\x1b[H\x1b[2J"  # cursor home, clear screen
 HIDE_CURSOR = "\x1b[?25l"
@@ -26,14 +26,14 @@ SHOW_CURSOR = "\x1b[?25h"
 BUSIEST = 5
 
 
-
 def _dict(value: object) -> dict[str, Any]:
     """*value* if it is a JSON object, else an empty one (an older daemon's stats)."""
     return value if isinstance(value, dict) else {}
 
+
 def stats_command(mountpoint: str, as_json: bool = False, as_prometheus: bool = False,
                   watch: float | None = None) -> int:
-    path = _resolved(mountpoint)
+    path = resolve(mountpoint)
     entry = mount_at(path)
     if entry is None or entry.fstype != FSTYPE:
         if not os.path.exists(path):
@@ -52,18 +52,6 @@ def stats_command(mountpoint: str, as_json: bool = False, as_prometheus: bool = 
 
 
 # -- formatting ------------------------------------------------------------------
-
-
-def human_bytes(value: Any) -> str:
-    """12.3 MiB style; plain bytes below 1 KiB; '-' for anything not a number."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return "-"
-    size = float(value)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(size) < 1024 or unit == "TiB":
-            return f"{int(size)} B" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} TiB"  # pragma: no cover
 
 
 def human_rate(value: float) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import fcntl
 import json
 import os
@@ -19,7 +20,8 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from stfs import prometheus
+from stfs import mount, prometheus, stats_cmd
+from stfs.config import human_bytes
 from tests.conftest import STFS, Mount, run_stfs
 
 CLEAR = "\x1b[H\x1b[2J"
@@ -299,3 +301,33 @@ def test_json_still_prints_one_object(mounted: Mount) -> None:
     assert len(result.stdout.strip().splitlines()) == 1
     stats = json.loads(result.stdout)
     assert {"bytes_served", "read_latency_seconds", "handles", "cache_hit_ratio"} <= set(stats)
+
+
+# -- one byte formatter; stats needs no FUSE --------------------------------------------
+
+
+@pytest.mark.parametrize("value,shown", [
+    (0, "0 B"), (1023, "1023 B"), (1024, "1.0 KiB"), (1536, "1.5 KiB"),
+    (50 * 1024 * 1024, "50.0 MiB"), (5 * 1024 ** 3, "5.0 GiB"), (3 * 1024 ** 4, "3.0 TiB"),
+    (2048.0, "2.0 KiB"), (None, "-"), ("12", "-"), (True, "-"),
+])
+def test_human_bytes_is_the_one_formatter(value: object, shown: str) -> None:
+    assert human_bytes(value) == shown
+    assert stats_cmd.human_bytes is human_bytes
+    assert mount.human_bytes is human_bytes
+
+
+def test_stats_command_needs_neither_the_mount_module_nor_fuse() -> None:
+    probe = ("import sys, stfs.stats_cmd; "
+             "print(sorted(m for m in ('stfs.mount', 'pyfuse3') if m in sys.modules))")
+    result = subprocess.run([STFS[0], "-c", probe], capture_output=True, text=True, timeout=60,
+                            check=True)
+    assert result.stdout.strip() == "[]", result.stdout + result.stderr
+
+
+def test_stats_command_imports_no_private_name_of_another_module() -> None:
+    tree = ast.parse(Path(stats_cmd.__file__).read_text())
+    private = [f"{node.module}.{alias.name}" for node in ast.walk(tree)
+               if isinstance(node, ast.ImportFrom) for alias in node.names
+               if alias.name.startswith("_") and alias.name != "__future__"]
+    assert private == []
