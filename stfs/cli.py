@@ -145,6 +145,8 @@ class Option:
 OPTIONS: tuple[Option, ...] = (
     Option("foreground", None, short="-f",
            help="stay in the foreground (default: daemonize once the mount is live)"),
+    Option("demo", None, help="serve the built-in demo source instead of SOURCE: "
+           "stfs mount --demo MOUNTPOINT"),
     Option("allow_other", None, long=False, help="let other users than the mounting one in"),
     Option("fsname", _parse_name, "NAME", long=False,
            help="the source column of the mount table (default: SOURCE)"),
@@ -256,12 +258,16 @@ def _build_parser() -> _Parser:
 
     mount = sub.add_parser(
         "mount", help="mount a read-only view of SOURCE at MOUNTPOINT",
-        description="Mount a read-only view of SOURCE at MOUNTPOINT. Without SOURCE, a built-in "
-        "demo source is served. Every long option is also accepted in -o as key=value "
-        "(dashes written as underscores).")
+        usage="stfs mount [options] SOURCE MOUNTPOINT\n"
+        "       stfs mount [options] --demo MOUNTPOINT",
+        description="Mount a read-only view of SOURCE at MOUNTPOINT, or with --demo a built-in "
+        "demo source. Every long option is also accepted in -o as key=value (dashes written "
+        "as underscores).")
+    # Both optional for argparse, so that _positionals can say what is missing.
     mount.add_argument("source", nargs="?", metavar="SOURCE",
-                       help="backing directory (default: the built-in demo source)")
-    mount.add_argument("mountpoint", metavar="MOUNTPOINT", help="directory to mount on")
+                       help="backing directory (none with --demo)")
+    mount.add_argument("mountpoint", nargs="?", metavar="MOUNTPOINT",
+                       help="directory to mount on")
     mount.add_argument("-o", dest="options", action="append", default=[], metavar="OPT[,OPT...]",
                        help=_o_help())
     for option in OPTIONS:
@@ -297,13 +303,38 @@ def _build_parser() -> _Parser:
     return parser
 
 
+def _positionals(ns: argparse.Namespace, demo: bool) -> tuple[str | None, str]:
+    """(SOURCE, MOUNTPOINT) from what was given; SOURCE is None for the demo.
+
+    A missing MOUNTPOINT is a usage error, never the demo mounted over SOURCE's
+    place: ``stfs mount /data`` must not hide /data.
+    """
+    given = [path for path in (ns.source, ns.mountpoint) if path is not None]
+    if demo:
+        if len(given) == 2:
+            raise UsageError(f"--demo serves the built-in demo source and takes no SOURCE "
+                             f"(got {given[0]} {given[1]}): stfs mount --demo MOUNTPOINT")
+        if not given:
+            raise UsageError("missing MOUNTPOINT: stfs mount --demo MOUNTPOINT")
+        return None, given[0]
+    if not given:
+        raise UsageError("missing SOURCE and MOUNTPOINT: stfs mount SOURCE MOUNTPOINT, or "
+                         "stfs mount --demo MOUNTPOINT for the built-in demo source")
+    if len(given) == 1:
+        raise UsageError(f"missing MOUNTPOINT after SOURCE {given[0]}: stfs mount SOURCE "
+                         f"MOUNTPOINT; to mount the built-in demo source there, "
+                         f"stfs mount --demo {given[0]}")
+    return given[0], given[1]
+
+
 def _mount_config(ns: argparse.Namespace) -> MountConfig:
     settings = parse_mount_options(ns.options)
     for option in OPTIONS:  # long options win over -o
         text = getattr(ns, option.name, None)
         if text is not None:
             settings[option.name] = option.value(text)
-    return MountConfig(source=ns.source, mountpoint=ns.mountpoint, **settings)
+    source, mountpoint = _positionals(ns, bool(settings.get("demo")))
+    return MountConfig(source=source, mountpoint=mountpoint, **settings)
 
 
 def mount_config(args: Sequence[str]) -> MountConfig:

@@ -85,8 +85,10 @@ class MountConfig:
     """Everything a mount needs, validated; built once by the CLI."""
 
     source: str | None
-    """Backing directory, or None for the built-in demo source."""
+    """Backing directory; None exactly when *demo*."""
     mountpoint: str
+    demo: bool = False
+    """Serve the built-in demo source (``--demo``) instead of a SOURCE."""
     foreground: bool = False
     allow_other: bool = False
     fsname: str | None = None
@@ -116,6 +118,9 @@ class MountConfig:
     log_file: str | None = None
 
     def __post_init__(self) -> None:
+        if self.demo != (self.source is None):
+            raise UsageError("give either SOURCE or --demo, not both" if self.demo
+                             else "SOURCE is required (or --demo for the built-in demo source)")
         if self.memory_limit <= 0:
             raise UsageError("--memory-limit must be greater than 0")
         if self.min_chunk < 512:

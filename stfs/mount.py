@@ -492,20 +492,21 @@ def mount_command(config: MountConfig) -> int:
     """``stfs mount``: returns once the mount is live (or raises StfsError)."""
     _one_malloc_arena()
     logs.setup(config.log_level, config.log_file)
-    source = config.source or str(demo.source_path(config.state_dir))
+    source = str(demo.source_path(config.state_dir)) if config.demo else config.source
+    assert source is not None
     mountpoint = check_mountpoint(config.mountpoint, os.path.realpath(source))
-    if config.source is None:
+    if config.demo:
         try:
             demo.ensure_demo_source(config.state_dir)
         except OSError as exc:
             raise path_error(str(config.state_dir), exc) from None
-        log.info("no SOURCE given: serving the demo source %s", source)
+        log.info("--demo: serving the demo source %s", source)
     source = check_source(source)
     daemon = Daemon(config, source, mountpoint)
     if config.foreground:
         return daemon.run(on_ready=lambda: None)
     status = _daemonize(daemon)
-    if config.source is None:
+    if config.demo:
         print(f"stfs: demo source mounted at {mountpoint}; look with ls -l {mountpoint}, "
               f"watch with stfs stats {mountpoint}, unmount with stfs umount {mountpoint}")
     return status

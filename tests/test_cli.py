@@ -185,7 +185,7 @@ def test_bad_timeout_is_a_usage_error(option: str, value: str, source: Path, mnt
 @pytest.mark.parametrize("with_source", [True, False], ids=["source", "demo"])
 def test_empty_path_option_is_a_usage_error(option: str, with_source: bool, source: Path,
                                             mnt: Path) -> None:
-    args = ["mount", f"{option}="] + ([str(source)] if with_source else []) + [str(mnt)]
+    args = ["mount", f"{option}="] + ([str(source)] if with_source else ["--demo"]) + [str(mnt)]
     with daemon_mount(*args, mountpoint=mnt) as result:
         assert_one_line_error(result, 2, option)
         assert not is_mounted(mnt)
@@ -231,10 +231,43 @@ def test_o_key_without_value_is_a_usage_error(key: str, source: Path, mnt: Path)
     assert_one_line_error(result, 2, key)
 
 
-@pytest.mark.parametrize("args", [["mount"], ["mount", "-f"], ["mount", "-o", "ro"]])
+@pytest.mark.parametrize("args", [["mount"], ["mount", "-f"], ["mount", "-o", "ro"],
+                                  ["mount", "--demo"], ["mount", "-o", "demo"]])
 def test_missing_mountpoint_is_a_usage_error(args: list[str]) -> None:
     result = run_stfs(*args)
     assert_one_line_error(result, 2, "MOUNTPOINT")
+
+
+@pytest.mark.parametrize("form", [["mount"], ["mount", "-f"], ["mount", "-o", "memory_limit=32M"],
+                                  ["-o", "rw"]], ids=["mount", "foreground", "o", "mount.fuse3"])
+def test_a_lone_directory_is_a_missing_mountpoint_never_the_demo(form: list[str],
+                                                                 source: Path) -> None:
+    """``stfs mount /data`` once mounted the demo over /data; now it says what is missing."""
+    before = sorted(os.listdir(source))
+    args = [*form, str(source)] if form[0] == "mount" else [str(source), *form]
+    result = run_stfs_detached(*args, timeout=30)
+    try:
+        line = assert_one_line_error(result, 2, "MOUNTPOINT")
+        assert "--demo" in line and str(source) in line, line
+        assert not is_mounted(source)
+        assert sorted(os.listdir(source)) == before
+    finally:
+        cleanup_mount(source, [])
+
+
+@pytest.mark.parametrize("args", [["--demo"], ["-o", "demo"], ["-o", "ro,demo"]])
+def test_demo_with_a_source_is_a_usage_error(args: list[str], source: Path, mnt: Path) -> None:
+    result = run_stfs_detached("mount", *args, str(source), str(mnt), timeout=30)
+    try:
+        line = assert_one_line_error(result, 2, "--demo")
+        assert "SOURCE" in line, line
+        assert not is_mounted(mnt)
+    finally:
+        cleanup_mount(mnt, [])
+    # mount.fuse3's form (an fstab line always has a SOURCE) says the same
+    result = run_stfs_detached(str(source), str(mnt), "-o", "rw,demo", timeout=30)
+    assert_one_line_error(result, 2, "--demo")
+    assert not is_mounted(mnt)
 
 
 @pytest.mark.parametrize("args,names", [
@@ -435,8 +468,9 @@ def test_log_file_and_state_dir_in_o_are_used_by_the_daemon(tmp_path: Path, mnt:
     pids: list[int] = []
     with open(tmp_path / "out", "w+") as out, open(tmp_path / "err", "w+") as err:
         try:
-            # no SOURCE: the demo source is created in state_dir
-            result = subprocess.run([*STFS, "mount", "-o", f"log_file={log},state_dir={state}",
+            # -o demo: the demo source is created in state_dir
+            result = subprocess.run([*STFS, "mount", "-o",
+                                     f"demo,log_file={log},state_dir={state}",
                                      str(mnt)], stdin=subprocess.DEVNULL, stdout=out,
                                     stderr=err, timeout=120, check=False)
             err.seek(0)
@@ -450,6 +484,25 @@ def test_log_file_and_state_dir_in_o_are_used_by_the_daemon(tmp_path: Path, mnt:
             assert wait_for(lambda: "mounted" in log.read_text(errors="replace"), 5)
         finally:
             cleanup_mount(mnt, pids)
+
+
+def test_demo_flag_mounts_the_demo_source_and_says_how_to_look(tmp_path: Path,
+                                                                mnt: Path) -> None:
+    state = tmp_path / "state"
+    with daemon_mount("mount", "--demo", "--state-dir", str(state), str(mnt),
+                      mountpoint=mnt) as result:
+        assert result.returncode == 0, result.stderr
+        demo = state / "demo-source"
+        assert sorted(os.listdir(mnt)) == sorted(os.listdir(demo))
+        tiny = Path("small", "tiny.txt")
+        assert (mnt / tiny).read_bytes() == (demo / tiny).read_bytes()
+        assert_read_only(mnt)
+        stats = json.loads(run_stfs("stats", "--json", str(mnt)).stdout)
+        assert stats["source"] == str(demo.resolve())
+        said = result.stdout.splitlines()
+        assert len(said) == 1 and said[0].startswith("stfs: demo source mounted at "), said
+        assert f"stfs umount {mnt}" in said[0]
+    assert not is_mounted(mnt)
 
 
 def test_mount_fuse3_form_without_mount_word_mounts(source: Path, mnt: Path) -> None:
@@ -570,7 +623,8 @@ def test_every_option_of_the_table_has_a_sample_here() -> None:
 
 @pytest.mark.parametrize("option", [o for o in OPTIONS if o.long], ids=lambda o: o.name)
 def test_every_long_option_gives_the_same_config_as_its_o_form(option: Option) -> None:
-    paths = ["/srv/src", "/srv/mnt"]
+    plain = mount_config(["/srv/src", "/srv/mnt"])
+    paths = ["/srv/mnt"] if option.name == "demo" else ["/srv/src", "/srv/mnt"]
     dashed_name = option.name.replace("_", "-")
     if option.flag:
         long_form, o_form, dashed = [option.option], option.name, dashed_name
@@ -581,7 +635,7 @@ def test_every_long_option_gives_the_same_config_as_its_o_form(option: Option) -
     by_long = mount_config([*long_form, *paths])
     assert mount_config(["-o", o_form, *paths]) == by_long
     assert mount_config(["-o", dashed, *paths]) == by_long
-    assert by_long != mount_config(paths), f"{option.option} changed nothing"
+    assert by_long != plain, f"{option.option} changed nothing"
     assert getattr(by_long, option.name) == (True if option.flag else option.value(
         SAMPLES[option.name]))
 
