@@ -291,15 +291,17 @@ def _build_parser() -> _Parser:
     stats = sub.add_parser("stats", help="show a running mount's statistics",
                            description="Show live statistics of the daemon serving MOUNTPOINT: "
                            "a table by default, or JSON, or Prometheus text exposition; "
-                           "--watch redraws the table in place until Ctrl-C.")
+                           "--watch redraws the table in place until Ctrl-C, or with --json "
+                           "prints one JSON object per line (JSON Lines).")
     stats.add_argument("mountpoint", metavar="MOUNTPOINT")
     view = stats.add_mutually_exclusive_group()
     view.add_argument("--json", action="store_true", help="one JSON object, every key the "
-                      "daemon sends")
+                      "daemon sends (with --watch: one per line)")
     view.add_argument("--prometheus", action="store_true",
                       help="Prometheus text exposition format 0.0.4")
     stats.add_argument("--watch", metavar="SECONDS",
-                       help="live view redrawn every SECONDS until Ctrl-C (table view only)")
+                       help="every SECONDS until Ctrl-C: redraw the table, or with --json print "
+                       "one more line")
     return parser
 
 
@@ -356,9 +358,9 @@ def _run(ns: argparse.Namespace) -> int:
 
         watch = None
         if ns.watch is not None:
-            if ns.json or ns.prometheus:
-                raise UsageError("--watch shows the table view; it cannot be combined with "
-                                 f"{'--json' if ns.json else '--prometheus'}")
+            if ns.prometheus:
+                raise UsageError("--watch shows the table, or JSON Lines with --json; it "
+                                 "cannot be combined with --prometheus")
             watch = _parse_interval(ns.watch, "--watch")
         return stats_command(ns.mountpoint, as_json=ns.json, as_prometheus=ns.prometheus,
                              watch=watch)
@@ -382,6 +384,11 @@ def main(args: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("stfs: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of stdout left (stats ... | head): stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 0
     except Exception as exc:
         if debug:
             raise
