@@ -185,7 +185,7 @@ def test_bad_timeout_is_a_usage_error(option: str, value: str, source: Path, mnt
 @pytest.mark.parametrize("with_source", [True, False], ids=["source", "demo"])
 def test_empty_path_option_is_a_usage_error(option: str, with_source: bool, source: Path,
                                             mnt: Path) -> None:
-    args = ["mount", f"{option}="] + ([str(source)] if with_source else ["--demo"]) + [str(mnt)]
+    args = ["mount", f"{option}=", *([str(source)] if with_source else ["--demo"]), str(mnt)]
     with daemon_mount(*args, mountpoint=mnt) as result:
         assert_one_line_error(result, 2, option)
         assert not is_mounted(mnt)
