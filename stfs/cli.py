@@ -5,6 +5,10 @@ failures are ``StfsError``: printed as one ``stfs: `` line with their exit
 status (2 for usage errors). Anything else is a bug, reported in one line too
 unless ``--log-level debug`` asks for the traceback.
 
+Every ``stfs mount`` option is one entry of ``OPTIONS``: the argparse option
+(``--memory-limit``) and the ``-o`` key (``memory_limit=``) are both made from
+it and parsed by the same function.
+
 mount.fuse3 (``mount -t fuse.stfs``, fstab) runs ``stfs SOURCE MOUNTPOINT -o
 OPTS`` without the ``mount`` word; that form is accepted as ``stfs mount``.
 """
@@ -12,10 +16,11 @@ OPTS`` without the ``mount`` word; that form is accepted as ``stfs mount``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -37,34 +42,8 @@ IGNORED_OPTIONS = frozenset({
 })
 IGNORED_PREFIXES = ("x-", "comment=", "subtype=", "helper=")
 
-# -o key=value names (dashes written as underscores) -> how to parse the value
-_VALUE_OPTIONS: dict[str, Any] = {
-    "memory_limit": lambda v: parse_size(v, "--memory-limit"),
-    "cache_size": lambda v: parse_size(v, "--cache-size"),
-    "min_chunk": lambda v: parse_size(v, "--min-chunk"),
-    "max_chunk": lambda v: parse_size(v, "--max-chunk"),
-    "read_around": lambda v: parse_size(v, "--read-around"),
-    "max_streams": lambda v: _parse_int(v, "--max-streams"),
-    "attr_timeout": lambda v: _parse_seconds(v, "--attr-timeout"),
-    "entry_timeout": lambda v: _parse_seconds(v, "--entry-timeout"),
-    "monitor_interval": lambda v: _parse_seconds(v, "--monitor-interval"),
-    "metrics_listen": lambda v: parse_listen(v),
-    "sweep_interval": lambda v: _parse_interval(v, "--sweep-interval"),
-    "max_open_fds": lambda v: _parse_int(v, "--max-open-fds"),
-    "retry_file_system": lambda v: _parse_policy("file_system", v, "--retry-file-system"),
-    "retry_network": lambda v: _parse_policy("network", v, "--retry-network"),
-    "retry_jitter": lambda v: _parse_seconds(v, "--retry-jitter"),
-    "read_deadline": lambda v: _parse_interval(v, "--read-deadline"),
-    "state_dir": lambda v: Path(_parse_path(v, "--state-dir")),
-    "log_level": lambda v: _parse_log_level(v),
-    "log_file": lambda v: _parse_path(v, "--log-file"),
-    "fsname": lambda v: v or _fail("fsname= needs a name"),
-}
-_FLAG_OPTIONS = ("allow_other", "foreground")
 
-
-def _fail(message: str) -> str:
-    raise UsageError(message)
+# -- value parsers: (text, option as the user knows it) -> value ---------------------
 
 
 def _parse_int(text: str, what: str) -> int:
@@ -91,11 +70,14 @@ def _parse_interval(text: str, what: str) -> float:
     return value
 
 
-def _parse_policy(name: str, text: str, what: str) -> RetryPolicy:
-    try:
-        return RetryPolicy.parse(name, text)
-    except ValueError as exc:
-        raise UsageError(f"invalid {what} '{text}': {exc}") from None
+def _policy(name: str) -> Callable[[str, str], RetryPolicy]:
+    def parse(text: str, what: str) -> RetryPolicy:
+        try:
+            return RetryPolicy.parse(name, text)
+        except ValueError as exc:
+            raise UsageError(f"invalid {what} '{text}': {exc}") from None
+
+    return parse
 
 
 def _parse_path(text: str, what: str) -> str:
@@ -104,10 +86,113 @@ def _parse_path(text: str, what: str) -> str:
     return os.path.abspath(text)
 
 
-def _parse_log_level(text: str) -> str:
+def _parse_dir(text: str, what: str) -> Path:
+    return Path(_parse_path(text, what))
+
+
+def _parse_log_level(text: str, what: str) -> str:
     if text.lower() not in LOG_LEVELS:
-        raise UsageError(f"invalid --log-level '{text}': choose from {', '.join(LOG_LEVELS)}")
+        raise UsageError(f"invalid {what} '{text}': choose from {', '.join(LOG_LEVELS)}")
     return text.lower()
+
+
+def _parse_listen(text: str, what: str) -> tuple[str, int]:
+    return parse_listen(text)
+
+
+def _parse_name(text: str, what: str) -> str:
+    if not text:
+        raise UsageError(f"{what.lstrip('-').replace('-', '_')}= needs a name")
+    return text
+
+
+# -- the option table -------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """One ``stfs mount`` option, both as ``--long-option`` and as ``-o key=value``."""
+
+    name: str
+    """The MountConfig field; dashes for underscores gives the long option."""
+    parse: Callable[[str, str], Any] | None
+    """Turns the text given into the field's value; None for a flag (no value)."""
+    metavar: str = ""
+    help: str = ""
+    default: str | None = None
+    """The default as --help shows it, in the option's own syntax (MountConfig has the value)."""
+    short: str | None = None
+    long: bool = True
+    """False: a mount option only (``-o name``), with no ``--long`` form."""
+
+    @property
+    def flag(self) -> bool:
+        return self.parse is None
+
+    @property
+    def option(self) -> str:
+        """How the user spells it on the command line: ``--memory-limit``."""
+        return "--" + self.name.replace("_", "-")
+
+    def value(self, text: str) -> Any:
+        """The parsed value of *text* (a flag's value is True)."""
+        return True if self.parse is None else self.parse(text, self.option)
+
+    def help_text(self) -> str:
+        return f"{self.help} (default {self.default})" if self.default is not None else self.help
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("foreground", None, short="-f",
+           help="stay in the foreground (default: daemonize once the mount is live)"),
+    Option("demo", None, help="serve the built-in demo source instead of SOURCE: "
+           "stfs mount --demo MOUNTPOINT"),
+    Option("allow_other", None, long=False, help="let other users than the mounting one in"),
+    Option("fsname", _parse_name, "NAME", long=False,
+           help="the source column of the mount table (default: SOURCE)"),
+    Option("memory_limit", parse_size, "SIZE", default="50M",
+           help="hard ceiling for all file data held: cache + in-flight + read-ahead"),
+    Option("cache_size", parse_size, "SIZE",
+           help="chunk-cache share of the memory limit (default: 3/4 of it)"),
+    Option("max_streams", _parse_int, "N", default="10",
+           help="concurrent backing reads without pressure"),
+    Option("min_chunk", parse_size, "SIZE", default="4K", help="smallest chunk size"),
+    Option("max_chunk", parse_size, "SIZE", default="1M", help="largest chunk size"),
+    Option("read_around", parse_size, "SIZE", default="1M",
+           help="after a random read, put the window around it into the kernel's page cache "
+           "when SOURCE has it cached; 0 turns it off"),
+    Option("attr_timeout", _parse_seconds, "SECONDS", default="1",
+           help="how long the kernel may cache attributes"),
+    Option("entry_timeout", _parse_seconds, "SECONDS", default="1",
+           help="how long the kernel may cache names"),
+    Option("metrics_listen", _parse_listen, "[ADDR:]PORT",
+           help="also serve Prometheus /metrics over HTTP (loopback by default)"),
+    Option("monitor_interval", _parse_seconds, "SECONDS", default="1",
+           help="how often memory pressure is sampled"),
+    Option("sweep_interval", _parse_interval, "SECONDS", default="30",
+           help="how often orphaned and idle resources are freed"),
+    Option("max_open_fds", _parse_int, "N",
+           help="backing descriptors kept open; idle ones beyond are closed and reopened on "
+           "demand (default: from the open-file limit, at most 8192)"),
+    Option("retry_file_system", _policy("file_system"), "A:B:M:X", default="3:1:2:5",
+           help="retries of transient errors (EIO, EINTR, EAGAIN, EBUSY, ENOMEM, EMFILE, "
+           "ENFILE): attempts, base delay s, multiplier, max delay s"),
+    Option("retry_network", _policy("network"), "A:B:M:X", default="5:0.5:1.5:10",
+           help="retries of network-file-system errors (ETIMEDOUT, ESTALE, ENOTCONN, "
+           "ECONNRESET, EHOSTUNREACH, ENETUNREACH, EREMOTEIO)"),
+    Option("retry_jitter", _parse_seconds, "FRACTION", default="0.25",
+           help="random spread of retry delays, 0 to 1"),
+    Option("read_deadline", _parse_interval, "SECONDS", default="30",
+           help="no retries of a read past this long after its first attempt"),
+    Option("state_dir", _parse_dir, "DIR",
+           help="what stfs keeps between mounts (default: $XDG_STATE_HOME/stfs)"),
+    Option("log_level", _parse_log_level, "LEVEL", default="info",
+           help=f"one of {', '.join(LOG_LEVELS)}"),
+    Option("log_file", _parse_path, "PATH", help="log here instead of stderr/journal"),
+)
+"""Every ``stfs mount`` option; ``-o`` takes each by its name (dashes also accepted)."""
+
+_BY_NAME = {option.name: option for option in OPTIONS}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -146,15 +231,23 @@ def parse_mount_options(values: Sequence[str]) -> dict[str, Any]:
         name = key.strip().replace("-", "_")
         if item in IGNORED_OPTIONS or item.startswith(IGNORED_PREFIXES):
             continue
-        if name in _FLAG_OPTIONS and not has_value:
-            settings[name] = True
-        elif name in _VALUE_OPTIONS and has_value:
-            settings[name] = _VALUE_OPTIONS[name](value)
-        elif name in _VALUE_OPTIONS:
-            raise UsageError(f"mount option '{name}' needs a value ({name}=...)")
-        else:
+        option = _BY_NAME.get(name)
+        if option is None:
             raise UsageError(f"unknown mount option '{item}'")
+        if option.flag and has_value:
+            raise UsageError(f"mount option '{name}' takes no value (not '{item}')")
+        if not option.flag and not has_value:
+            raise UsageError(f"mount option '{name}' needs a value ({name}=...)")
+        settings[name] = option.value(value)
     return settings
+
+
+def _o_help() -> str:
+    only_o = ", ".join(o.name if o.flag else f"{o.name}={o.metavar}"
+                       for o in OPTIONS if not o.long)
+    return (f"mount options: {only_o}, ro, and the long options as key=value; mount(8)'s rw, "
+            "dev, suid, exec, defaults, nofail, noauto, _netdev, x-systemd.* are accepted and "
+            "ignored")
 
 
 def _build_parser() -> _Parser:
@@ -165,60 +258,28 @@ def _build_parser() -> _Parser:
 
     mount = sub.add_parser(
         "mount", help="mount a read-only view of SOURCE at MOUNTPOINT",
-        description="Mount a read-only view of SOURCE at MOUNTPOINT. Without SOURCE, a built-in "
-        "demo source is served. Every long option is also accepted in -o as key=value "
-        "(dashes written as underscores).")
+        usage="stfs mount [options] SOURCE MOUNTPOINT\n"
+        "       stfs mount [options] --demo MOUNTPOINT",
+        description="Mount a read-only view of SOURCE at MOUNTPOINT, or with --demo a built-in "
+        "demo source. Every long option is also accepted in -o as key=value (dashes written "
+        "as underscores).")
+    # Both optional for argparse, so that _positionals can say what is missing.
     mount.add_argument("source", nargs="?", metavar="SOURCE",
-                       help="backing directory (default: the built-in demo source)")
-    mount.add_argument("mountpoint", metavar="MOUNTPOINT", help="directory to mount on")
-    mount.add_argument("-f", "--foreground", action="store_true", default=None,
-                       help="stay in the foreground (default: daemonize once the mount is live)")
+                       help="backing directory (none with --demo)")
+    mount.add_argument("mountpoint", nargs="?", metavar="MOUNTPOINT",
+                       help="directory to mount on")
     mount.add_argument("-o", dest="options", action="append", default=[], metavar="OPT[,OPT...]",
-                       help="mount options: allow_other, fsname=NAME, ro, and the long options "
-                       "as key=value; mount(8)'s rw, dev, suid, exec, defaults, nofail, noauto, "
-                       "_netdev, x-systemd.* are accepted and ignored")
-    mount.add_argument("--memory-limit", metavar="SIZE", help="hard ceiling for all file data "
-                       "held: cache + in-flight + read-ahead (default 50M)")
-    mount.add_argument("--cache-size", metavar="SIZE",
-                       help="page-cache share of the memory limit (default 3/4 of it)")
-    mount.add_argument("--max-streams", metavar="N",
-                       help="concurrent backing reads without pressure (default 10)")
-    mount.add_argument("--min-chunk", metavar="SIZE", help="smallest chunk size (default 4K)")
-    mount.add_argument("--max-chunk", metavar="SIZE", help="largest chunk size (default 1M)")
-    mount.add_argument("--read-around", metavar="SIZE",
-                       help="after a random read, put the window around it into the kernel's "
-                       "page cache when SOURCE has it cached (default 1M, 0 = off)")
-    mount.add_argument("--attr-timeout", metavar="SECONDS",
-                       help="how long the kernel may cache attributes (default 1)")
-    mount.add_argument("--entry-timeout", metavar="SECONDS",
-                       help="how long the kernel may cache names (default 1)")
-    mount.add_argument("--metrics-listen", metavar="[ADDR:]PORT",
-                       help="also serve Prometheus /metrics over HTTP (loopback by default)")
-    mount.add_argument("--monitor-interval", metavar="SECONDS",
-                       help="how often memory pressure is sampled (default 1)")
-    mount.add_argument("--sweep-interval", metavar="SECONDS",
-                       help="how often orphaned and idle resources are freed (default 30)")
-    mount.add_argument("--max-open-fds", metavar="N",
-                       help="backing descriptors kept open; idle ones beyond are closed and "
-                       "reopened on demand (default: from the open-file limit, at most 8192)")
-    mount.add_argument("--retry-file-system", metavar="A:B:M:X",
-                       help="retries of transient errors (EIO, EINTR, EAGAIN, EBUSY, ENOMEM, "
-                       "EMFILE, ENFILE): attempts, base delay s, multiplier, max delay s "
-                       "(default 3:1:2:5)")
-    mount.add_argument("--retry-network", metavar="A:B:M:X",
-                       help="retries of network-file-system errors (ETIMEDOUT, ESTALE, "
-                       "ENOTCONN, ECONNRESET, EHOSTUNREACH, ENETUNREACH, EREMOTEIO) "
-                       "(default 5:0.5:1.5:10)")
-    mount.add_argument("--retry-jitter", metavar="FRACTION",
-                       help="random spread of retry delays, 0 to 1 (default 0.25)")
-    mount.add_argument("--read-deadline", metavar="SECONDS",
-                       help="no retries of a read past this long after its first attempt "
-                       "(default 30)")
-    mount.add_argument("--state-dir", metavar="DIR",
-                       help="what stfs keeps between mounts (default $XDG_STATE_HOME/stfs)")
-    mount.add_argument("--log-level", metavar="LEVEL",
-                       help=f"one of {', '.join(LOG_LEVELS)} (default info)")
-    mount.add_argument("--log-file", metavar="PATH", help="log here instead of stderr/journal")
+                       help=_o_help())
+    for option in OPTIONS:
+        if not option.long:
+            continue
+        names = [option.short, option.option] if option.short else [option.option]
+        if option.flag:
+            mount.add_argument(*names, dest=option.name, action="store_true", default=None,
+                               help=option.help_text())
+        else:
+            mount.add_argument(*names, dest=option.name, metavar=option.metavar,
+                               help=option.help_text())
 
     umount = sub.add_parser("umount", help="unmount an stfs mount",
                             description="Unmount an stfs mount. Fails when the mount is busy, "
@@ -230,28 +291,57 @@ def _build_parser() -> _Parser:
     stats = sub.add_parser("stats", help="show a running mount's statistics",
                            description="Show live statistics of the daemon serving MOUNTPOINT: "
                            "a table by default, or JSON, or Prometheus text exposition; "
-                           "--watch redraws the table in place until Ctrl-C.")
+                           "--watch redraws the table in place until Ctrl-C, or with --json "
+                           "prints one JSON object per line (JSON Lines).")
     stats.add_argument("mountpoint", metavar="MOUNTPOINT")
     view = stats.add_mutually_exclusive_group()
     view.add_argument("--json", action="store_true", help="one JSON object, every key the "
-                      "daemon sends")
+                      "daemon sends (with --watch: one per line)")
     view.add_argument("--prometheus", action="store_true",
                       help="Prometheus text exposition format 0.0.4")
     stats.add_argument("--watch", metavar="SECONDS",
-                       help="live view redrawn every SECONDS until Ctrl-C (table view only)")
+                       help="every SECONDS until Ctrl-C: redraw the table, or with --json print "
+                       "one more line")
     return parser
+
+
+def _positionals(ns: argparse.Namespace, demo: bool) -> tuple[str | None, str]:
+    """(SOURCE, MOUNTPOINT) from what was given; SOURCE is None for the demo.
+
+    A missing MOUNTPOINT is a usage error, never the demo mounted over SOURCE's
+    place: ``stfs mount /data`` must not hide /data.
+    """
+    given = [path for path in (ns.source, ns.mountpoint) if path is not None]
+    if demo:
+        if len(given) == 2:
+            raise UsageError(f"--demo serves the built-in demo source and takes no SOURCE "
+                             f"(got {given[0]} {given[1]}): stfs mount --demo MOUNTPOINT")
+        if not given:
+            raise UsageError("missing MOUNTPOINT: stfs mount --demo MOUNTPOINT")
+        return None, given[0]
+    if not given:
+        raise UsageError("missing SOURCE and MOUNTPOINT: stfs mount SOURCE MOUNTPOINT, or "
+                         "stfs mount --demo MOUNTPOINT for the built-in demo source")
+    if len(given) == 1:
+        raise UsageError(f"missing MOUNTPOINT after SOURCE {given[0]}: stfs mount SOURCE "
+                         f"MOUNTPOINT; to mount the built-in demo source there, "
+                         f"stfs mount --demo {given[0]}")
+    return given[0], given[1]
 
 
 def _mount_config(ns: argparse.Namespace) -> MountConfig:
     settings = parse_mount_options(ns.options)
-    for name, parse in _VALUE_OPTIONS.items():  # long options win over -o
-        value = getattr(ns, name, None)
-        if value is not None:
-            settings[name] = parse(value)
-    if ns.foreground:
-        settings["foreground"] = True
-    return MountConfig(source=ns.source, mountpoint=ns.mountpoint, **settings)
+    for option in OPTIONS:  # long options win over -o
+        text = getattr(ns, option.name, None)
+        if text is not None:
+            settings[option.name] = option.value(text)
+    source, mountpoint = _positionals(ns, bool(settings.get("demo")))
+    return MountConfig(source=source, mountpoint=mountpoint, **settings)
 
+
+def mount_config(args: Sequence[str]) -> MountConfig:
+    """The configuration ``stfs mount ARGS`` would mount with (nothing is mounted)."""
+    return _mount_config(_build_parser().parse_args(["mount", *args]))
 
 
 def _run(ns: argparse.Namespace) -> int:
@@ -268,9 +358,9 @@ def _run(ns: argparse.Namespace) -> int:
 
         watch = None
         if ns.watch is not None:
-            if ns.json or ns.prometheus:
-                raise UsageError("--watch shows the table view; it cannot be combined with "
-                                 f"{'--json' if ns.json else '--prometheus'}")
+            if ns.prometheus:
+                raise UsageError("--watch shows the table, or JSON Lines with --json; it "
+                                 "cannot be combined with --prometheus")
             watch = _parse_interval(ns.watch, "--watch")
         return stats_command(ns.mountpoint, as_json=ns.json, as_prometheus=ns.prometheus,
                              watch=watch)
@@ -294,6 +384,11 @@ def main(args: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("stfs: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of stdout left (stats ... | head): stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 0
     except Exception as exc:
         if debug:
             raise

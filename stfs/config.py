@@ -1,7 +1,9 @@
 """Mount configuration: one frozen dataclass built by the CLI and passed down.
 
-Also owns the parsing of SIZE values (``4K``, ``50M``, ``1G``; powers of 1024)
-and the default locations (state directory, runtime directory).
+Also owns byte counts as people write and read them: SIZE values (``4K``,
+``50M``, ``1G``; powers of 1024) parsed and spelled back, and the one
+human-readable formatter (``12.3 MiB``); and the default locations (state
+directory, runtime directory).
 """
 
 from __future__ import annotations
@@ -45,6 +47,18 @@ def format_size(n_bytes: int) -> str:
     return str(n_bytes)
 
 
+def human_bytes(value: object) -> str:
+    """``12.3 MiB`` style (powers of 1024); whole bytes below 1 KiB; '-' if not a number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "-"
+    size = float(value)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(size) < 1024:
+            return f"{size:.0f} B" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"
+
+
 def default_state_dir() -> Path:
     """XDG state directory for stfs (``$XDG_STATE_HOME/stfs``)."""
     xdg = os.environ.get("XDG_STATE_HOME")
@@ -71,8 +85,10 @@ class MountConfig:
     """Everything a mount needs, validated; built once by the CLI."""
 
     source: str | None
-    """Backing directory, or None for the built-in demo source."""
+    """Backing directory; None exactly when *demo*."""
     mountpoint: str
+    demo: bool = False
+    """Serve the built-in demo source (``--demo``) instead of a SOURCE."""
     foreground: bool = False
     allow_other: bool = False
     fsname: str | None = None
@@ -102,6 +118,9 @@ class MountConfig:
     log_file: str | None = None
 
     def __post_init__(self) -> None:
+        if self.demo != (self.source is None):
+            raise UsageError("give either SOURCE or --demo, not both" if self.demo
+                             else "SOURCE is required (or --demo for the built-in demo source)")
         if self.memory_limit <= 0:
             raise UsageError("--memory-limit must be greater than 0")
         if self.min_chunk < 512:

@@ -1,4 +1,4 @@
-"""The built-in demo source: files of several sizes to mount when no SOURCE is given."""
+"""The built-in demo source: files of several sizes, mounted by ``stfs mount --demo``."""
 
 from __future__ import annotations
 

@@ -42,20 +42,19 @@ from stfs import (
 )
 from stfs.backing import Backing
 from stfs.checksums import ChecksumStore
-from stfs.config import MountConfig
+from stfs.config import MountConfig, human_bytes
 from stfs.engine import EngineConfig, ReadEngine
 from stfs.errors import EXIT_FAILURE, EXIT_OK, StfsError, path_error
 from stfs.fs_ops import Operations
 from stfs.handles import HandleTable
 from stfs.metrics import Counters
-from stfs.mountinfo import mount_at
+from stfs.mountinfo import FSTYPE, mount_at, resolve
 from stfs.state import StateStore
 from stfs.stats_doc import stats_document
 from stfs.view import View
 
 log = logging.getLogger("stfs")
 
-FSTYPE = "fuse.stfs"
 _M_ARENA_MAX = -8
 PROBE_TIMEOUT_S = 5.0
 READY_TIMEOUT_S = 30.0
@@ -87,13 +86,6 @@ def _probe(path: str, timeout: float = PROBE_TIMEOUT_S) -> os.stat_result | OSEr
     thread.start()
     thread.join(timeout)
     return result[0] if result else None
-
-
-def _resolved(path: str) -> str:
-    """Absolute path with symlinks resolved in the parent (the last component may be stale)."""
-    path = os.path.abspath(path)
-    parent, name = os.path.split(path)
-    return os.path.join(os.path.realpath(parent), name) if name else path
 
 
 def detach(mountpoint: str) -> None:
@@ -135,7 +127,7 @@ def check_mountpoint(mountpoint: str, source: str) -> str:
     A stale stfs mount (daemon gone: "Transport endpoint is not connected") is
     detached first. Returns the resolved mount point.
     """
-    path = _resolved(mountpoint)
+    path = resolve(mountpoint)
     probe = _probe(path)
     if isinstance(probe, OSError) and probe.errno in _STALE_ERRNOS:
         entry = mount_at(path)
@@ -315,7 +307,7 @@ class Daemon:
         """A short stats line for systemd's STATUS=."""
         c = self.counters
         handles = self.view.handles.open_files if self.view else 0
-        return (f"served {_human(c.bytes_served)}, {c.reads} reads, "
+        return (f"served {human_bytes(c.bytes_served)}, {c.reads} reads, "
                 f"pressure {self.engine.level.label}, {handles} open")
 
     async def _notify_status(self) -> None:
@@ -401,14 +393,6 @@ class Daemon:
                 return
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
-
-
 # -- commands --------------------------------------------------------------
 
 
@@ -439,20 +423,21 @@ def mount_command(config: MountConfig) -> int:
     """``stfs mount``: returns once the mount is live (or raises StfsError)."""
     _one_malloc_arena()
     logs.setup(config.log_level, config.log_file)
-    source = config.source or str(demo.source_path(config.state_dir))
+    source = str(demo.source_path(config.state_dir)) if config.demo else config.source
+    assert source is not None
     mountpoint = check_mountpoint(config.mountpoint, os.path.realpath(source))
-    if config.source is None:
+    if config.demo:
         try:
             demo.ensure_demo_source(config.state_dir)
         except OSError as exc:
             raise path_error(str(config.state_dir), exc) from None
-        log.info("no SOURCE given: serving the demo source %s", source)
+        log.info("--demo: serving the demo source %s", source)
     source = check_source(source)
     daemon = Daemon(config, source, mountpoint)
     if config.foreground:
         return daemon.run(on_ready=lambda: None)
     status = _daemonize(daemon)
-    if config.source is None:
+    if config.demo:
         print(f"stfs: demo source mounted at {mountpoint}; look with ls -l {mountpoint}, "
               f"watch with stfs stats {mountpoint}, unmount with stfs umount {mountpoint}")
     return status
@@ -511,7 +496,7 @@ def _report(fd: int, text: str) -> None:
 
 def umount_command(mountpoint: str, lazy: bool) -> int:
     """``stfs umount``: unmount an stfs mount; busy mounts fail unless *lazy*."""
-    path = _resolved(mountpoint)
+    path = resolve(mountpoint)
     entry = mount_at(path)
     if entry is None:
         probe = _probe(path)

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
+
+FSTYPE = "fuse.stfs"
+"""The file system type of an stfs mount in the mount table."""
 
 _OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
 
@@ -40,3 +44,13 @@ def mount_at(path: str) -> MountEntry | None:
         if entry.mountpoint == path:
             found = entry
     return found
+
+
+def resolve(path: str) -> str:
+    """*path* as the mount table spells it: absolute, symlinks resolved in the parent.
+
+    The last component is left as is: a stale mount point cannot be resolved.
+    """
+    path = os.path.abspath(path)
+    parent, name = os.path.split(path)
+    return os.path.join(os.path.realpath(parent), name) if name else path

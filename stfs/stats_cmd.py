@@ -2,7 +2,8 @@
 
 Views: a grouped table (default), ``--json`` (the daemon's object as is),
 ``--prometheus`` (text exposition, see ``stfs.prometheus``) and ``--watch
-SECONDS`` (the table's live cousin, redrawn in place until Ctrl-C).
+SECONDS``: the table's live cousin, redrawn in place until Ctrl-C, or with
+``--json`` one object per line (JSON Lines) every SECONDS.
 """
 
 from __future__ import annotations
@@ -10,15 +11,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TextIO
 
 from stfs import control, prometheus
+from stfs.config import human_bytes
 from stfs.errors import StfsError
-from stfs.mount import FSTYPE, _resolved
-from stfs.mountinfo import mount_at
+from stfs.mountinfo import FSTYPE, mount_at, resolve
 
 CLEAR = "\x1b[H\x1b[2J"  # cursor home, clear screen
 HIDE_CURSOR = "\x1b[?25l"
@@ -26,21 +28,22 @@ SHOW_CURSOR = "\x1b[?25h"
 BUSIEST = 5
 
 
-
 def _dict(value: object) -> dict[str, Any]:
     """*value* if it is a JSON object, else an empty one (an older daemon's stats)."""
     return value if isinstance(value, dict) else {}
 
+
 def stats_command(mountpoint: str, as_json: bool = False, as_prometheus: bool = False,
                   watch: float | None = None) -> int:
-    path = _resolved(mountpoint)
+    path = resolve(mountpoint)
     entry = mount_at(path)
     if entry is None or entry.fstype != FSTYPE:
         if not os.path.exists(path):
             raise StfsError(f"{mountpoint}: no such file or directory")
         raise StfsError(f"{mountpoint}: not a live stfs mount")
     if watch is not None:
-        return watch_view(lambda: control.request_stats(path), watch, sys.stdout)
+        view = watch_json if as_json else watch_view
+        return view(lambda: control.request_stats(path), watch, sys.stdout)
     stats = control.request_stats(path)
     if as_json:
         print(json.dumps(stats, indent=None, sort_keys=False))
@@ -52,18 +55,6 @@ def stats_command(mountpoint: str, as_json: bool = False, as_prometheus: bool = 
 
 
 # -- formatting ------------------------------------------------------------------
-
-
-def human_bytes(value: Any) -> str:
-    """12.3 MiB style; plain bytes below 1 KiB; '-' for anything not a number."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return "-"
-    size = float(value)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(size) < 1024 or unit == "TiB":
-            return f"{int(size)} B" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} TiB"  # pragma: no cover
 
 
 def human_rate(value: float) -> str:
@@ -294,23 +285,41 @@ def render_watch(now: _Sample, before: _Sample | None, interval: float, columns:
     return "\n".join(line[:columns] for line in lines) + "\n"
 
 
+def _ticks(interval: float) -> Iterator[None]:
+    """Yield at once, then every *interval* seconds on a fixed schedule, so that the
+    time a fetch takes does not add up; a tick missed (a slow daemon) is not made up."""
+    due = time.monotonic()
+    while True:
+        yield
+        due += interval
+        now = time.monotonic()
+        due = max(due, now)
+        time.sleep(due - now)
+
+
+def _fetch_while_watching(fetch: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    try:
+        return fetch()
+    except StfsError as exc:
+        raise StfsError(f"{exc.message} (the mount went away while watching)") from None
+
+
 def watch_view(fetch: Callable[[], dict[str, Any]], interval: float, out: TextIO) -> int:
     """Redraw the live view every *interval* seconds until Ctrl-C (exit 0)."""
     before: _Sample | None = None
     try:
         out.write(HIDE_CURSOR)
-        while True:
+        for _ in _ticks(interval):
             try:
-                now = _Sample(fetch(), time.monotonic())
-            except StfsError as exc:
+                now = _Sample(_fetch_while_watching(fetch), time.monotonic())
+            except StfsError:
                 out.write("\n")
                 out.flush()
-                raise StfsError(f"{exc.message} (the mount went away while watching)") from None
+                raise
             columns = shutil.get_terminal_size((100, 40)).columns
             out.write(CLEAR + render_watch(now, before, interval, columns))
             out.flush()
             before = now
-            time.sleep(interval)
     except KeyboardInterrupt:
         out.write("\n")
         return 0
@@ -320,3 +329,23 @@ def watch_view(fetch: Callable[[], dict[str, Any]], interval: float, out: TextIO
             out.flush()
         except (OSError, ValueError):
             pass
+    return 0  # pragma: no cover - _ticks never ends
+
+
+def watch_json(fetch: Callable[[], dict[str, Any]], interval: float, out: TextIO) -> int:
+    """JSON Lines: the daemon's object on one line every *interval* seconds, each
+    flushed as it is written, until Ctrl-C (exit 0). A mount that goes away is a
+    StfsError (exit 1)."""
+    try:
+        for _ in _ticks(interval):
+            line = json.dumps(_fetch_while_watching(fetch)) + "\n"
+            # Ctrl-C waits until the line is out: a reader never sees half an object.
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+            try:
+                out.write(line)
+                out.flush()
+            finally:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    except KeyboardInterrupt:
+        return 0
+    return 0  # pragma: no cover - _ticks never ends

@@ -106,22 +106,27 @@ class View:
         return await self._blocking(self.backing.readlink, self.inodes.get(nodeid).path)
 
     async def listxattr(self, nodeid: int) -> list[bytes]:
-        """The backing attributes, plus ``user.stfs.xxh3_128`` once the file's
-        checksum is known."""
-        path = self.inodes.get(nodeid).path
-        names = await self._blocking(self.backing.listxattr, path)
-        if await self._checksum(path) is not None:
-            names.append(XATTR_NAME)
-        return names
+        """Exactly SOURCE's attribute names.
+
+        stfs's own ``user.stfs.xxh3_128`` is never listed, only answered by
+        name: copy tools (``cp -a``, ``rsync -aX``, ``tar --xattrs``) copy what
+        is listed, and a copy through the mount must be a copy of SOURCE.
+        """
+        return await self._blocking(self.backing.listxattr, self.inodes.get(nodeid).path)
 
     async def getxattr(self, nodeid: int, name: bytes) -> bytes:
+        """SOURCE's attribute *name*; ``user.stfs.xxh3_128``, when SOURCE has
+        no attribute of that name, is the file's checksum once known."""
         path = self.inodes.get(nodeid).path
-        if name == XATTR_NAME:
-            digest = await self._checksum(path)
-            if digest is None:
-                raise _err(errno.ENODATA)
-            return digest.encode()
-        return await self._blocking(self.backing.getxattr, path, name)
+        try:
+            return await self._blocking(self.backing.getxattr, path, name)
+        except OSError as exc:
+            if name != XATTR_NAME or exc.errno not in (errno.ENODATA, errno.ENOTSUP):
+                raise
+        digest = await self._checksum(path)
+        if digest is None:
+            raise _err(errno.ENODATA)
+        return digest.encode()
 
     async def _checksum(self, path: bytes) -> str | None:
         """The whole-file checksum of regular file *path* as it is now, if known."""

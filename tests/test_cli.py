@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 
 from stfs import __version__
-from stfs.cli import parse_mount_options
-from stfs.config import parse_size
+from stfs.cli import OPTIONS, Option, mount_config, parse_mount_options
+from stfs.config import MountConfig, parse_size
 from stfs.errors import UsageError
 from stfs.mountinfo import mount_at
 from tests.conftest import (
@@ -185,7 +185,7 @@ def test_bad_timeout_is_a_usage_error(option: str, value: str, source: Path, mnt
 @pytest.mark.parametrize("with_source", [True, False], ids=["source", "demo"])
 def test_empty_path_option_is_a_usage_error(option: str, with_source: bool, source: Path,
                                             mnt: Path) -> None:
-    args = ["mount", f"{option}="] + ([str(source)] if with_source else []) + [str(mnt)]
+    args = ["mount", f"{option}=", *([str(source)] if with_source else ["--demo"]), str(mnt)]
     with daemon_mount(*args, mountpoint=mnt) as result:
         assert_one_line_error(result, 2, option)
         assert not is_mounted(mnt)
@@ -231,10 +231,43 @@ def test_o_key_without_value_is_a_usage_error(key: str, source: Path, mnt: Path)
     assert_one_line_error(result, 2, key)
 
 
-@pytest.mark.parametrize("args", [["mount"], ["mount", "-f"], ["mount", "-o", "ro"]])
+@pytest.mark.parametrize("args", [["mount"], ["mount", "-f"], ["mount", "-o", "ro"],
+                                  ["mount", "--demo"], ["mount", "-o", "demo"]])
 def test_missing_mountpoint_is_a_usage_error(args: list[str]) -> None:
     result = run_stfs(*args)
     assert_one_line_error(result, 2, "MOUNTPOINT")
+
+
+@pytest.mark.parametrize("form", [["mount"], ["mount", "-f"], ["mount", "-o", "memory_limit=32M"],
+                                  ["-o", "rw"]], ids=["mount", "foreground", "o", "mount.fuse3"])
+def test_a_lone_directory_is_a_missing_mountpoint_never_the_demo(form: list[str],
+                                                                 source: Path) -> None:
+    """``stfs mount /data`` once mounted the demo over /data; now it says what is missing."""
+    before = sorted(os.listdir(source))
+    args = [*form, str(source)] if form[0] == "mount" else [str(source), *form]
+    result = run_stfs_detached(*args, timeout=30)
+    try:
+        line = assert_one_line_error(result, 2, "MOUNTPOINT")
+        assert "--demo" in line and str(source) in line, line
+        assert not is_mounted(source)
+        assert sorted(os.listdir(source)) == before
+    finally:
+        cleanup_mount(source, [])
+
+
+@pytest.mark.parametrize("args", [["--demo"], ["-o", "demo"], ["-o", "ro,demo"]])
+def test_demo_with_a_source_is_a_usage_error(args: list[str], source: Path, mnt: Path) -> None:
+    result = run_stfs_detached("mount", *args, str(source), str(mnt), timeout=30)
+    try:
+        line = assert_one_line_error(result, 2, "--demo")
+        assert "SOURCE" in line, line
+        assert not is_mounted(mnt)
+    finally:
+        cleanup_mount(mnt, [])
+    # mount.fuse3's form (an fstab line always has a SOURCE) says the same
+    result = run_stfs_detached(str(source), str(mnt), "-o", "rw,demo", timeout=30)
+    assert_one_line_error(result, 2, "--demo")
+    assert not is_mounted(mnt)
 
 
 @pytest.mark.parametrize("args,names", [
@@ -435,8 +468,9 @@ def test_log_file_and_state_dir_in_o_are_used_by_the_daemon(tmp_path: Path, mnt:
     pids: list[int] = []
     with open(tmp_path / "out", "w+") as out, open(tmp_path / "err", "w+") as err:
         try:
-            # no SOURCE: the demo source is created in state_dir
-            result = subprocess.run([*STFS, "mount", "-o", f"log_file={log},state_dir={state}",
+            # -o demo: the demo source is created in state_dir
+            result = subprocess.run([*STFS, "mount", "-o",
+                                     f"demo,log_file={log},state_dir={state}",
                                      str(mnt)], stdin=subprocess.DEVNULL, stdout=out,
                                     stderr=err, timeout=120, check=False)
             err.seek(0)
@@ -450,6 +484,25 @@ def test_log_file_and_state_dir_in_o_are_used_by_the_daemon(tmp_path: Path, mnt:
             assert wait_for(lambda: "mounted" in log.read_text(errors="replace"), 5)
         finally:
             cleanup_mount(mnt, pids)
+
+
+def test_demo_flag_mounts_the_demo_source_and_says_how_to_look(tmp_path: Path,
+                                                                mnt: Path) -> None:
+    state = tmp_path / "state"
+    with daemon_mount("mount", "--demo", "--state-dir", str(state), str(mnt),
+                      mountpoint=mnt) as result:
+        assert result.returncode == 0, result.stderr
+        demo = state / "demo-source"
+        assert sorted(os.listdir(mnt)) == sorted(os.listdir(demo))
+        tiny = Path("small", "tiny.txt")
+        assert (mnt / tiny).read_bytes() == (demo / tiny).read_bytes()
+        assert_read_only(mnt)
+        stats = json.loads(run_stfs("stats", "--json", str(mnt)).stdout)
+        assert stats["source"] == str(demo.resolve())
+        said = result.stdout.splitlines()
+        assert len(said) == 1 and said[0].startswith("stfs: demo source mounted at "), said
+        assert f"stfs umount {mnt}" in said[0]
+    assert not is_mounted(mnt)
 
 
 def test_mount_fuse3_form_without_mount_word_mounts(source: Path, mnt: Path) -> None:
@@ -548,3 +601,69 @@ def test_parse_mount_options_rejects_with_usage_error(values: list[str], named: 
         parse_mount_options(values)
     assert info.value.exit_code == 2
     assert named in info.value.message
+
+
+# -- the option table: one entry per option, both spellings -------------------------
+
+
+SAMPLES = {  # a valid, non-default value of each option that takes one
+    "memory_limit": "32M", "cache_size": "8M", "max_streams": "4", "min_chunk": "8K",
+    "max_chunk": "512K", "read_around": "64K", "attr_timeout": "0.5", "entry_timeout": "2",
+    "metrics_listen": "127.0.0.1:9101", "monitor_interval": "0.5", "sweep_interval": "5",
+    "max_open_fds": "64", "retry_file_system": "2:0.1:2:1", "retry_network": "4:0.2:1.5:3",
+    "retry_jitter": "0.1", "read_deadline": "10", "state_dir": "/tmp/stfs-cli-state",
+    "log_level": "debug", "log_file": "/tmp/stfs-cli.log", "fsname": "my-data",
+}
+
+
+def test_every_option_of_the_table_has_a_sample_here() -> None:
+    valued = {option.name for option in OPTIONS if not option.flag}
+    assert valued == set(SAMPLES), "a new option needs a sample value in SAMPLES"
+
+
+@pytest.mark.parametrize("option", [o for o in OPTIONS if o.long], ids=lambda o: o.name)
+def test_every_long_option_gives_the_same_config_as_its_o_form(option: Option) -> None:
+    plain = mount_config(["/srv/src", "/srv/mnt"])
+    paths = ["/srv/mnt"] if option.name == "demo" else ["/srv/src", "/srv/mnt"]
+    dashed_name = option.name.replace("_", "-")
+    if option.flag:
+        long_form, o_form, dashed = [option.option], option.name, dashed_name
+    else:
+        sample = SAMPLES[option.name]
+        long_form = [option.option, sample]
+        o_form, dashed = f"{option.name}={sample}", f"{dashed_name}={sample}"
+    by_long = mount_config([*long_form, *paths])
+    assert mount_config(["-o", o_form, *paths]) == by_long
+    assert mount_config(["-o", dashed, *paths]) == by_long
+    assert by_long != plain, f"{option.option} changed nothing"
+    assert getattr(by_long, option.name) == (True if option.flag else option.value(
+        SAMPLES[option.name]))
+
+
+@pytest.mark.parametrize("option", [o for o in OPTIONS if not o.long], ids=lambda o: o.name)
+def test_mount_only_options_work_in_o_and_are_no_long_options(option: Option) -> None:
+    text = option.name if option.flag else f"{option.name}={SAMPLES[option.name]}"
+    config = mount_config(["-o", text, "/srv/src", "/srv/mnt"])
+    assert getattr(config, option.name) == (True if option.flag else SAMPLES[option.name])
+    with pytest.raises(UsageError):
+        mount_config([option.option, *([] if option.flag else [SAMPLES[option.name]]),
+                      "/srv/src", "/srv/mnt"])
+
+
+def test_long_option_wins_over_o() -> None:
+    config = mount_config(["-o", "memory_limit=64M", "--memory-limit", "32M", "/s", "/m"])
+    assert config.memory_limit == 32 * MIB
+
+
+@pytest.mark.parametrize("option", [o for o in OPTIONS if o.default is not None],
+                         ids=lambda o: o.name)
+def test_the_default_help_shows_is_the_default_used(option: Option) -> None:
+    defaults = MountConfig(source="/s", mountpoint="/m")
+    assert option.value(option.default or "") == getattr(defaults, option.name)
+    assert f"(default {option.default})" in option.help_text()
+
+
+def test_mount_help_names_every_option_of_the_table() -> None:
+    out = run_stfs("mount", "--help").stdout
+    for option in OPTIONS:
+        assert (option.option if option.long else option.name) in out, option.name

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import ast
 import fcntl
 import json
 import os
 import pty
 import select
+import shlex
 import signal
 import struct
 import subprocess
@@ -19,7 +21,8 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from stfs import prometheus
+from stfs import mount, prometheus, stats_cmd
+from stfs.config import human_bytes
 from tests.conftest import STFS, Mount, run_stfs
 
 CLEAR = "\x1b[H\x1b[2J"
@@ -268,13 +271,131 @@ def test_watch_reports_a_mount_that_goes_away(mounter: Any, source: Path) -> Non
     assert "Traceback" not in term.text()
 
 
+# -- --json --watch: JSON Lines ------------------------------------------------------
+
+SPEC_KEYS = {"bytes_served", "reads", "cache_bytes", "cache_limit_bytes", "cache_hits",
+             "cache_misses", "memory_limit_bytes", "held_bytes", "open_handles", "active_reads",
+             "pressure_level", "rss_bytes", "retries", "recoveries", "errors", "uptime_s"}
+
+
+class Lines:
+    """``stfs stats --json --watch ...`` with stdout on a pipe, read line by line."""
+
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen([*STFS, "stats", "--json", "--watch", *args],
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE)
+        self.buffer = b""
+
+    def line(self, timeout: float) -> bytes | None:
+        """The next whole line, or None if none came within *timeout* s (or at EOF)."""
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self.buffer:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.proc.stdout], [], [], left)[0]:
+                return None
+            chunk = os.read(self.proc.stdout.fileno(), 65536)
+            if not chunk:
+                return None
+            self.buffer += chunk
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        return line
+
+    def finish(self, timeout: float = 15) -> tuple[int, bytes, str]:
+        """Exit status, what stdout still had, stderr."""
+        assert self.proc.stdout is not None and self.proc.stderr is not None
+        rc = self.proc.wait(timeout)
+        rest = self.buffer + self.proc.stdout.read()
+        return rc, rest, self.proc.stderr.read().decode()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream:
+                stream.close()
+
+
+def test_json_watch_prints_one_object_per_line_until_ctrl_c(mounted: Mount) -> None:
+    with open(mounted.mountpoint / "data.bin", "rb") as held:
+        held.read(4096)
+        stream = Lines("0.3", str(mounted.mountpoint))
+        try:
+            objects = []
+            for _ in range(3):
+                line = stream.line(15)
+                assert line is not None, stream.proc.poll()
+                objects.append(json.loads(line))
+            stream.proc.send_signal(signal.SIGINT)
+            rc, rest, err = stream.finish()
+        finally:
+            stream.close()
+    assert rc == 0, err
+    assert err == ""
+    assert rest == b"" or (rest.endswith(b"\n") and all(
+        isinstance(json.loads(extra), dict) for extra in rest.splitlines()))
+    for obj in objects:
+        assert SPEC_KEYS <= set(obj), SPEC_KEYS - set(obj)
+        assert obj["mountpoint"] == str(mounted.mountpoint)
+        assert obj["open_handles"] == 1
+    uptimes = [obj["uptime_s"] for obj in objects]
+    assert uptimes == sorted(uptimes) and uptimes[0] < uptimes[-1]
+
+
+def test_json_watch_flushes_each_line_as_it_is_written(mounted: Mount) -> None:
+    """With a long interval the first line must arrive alone: a buffered stdout
+    would hold it until several objects had filled the buffer, or until exit."""
+    stream = Lines("60", str(mounted.mountpoint))
+    try:
+        line = stream.line(20)
+        assert line is not None, "the first line did not come before the next interval"
+        assert SPEC_KEYS <= set(json.loads(line))
+        assert stream.proc.poll() is None
+        stream.proc.send_signal(signal.SIGINT)
+        rc, rest, err = stream.finish()
+    finally:
+        stream.close()
+    assert (rc, rest, err) == (0, b"", "")
+
+
+def test_json_watch_reports_a_mount_that_goes_away(mounter: Any, source: Path) -> None:
+    mount = mounter(source)
+    stream = Lines("0.2", str(mount.mountpoint))
+    try:
+        first = stream.line(15)
+        assert first is not None and SPEC_KEYS <= set(json.loads(first))
+        mount.unmount()
+        rc, rest, err = stream.finish()
+    finally:
+        stream.close()
+    assert rc == 1, err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("stfs: "), err
+    assert str(mount.mountpoint) in lines[0] and "went away" in lines[0], lines[0]
+    assert all(isinstance(json.loads(line), dict) for line in rest.splitlines())
+    assert rest == b"" or rest.endswith(b"\n")
+
+
+def test_json_watch_into_a_reader_that_leaves_stops_quietly(mounted: Mount) -> None:
+    command = shlex.join([*STFS, "stats", "--json", "--watch", "0.1", str(mounted.mountpoint)])
+    result = subprocess.run(["sh", "-c", f'{{ {command}; echo "stfs exit $?" >&2; }} | head -n 2'],
+                            capture_output=True, text=True, timeout=60, check=False)
+    lines = result.stdout.splitlines()
+    assert len(lines) == 2, result.stdout
+    assert all(SPEC_KEYS <= set(json.loads(line)) for line in lines)
+    assert result.stderr == "stfs exit 0\n"  # and nothing else: no error, no traceback
+
+
 # -- usage errors and not-a-mount ----------------------------------------------------
 
 
 @pytest.mark.parametrize("args", [
     ["--watch", "0"], ["--watch", "-1"], ["--watch", "abc"], ["--watch", "nan"],
-    ["--watch", "inf"], ["--watch", "1", "--json"], ["--json", "--watch", "1"],
+    ["--watch", "inf"], ["--json", "--watch", "0"], ["--json", "--watch", "x"],
     ["--watch", "1", "--prometheus"], ["--json", "--prometheus"], ["--watch"],
+    ["--json", "--prometheus", "--watch", "1"],
 ])
 def test_bad_stats_options_are_usage_errors(args: list[str], tmp_path: Path) -> None:
     result = run_stfs("stats", *args, str(tmp_path))
@@ -284,7 +405,8 @@ def test_bad_stats_options_are_usage_errors(args: list[str], tmp_path: Path) -> 
     assert result.stdout == ""
 
 
-@pytest.mark.parametrize("args", [[], ["--prometheus"], ["--json"], ["--watch", "0.5"]])
+@pytest.mark.parametrize("args", [[], ["--prometheus"], ["--json"], ["--watch", "0.5"],
+                                  ["--json", "--watch", "0.5"]])
 def test_every_view_refuses_a_directory_that_is_not_a_mount(args: list[str],
                                                            tmp_path: Path) -> None:
     result = run_stfs("stats", *args, str(tmp_path), timeout=15)
@@ -299,3 +421,33 @@ def test_json_still_prints_one_object(mounted: Mount) -> None:
     assert len(result.stdout.strip().splitlines()) == 1
     stats = json.loads(result.stdout)
     assert {"bytes_served", "read_latency_seconds", "handles", "cache_hit_ratio"} <= set(stats)
+
+
+# -- one byte formatter; stats needs no FUSE --------------------------------------------
+
+
+@pytest.mark.parametrize("value,shown", [
+    (0, "0 B"), (1023, "1023 B"), (1024, "1.0 KiB"), (1536, "1.5 KiB"),
+    (50 * 1024 * 1024, "50.0 MiB"), (5 * 1024 ** 3, "5.0 GiB"), (3 * 1024 ** 4, "3.0 TiB"),
+    (2048.0, "2.0 KiB"), (None, "-"), ("12", "-"), (True, "-"),
+])
+def test_human_bytes_is_the_one_formatter(value: object, shown: str) -> None:
+    assert human_bytes(value) == shown
+    assert vars(stats_cmd)["human_bytes"] is human_bytes  # the views use the one formatter
+    assert vars(mount)["human_bytes"] is human_bytes  # and so does systemd's STATUS= line
+
+
+def test_stats_command_needs_neither_the_mount_module_nor_fuse() -> None:
+    probe = ("import sys, stfs.stats_cmd; "
+             "print(sorted(m for m in ('stfs.mount', 'pyfuse3') if m in sys.modules))")
+    result = subprocess.run([STFS[0], "-c", probe], capture_output=True, text=True, timeout=60,
+                            check=True)
+    assert result.stdout.strip() == "[]", result.stdout + result.stderr
+
+
+def test_stats_command_imports_no_private_name_of_another_module() -> None:
+    tree = ast.parse(Path(stats_cmd.__file__).read_text())
+    private = [f"{node.module}.{alias.name}" for node in ast.walk(tree)
+               if isinstance(node, ast.ImportFrom) for alias in node.names
+               if alias.name.startswith("_") and alias.name != "__future__"]
+    assert private == []

@@ -60,8 +60,10 @@ def cleaned(mountpoint: Path) -> Iterator[list[int]]:
 
 def daemon_mount(source: Path | None, mountpoint: Path, *options: str,
                  pids: list[int]) -> subprocess.CompletedProcess[str]:
-    """``stfs mount [options] [SOURCE] MOUNTPOINT`` (daemonizing); records the daemon's PID."""
-    args = ["mount", *options] + ([str(source)] if source is not None else []) + [str(mountpoint)]
+    """``stfs mount [options] SOURCE MOUNTPOINT`` (daemonizing; ``--demo`` when *source* is
+    None); records the daemon's PID."""
+    args = ["mount", *options] + ([str(source)] if source is not None else ["--demo"]) + [
+        str(mountpoint)]
     result = run_stfs_detached(*args)
     if result.returncode == 0 and is_mounted(mountpoint):
         pids.append(int(stats_of(mountpoint)["pid"]))  # type: ignore[call-overload]
@@ -440,7 +442,7 @@ def test_open_and_close_cycles_return_daemon_to_idle(mounter, tmp_path: Path) ->
     assert mount.unmount() == 0
 
 
-def test_demo_mount_without_source_serves_the_demo_tree(tmp_path: Path, mnt: Path) -> None:
+def test_demo_mount_serves_the_demo_tree(tmp_path: Path, mnt: Path) -> None:
     state = tmp_path / "state"
     with cleaned(mnt) as pids:
         result = daemon_mount(None, mnt, "--state-dir", str(state), pids=pids)
