@@ -5,7 +5,8 @@ is the concurrency cap (pressure and congestion control set it), so the
 event loop never waits on a device; bytes SOURCE already has in its page
 cache are copied on the event loop with ``RWF_NOWAIT``, which cannot wait on
 a disk (local block devices only). Read-ahead also passes a second limiter
-of half the cap, so demand reads always find room.
+that leaves one read of the cap to each active stream (and at least half of
+it), so demand reads always find room.
 
 Errors are retried by class (``stfs.retry``): speculative reads never,
 permission and missing-file errors never, ESTALE and EBADF after reopening
@@ -116,6 +117,7 @@ class BackingReads:
         self._limiter = trio.CapacityLimiter(max_streams)
         self._speculative_limiter = trio.CapacityLimiter(max(1, max_streams // 2))
         self.cap = max_streams
+        self._streams = 0
         self.reads = 0
         self.inline_reads = 0
         self.sizes: collections.Counter[int] = collections.Counter()
@@ -126,11 +128,24 @@ class BackingReads:
         """Recent chunk reads of every stream (the chunk sizer's global view)."""
 
     def set_cap(self, cap: int) -> None:
-        """Allow *cap* concurrent backing reads (read-ahead: half of them)."""
+        """Allow *cap* concurrent backing reads."""
         if cap != self.cap:
             self.cap = cap
             self._limiter.total_tokens = cap
-            self._speculative_limiter.total_tokens = max(1, cap // 2)
+            self._share_speculative()
+
+    def set_active_streams(self, streams: int) -> None:
+        """*streams* handles are reading: read-ahead leaves one read to each."""
+        self._streams = streams
+        self._share_speculative()
+
+    def _share_speculative(self) -> None:
+        # Read-ahead may take all but one read per active stream, and at least
+        # half the cap: one sequential reader of a slow store keeps most of the
+        # cap busy, many readers still find room for their demand reads.
+        tokens = max(1, self.cap // 2, self.cap - self._streams)
+        if tokens != self._speculative_limiter.total_tokens:
+            self._speculative_limiter.total_tokens = tokens
 
     def in_flight(self) -> int:
         return int(self._limiter.borrowed_tokens)

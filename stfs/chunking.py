@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import statistics
 from collections.abc import Iterable
 
 KIB = 1024
@@ -104,6 +105,12 @@ class ChunkPerformanceTracker:
 
     def throughputs(self) -> list[float]:
         return [s.throughput_bps for s in self._samples]
+
+    def latency_s(self) -> float | None:
+        """The median time of the recent reads (None before any)."""
+        if not self._samples:
+            return None
+        return statistics.median(s.seconds for s in self._samples)
 
 
 class AdaptiveChunkSizer:

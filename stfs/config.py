@@ -146,7 +146,8 @@ class MountConfig:
         if self.max_streams < 1:
             raise UsageError("--max-streams must be at least 1")
         if not 0 <= self.attr_timeout <= 3600 or not 0 <= self.entry_timeout <= 3600:
-            raise UsageError("--attr-timeout and --entry-timeout must be between 0 and 3600 seconds")
+            raise UsageError(
+                "--attr-timeout and --entry-timeout must be between 0 and 3600 seconds")
         if not 0.05 <= self.monitor_interval <= 60:
             raise UsageError("--monitor-interval must be between 0.05 and 60 seconds")
         if not 0.1 <= self.sweep_interval <= 86400:
@@ -158,7 +159,8 @@ class MountConfig:
         if not 0 < self.read_deadline <= 3600:
             raise UsageError("--read-deadline must be between 0 and 3600 seconds")
         if self.log_level not in LOG_LEVELS:
-            raise UsageError(f"invalid --log-level '{self.log_level}': choose from {', '.join(LOG_LEVELS)}")
+            raise UsageError(f"invalid --log-level '{self.log_level}': "
+                             f"choose from {', '.join(LOG_LEVELS)}")
 
     @property
     def retry(self) -> RetrySettings:

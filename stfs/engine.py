@@ -121,7 +121,7 @@ class ReadEngine:
                                   max_chunk=config.max_chunk, handles_of=handles_of)
         self.fetcher = Fetcher(self.reads, self.guard, self.cache, self.budget, self.pool,
                                counters)
-        self.streams = StreamTable(self._new_stream)
+        self.streams = StreamTable(self._new_stream, on_count=self.reads.set_active_streams)
         self.read_around = ReadAround(
             kernel_store if config.read_around_bytes > 0 else None, kernel_invalidate,
             self.budget, max(PAGE, min(config.read_around_bytes,
@@ -285,6 +285,7 @@ class ReadEngine:
             self.readahead.after_random_read(
                 stream, offset, self.planner.whole_file_chunk(identity.size) if small else 0)
         stream.next_offset = offset + len(data)
+        stream.served.append((began, len(data)))
         # Small files are planned as one chunk, never "sequential", but their
         # replies can still complete out of order.
         digest = stream.verifier.served(offset, data, stream.state.chunk_size,
@@ -312,7 +313,7 @@ class ReadEngine:
             return b""  # the kernel asks past the end only when it knows a new size
         chunk_size, sequential = self.planner.plan(
             stream.state, file_size, offset, size, self.memory_use_pct(), stream.tracker,
-            self.readahead.max_window_chunks(stream.state.chunk_size))
+            self.readahead.max_window_chunks(stream, stream.state.chunk_size))
         if not sequential:
             stream.cancel_readahead()
         stream.sequential = sequential

@@ -85,7 +85,8 @@ class Operations(pyfuse3.Operations):
     # -- names and attributes ---------------------------------------------
 
     @_fuse_errors
-    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def lookup(self, parent_inode: int, name: bytes,
+                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         node, st = await self.view.lookup(parent_inode, name)
         return self._attrs(node.nodeid, st)
 

@@ -136,17 +136,20 @@ def check_mountpoint(mountpoint: str, source: str) -> str:
             detach(path)
             probe = _probe(path)
     if probe is None:
-        raise StfsError(f"{mountpoint}: mount point does not respond (a hung file system is mounted there)")
+        raise StfsError(f"{mountpoint}: mount point does not respond "
+                        "(a hung file system is mounted there)")
     if isinstance(probe, OSError):
         raise path_error(mountpoint, probe)
     if not stat.S_ISDIR(probe.st_mode):
         raise StfsError(f"{mountpoint}: not a directory")
     path = os.path.realpath(path)
     if path.startswith(source.rstrip("/") + "/"):
-        raise StfsError(f"{mountpoint}: mount point is inside SOURCE {source} (the view would contain itself)")
+        raise StfsError(f"{mountpoint}: mount point is inside SOURCE {source} "
+                        "(the view would contain itself)")
     entry = mount_at(path)
     if entry is not None and (path != source or entry.fstype == FSTYPE):
-        raise StfsError(f"{mountpoint}: already a mount point ({entry.fstype} from {entry.source}); unmount it first")
+        raise StfsError(f"{mountpoint}: already a mount point ({entry.fstype} from "
+                        f"{entry.source}); unmount it first")
     return path
 
 

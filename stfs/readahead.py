@@ -1,9 +1,13 @@
 """Read-ahead and read-around scheduling: speculative work for streams.
 
 * Read-ahead: a sequential stream prefetches up to its window of chunks
-  (``StreamState.readahead_chunks``, which doubles with the stream, bounded
-  by a share of the chunk cache per stream), chained from where its last
-  request's chunk ended and following the kernel's request boundaries. Each
+  (``StreamState.readahead_chunks``, which doubles with the stream), chained
+  from where its last request's chunk ended and following the kernel's
+  request boundaries. The window is bounded by the stream's bandwidth-delay
+  product (its chunk reads' latency times the rate its reader consumes, with
+  room to grow) and by a share of the chunk cache per stream: a slow store
+  gets several chunk reads in flight for one reader, a slow reader no more
+  than it uses. Each
   prefetch is a task in the engine's nursery, registered as a speculative
   resource of its handle; a seek, a release or heavy pressure cancels it.
   While a stream's demand reads find SOURCE's page cache holding the bytes,
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 
 import trio
@@ -31,6 +36,21 @@ log = logging.getLogger(__name__)
 
 MAX_READAHEAD_BYTES = 16 * 1024 * 1024
 """A stream's read-ahead never exceeds this many bytes."""
+BDP_HEADROOM = 2
+"""A window may be this many times the bandwidth-delay product: when the window
+itself limits the reader, its measured rate (and so the product) grows with it."""
+MIN_WINDOW_CHUNKS = 4
+"""The window never shrinks below this for the product's sake."""
+
+
+def bdp_chunks(stream: Stream, chunk_size: int) -> int | None:
+    """Chunks in flight that cover *stream*'s chunk latency at the rate its reader
+    consumes (Little's law), or None before there is enough to measure."""
+    latency_s = stream.tracker.latency_s()
+    rate = stream.consumption_bps()
+    if latency_s is None or rate is None:
+        return None
+    return math.ceil(rate * latency_s / chunk_size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,10 +87,16 @@ class ReadAhead:
         if not enabled:
             self.streams.cancel_readahead()
 
-    def max_window_chunks(self, chunk_size: int) -> int:
-        """Read-ahead window bound: a share of the cache per active stream."""
+    def max_window_chunks(self, stream: Stream, chunk_size: int) -> int:
+        """Read-ahead window bound, in chunks: what covers the bandwidth-delay
+        product of *stream* (with room to grow), within its share of the cache."""
+        chunk_size = max(chunk_size, 1)
         per_stream = min(MAX_READAHEAD_BYTES, self.cache_limit // (2 * max(1, len(self.streams))))
-        return max(0, per_stream // max(chunk_size, 1))
+        window = per_stream // chunk_size
+        bdp = bdp_chunks(stream, chunk_size)
+        if bdp is not None:
+            window = min(window, max(MIN_WINDOW_CHUNKS, BDP_HEADROOM * bdp))
+        return max(0, window)
 
     # -- read-ahead -------------------------------------------------------------
 

@@ -9,6 +9,7 @@ handle) instead of passing ``(handle, state)`` around.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from collections.abc import Callable, Iterator
 
@@ -18,6 +19,9 @@ from stfs.backing import FileIdentity
 from stfs.chunking import ChunkPerformanceTracker, StreamState
 from stfs.handles import OpenFile
 from stfs.recovery import StreamVerifier
+
+RATE_SAMPLES = 16
+"""Replies a stream's consumption rate is measured over."""
 
 
 @dataclasses.dataclass(eq=False)
@@ -46,6 +50,9 @@ class Stream:
     """Whether this stream's latest demand read found SOURCE's page cache holding
     the bytes: read-ahead then only adds work (the kernel's own requests already
     come in parallel), so it waits until a read has to wait for the device."""
+    served: collections.deque[tuple[float, int]] = dataclasses.field(
+        default_factory=lambda: collections.deque(maxlen=RATE_SAMPLES))
+    """(monotonic time, bytes) of the latest replies: the rate the reader consumes."""
     interrupted: bool = False
     """A backing read of this stream met a transient error (and was retried)."""
     failed: bool = False
@@ -55,12 +62,24 @@ class Stream:
         for scope in self.readahead_scopes:
             scope.cancel()
 
+    def consumption_bps(self) -> float | None:
+        """Bytes per second the reader took over its latest replies (None: too few)."""
+        if len(self.served) < RATE_SAMPLES // 2:
+            return None
+        span = self.served[-1][0] - self.served[0][0]
+        if span <= 0:
+            return None
+        return sum(n for _, n in list(self.served)[1:]) / span
+
 
 class StreamTable:
     """Streams by file handle number: made at a handle's first read, dropped at release."""
 
-    def __init__(self, make: Callable[[OpenFile], Stream]) -> None:
+    def __init__(self, make: Callable[[OpenFile], Stream],
+                 on_count: Callable[[int], None] = lambda _n: None) -> None:
+        """*on_count* hears the number of streams whenever it changes."""
         self._make = make
+        self._on_count = on_count
         self._streams: dict[int, Stream] = {}
 
     def __len__(self) -> int:
@@ -81,6 +100,7 @@ class StreamTable:
         if stream is not None:
             return stream, False
         stream = self._streams[handle.fh] = self._make(handle)
+        self._on_count(len(self._streams))
         return stream, True
 
     def drop(self, fh: int) -> bool:
@@ -88,6 +108,7 @@ class StreamTable:
         stream = self._streams.pop(fh, None)
         if stream is None:
             return False
+        self._on_count(len(self._streams))
         stream.cancel_readahead()
         stream.verifier.reset()  # gives back what its reorder buffer reserved
         return True

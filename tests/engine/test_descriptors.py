@@ -142,7 +142,8 @@ def test_trim_closes_least_recently_used_idle_descriptors_and_pin_reopens(
         await table.trim()                                   # pinned f1 stays open
         assert handles[1].fd >= 0
         table.unpin(handles[1])
-        assert dataclasses.asdict(table.statistics()) == {"open": 3, "limit": 3, "reopens": 1, "closed_idle": 4}
+        assert dataclasses.asdict(table.statistics()) == {"open": 3, "limit": 3, "reopens": 1,
+                                                          "closed_idle": 4}
         table.close_all()
         assert table.open_count == 0 and all(h.fd == -1 for h in handles)
 

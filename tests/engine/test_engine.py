@@ -447,7 +447,7 @@ def test_release_cancels_read_ahead_and_forgets_the_stream(
         src: Source, monkeypatch: pytest.MonkeyPatch) -> None:
     data = src.write("big", 20 * MIB)
     slow = FakeBacking()
-    engine = make_engine(reader=slow, max_streams=2)                           # one read-ahead at a time
+    engine = make_engine(reader=slow, max_streams=2)              # one read-ahead at a time
 
     async def body() -> tuple[int, int]:
         handle = src.open("big")

@@ -4,12 +4,13 @@ disable and on drop."""
 
 from __future__ import annotations
 
+import pytest
 import trio
 import trio.testing
 
 from stfs.engine import ReadEngine
-from stfs.readahead import MAX_READAHEAD_BYTES
-from stfs.streams import Stream
+from stfs.readahead import MAX_READAHEAD_BYTES, bdp_chunks
+from stfs.streams import RATE_SAMPLES, Stream
 from tests.engine.fakes import FakeBacking
 from tests.engine.helpers import KIB, MIB, Source, make_engine, run, wait_until
 
@@ -27,12 +28,38 @@ def streaming(engine: ReadEngine, src: Source, window: int) -> Stream:
 def test_the_window_is_a_share_of_the_cache_per_stream(src: Source) -> None:
     src.write("f", 1 * MIB)
     engine = make_engine(src, cache_limit=8 * MIB)
-    assert engine.readahead.max_window_chunks(CHUNK) == 4 * MIB // CHUNK    # half the cache
-    for _ in range(4):
+    first = streaming(engine, src, 0)
+    assert engine.readahead.max_window_chunks(first, CHUNK) == 4 * MIB // CHUNK  # half the cache
+    for _ in range(3):
         streaming(engine, src, 0)
-    assert engine.readahead.max_window_chunks(CHUNK) == 1 * MIB // CHUNK    # shared by four
+    assert engine.readahead.max_window_chunks(first, CHUNK) == 1 * MIB // CHUNK  # shared by four
     big = make_engine(src, memory_limit=256 * MIB, cache_limit=200 * MIB)
-    assert big.readahead.max_window_chunks(CHUNK) == MAX_READAHEAD_BYTES // CHUNK
+    assert big.readahead.max_window_chunks(streaming(big, src, 0),
+                                           CHUNK) == MAX_READAHEAD_BYTES // CHUNK
+
+
+def measured(stream: Stream, latency_s: float, rate_bps: float) -> None:
+    """Give *stream* chunk reads of *latency_s* and replies at *rate_bps*."""
+    for _ in range(10):
+        stream.tracker.record(CHUNK, latency_s)
+    for i in range(RATE_SAMPLES):
+        stream.served.append((i * CHUNK / rate_bps, CHUNK))
+
+
+@pytest.mark.parametrize(("latency_s", "rate_bps", "window"), [
+    (0.100, 40 * MIB, 64),     # 100 ms at 40 MiB/s: 32 chunks in flight, room to double
+    (0.100, 5 * MIB, 8),       # a slow reader: the product, doubled
+    (0.001, 500 * MIB, 8),     # a fast disk: 4 chunks cover it
+    (0.0001, 100 * MIB, 4),    # never below the floor
+])
+def test_the_window_covers_the_bandwidth_delay_product(
+        src: Source, latency_s: float, rate_bps: float, window: int) -> None:
+    src.write("f", 1 * MIB)
+    engine = make_engine(src, memory_limit=256 * MIB, cache_limit=200 * MIB)
+    stream = streaming(engine, src, 0)
+    assert bdp_chunks(stream, CHUNK) is None                       # nothing measured yet
+    measured(stream, latency_s, rate_bps)
+    assert engine.readahead.max_window_chunks(stream, CHUNK) == min(window, 128)
 
 
 def test_a_window_is_fetched_once_and_disabling_schedules_nothing(src: Source) -> None:
