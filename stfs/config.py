@@ -169,5 +169,5 @@ class MountConfig:
 
     @property
     def cache_limit_bytes(self) -> int:
-        """Page-cache share of the memory limit (default: three quarters)."""
+        """Chunk-cache share of the memory limit (default: three quarters)."""
         return self.cache_size if self.cache_size is not None else self.memory_limit * 3 // 4

@@ -75,8 +75,8 @@ COUNTERS: tuple[tuple[str, str, str], ...] = (
 
 # JSON key -> (metric name without prefix, help text, scale)
 GAUGES: tuple[tuple[str, str, str, Scale], ...] = (
-    ("cache_bytes", "cache_bytes", "File data held in the page cache.", _same),
-    ("cache_limit_bytes", "cache_limit_bytes", "Capacity of the page cache now.", _same),
+    ("cache_bytes", "cache_bytes", "File data held in the chunk cache.", _same),
+    ("cache_limit_bytes", "cache_limit_bytes", "Capacity of the chunk cache now.", _same),
     ("cache_entries", "cache_entries", "Chunks held in the page cache.", _same),
     ("memory_limit_bytes", "memory_limit_bytes",
      "Hard ceiling for all file data held (--memory-limit).", _same),
