@@ -24,7 +24,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import statistics
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -159,7 +159,8 @@ class StreamState:
         return abs(offset - self.next_offset) <= 2 * max(self.chunk_size, size)
 
     def observe(self, offset: int, size: int, base_chunk: int, cap_chunk: int,
-                max_window_chunks: int, random_chunk: int | None = None) -> bool:
+                max_window_chunks: int | Callable[[], int],
+                random_chunk: int | None = None) -> bool:
         """Account one request; returns whether it continues a sequential stream.
 
         Requests of one stream can arrive slightly out of order (the kernel keeps
@@ -176,7 +177,9 @@ class StreamState:
                 # inside one chunk is answered without assembling pieces.
                 grown = max(self.chunk_size * 2, power_of_two_ceil(size))
                 self.chunk_size = min(grown, cap_chunk)
-                self.readahead_chunks = min(max(1, self.readahead_chunks * 2), max_window_chunks)
+                bound = (max_window_chunks if isinstance(max_window_chunks, int)
+                         else max_window_chunks())  # worked out only when it is needed
+                self.readahead_chunks = min(max(1, self.readahead_chunks * 2), bound)
         elif not sequential:
             self.sequential_reads = 0
             self.seeks += 1
@@ -231,7 +234,7 @@ class RequestPlanner:
 
     def plan(self, state: StreamState, file_size: int, offset: int, size: int,
              memory_use_pct: float, tracker: ChunkPerformanceTracker,
-             max_window_chunks: int) -> tuple[int, bool]:
+             max_window_chunks: int | Callable[[], int]) -> tuple[int, bool]:
         """Account a request in *state*: (chunk size to read it with, whether it
         continues a sequential stream). *tracker*: the stream's recent reads."""
         if self.is_small(file_size):

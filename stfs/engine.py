@@ -313,7 +313,7 @@ class ReadEngine:
             return b""  # the kernel asks past the end only when it knows a new size
         chunk_size, sequential = self.planner.plan(
             stream.state, file_size, offset, size, self.memory_use_pct(), stream.tracker,
-            self.readahead.max_window_chunks(stream, stream.state.chunk_size))
+            functools.partial(self.readahead.max_window_chunks, stream, stream.state.chunk_size))
         if not sequential:
             stream.cancel_readahead()
         stream.sequential = sequential
