@@ -271,6 +271,8 @@ class Daemon:
             "pressure_score": self.pressure.last_score.total if self.pressure else 0,
             "pressure_level_changes": self.pressure.level_changes if self.pressure else 0,
             "concurrency_cap": engine.concurrency_cap,
+            "concurrency": (self.pressure.congestion.statistics().as_dict()
+                            if self.pressure else None),
             "memory_use_pct": round(engine.memory_use_pct(), 1),
             "metrics_port": self.metrics_port,
             "learned_throughput_bps": [round(x) for x in engine.global_tracker.throughputs()
@@ -452,7 +454,8 @@ class Daemon:
         """Sample memory and steer the engine once per ``--monitor-interval``."""
         idle_rss = metrics.rss_bytes()
         monitor = pressure.MemoryMonitor()
-        self.pressure = pressure.PressureController(self.engine, monitor, idle_rss)
+        self.pressure = pressure.PressureController(self.engine, monitor, idle_rss,
+                                                    name=self.source)
         while True:
             await trio.sleep(self.config.monitor_interval)
             self.pressure.tick()
