@@ -28,8 +28,15 @@ two apart the way TCP Vegas and BBR do, and moves a concurrency *target*
     the store is queueing, target x max(0.5, 1.5 / ratio);
   - otherwise, only if the cap was the limit (reads waited for it, or the
     mean in flight was >= 80 % of it): ratio < 1.2, latency at baseline:
-    target x 1.25 (at least +1); throughput up 10 %: +1; ratio < 1.5: +1;
-    else hold (the Vegas band 1.5-2: a little queue, kept).
+    target x 2 (slow start: no queue yet); throughput up 10 %: +1; ratio
+    < 1.5: +1; else hold (the Vegas band 1.5-2: a little queue, kept);
+  - busy, and no interval's median within 10 % of the baseline for 20 s: the
+    next interval runs at half the cap to measure the baseline again (BBR's
+    ProbeRTT), so a queue that was there from the start is not taken for
+    the store's latency;
+  - a latency backoff after which the reads in flight fell but their latency
+    did not found no queue: the store itself got slower, and its baseline
+    is re-learned at once (else the window re-learns it in 30 s).
 
   A steady 100 ms store has ratio 1 at any concurrency, so it is never
   backed off; its target grows as long as readers want more.
@@ -71,7 +78,7 @@ flight keep their device queue full. Only errors back them off."""
 RISING = 1.10
 BUSY_SHARE = 0.8
 MIN_SAMPLES = 4
-GROW_FACTOR = 1.25
+GROW_FACTOR = 2.0
 MAX_DECREASE = 0.5
 ERROR_DECREASE = 0.7
 ERROR_HOLD_S = 5.0

@@ -193,12 +193,14 @@ def test_a_queue_learned_as_the_baseline_is_found_by_probing() -> None:
     baseline has a queue in it; a probe at half the cap finds it."""
     r = run()
     r.drive(FakeStore(0.1, parallel=4), 20)
-    assert r.ctl.backoffs == 0
-    first = r.ctl.target
+    assert not any(x.startswith("probing") for x in r.reasons)
+    first, backoffs = r.ctl.target, r.ctl.backoffs
+    assert r.reasons[-1] == "holding: latency 1.5x baseline, throughput flat"
     r.drive(FakeStore(0.1, parallel=4), 60)
     assert "probing: the baseline at half the cap" in r.reasons
-    assert r.ctl.backoffs >= 1
+    assert r.ctl.backoffs > backoffs
     assert r.ctl.target < first
+    assert r.ctl.statistics().baseline_latency_s == pytest.approx(0.1)
 
 
 def test_a_steady_store_is_never_probed() -> None:
