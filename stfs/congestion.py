@@ -30,6 +30,9 @@ two apart the way TCP Vegas and BBR do, and moves a concurrency *target*
     mean in flight was >= 80 % of it): ratio < 1.2, latency at baseline:
     target x 2 (slow start: no queue yet); throughput up 10 %: +1; ratio
     < 1.5: +1; else hold (the Vegas band 1.5-2: a little queue, kept);
+  - busy after a growth step and throughput not up 10 % on the interval
+    before it: the step is taken back and growth waits 30 s (a fast store or
+    a busy host, where more reads in flight queue for the CPU, not the store);
   - busy, and no interval's median within 10 % of the baseline for 20 s: the
     next interval runs at half the cap to measure the baseline again (BBR's
     ProbeRTT), so a queue that was there from the start is not taken for
@@ -84,6 +87,7 @@ ERROR_DECREASE = 0.7
 ERROR_HOLD_S = 5.0
 CEILING_FACTOR = 4
 HARD_CEILING = 64
+NO_GAIN = "holding: more reads in flight brought no more throughput"
 REFRESH_RATIO = 1.1
 PROBE_AFTER_S = 20.0
 LATENCIES_KEPT = 2048
@@ -187,6 +191,8 @@ class CongestionController:
         self._refreshed_at: dict[int, float] = {}
         self._probing = False
         self._backed_off: tuple[float, float, int] | None = None
+        self._grew: tuple[int, float] | None = None
+        self._no_gain_until = -math.inf
         self._reset_interval(now)
 
     def _reset_interval(self, now: float) -> None:
@@ -262,6 +268,7 @@ class CongestionController:
         rising = prev is not None and throughput >= RISING * prev
         probed, self._probing = self._probing, False
         backed_off, self._backed_off = self._backed_off, None
+        grew, self._grew = self._grew, None
         self._reset_interval(now)
 
         dominant = max(counts, key=lambda c: counts[c]) if counts else None
@@ -309,19 +316,26 @@ class CongestionController:
             self._backed_off = (medians[dominant], mean_in_flight, dominant)
         elif now < self._hold_until:
             self._target_reason = "holding: after an error backoff"
+        elif grew is not None and busy and throughput < RISING * grew[1]:
+            # Busy at the higher cap and no more bytes: the limit is not the
+            # store's concurrency (a fast store, a busy host); give it back.
+            self._set(grew[0], NO_GAIN)
+            self._no_gain_until = now + self.window_s
         elif not busy:
             self._target_reason = (f"holding: latency {_ratio_words(ratio)}, "
                                    "demand below the cap")
         elif self.target >= 2 and now - self._refreshed_at[dominant] >= PROBE_AFTER_S:
             self._probing = True
             self._target_reason = "probing: the baseline at half the cap"
+        elif now < self._no_gain_until:
+            self._target_reason = NO_GAIN
         elif ratio < GROW_RATIO:
             self._grow(max(1, math.ceil(self.target * (GROW_FACTOR - 1))),
-                       "growing: latency at baseline")
+                       "growing: latency at baseline", throughput)
         elif rising:
-            self._grow(1, "growing: throughput rising")
+            self._grow(1, "growing: throughput rising", throughput)
         elif ratio < NEAR_RATIO:
-            self._grow(1, f"growing: latency near baseline ({ratio:.1f}x)")
+            self._grow(1, f"growing: latency near baseline ({ratio:.1f}x)", throughput)
         else:
             self._target_reason = f"holding: latency {ratio:.1f}x baseline, throughput flat"
         self.reason = self._target_reason
@@ -351,10 +365,11 @@ class CongestionController:
         self.target = max(1, min(self.ceiling, target))
         self._target_reason = reason
 
-    def _grow(self, step: int, reason: str) -> None:
+    def _grow(self, step: int, reason: str, throughput: float) -> None:
         if self.target >= self.ceiling:
             self._target_reason = f"holding: at the ceiling ({self.ceiling})"
         else:
+            self._grew = (self.target, throughput)
             self._set(self.target + step, reason)
 
     def limit(self, level_cap: int, level: str) -> int:

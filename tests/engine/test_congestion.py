@@ -247,6 +247,21 @@ def test_a_fast_store_is_not_backed_off_for_sub_millisecond_queueing() -> None:
     assert r.ctl.backoffs == 0
 
 
+def test_more_reads_in_flight_that_bring_no_throughput_are_given_back() -> None:
+    """A fast store behind a busy host: beyond 10 reads in flight each read just
+    waits longer (under the 5 ms that would count as a queue). The doubling to
+    20 bought nothing: back to 10, and no growth for the window."""
+    r = run()
+    r.drive(FakeStore(0.0005), 3, demand=5)
+    store = FakeStore(0.0005, parallel=10)
+    r.drive(store, 2)
+    assert r.targets[-2:] == [20, 10]
+    assert r.reasons[-1] == congestion.NO_GAIN
+    r.drive(store, congestion.BASELINE_WINDOW_S - 2)
+    assert set(r.targets[-28:]) == {10}
+    assert r.ctl.backoffs == 0
+
+
 def test_a_store_at_seconds_per_read_is_judged_over_several_ticks() -> None:
     ctl = CongestionController(10)
     reasons = []
@@ -291,12 +306,17 @@ def test_mean_in_flight_comes_from_read_durations_when_not_fed() -> None:
 
 
 def test_waiting_readers_mean_the_cap_is_the_limit() -> None:
+    """Reads in flight look few (one, when each completes), but readers wait for
+    the cap: it is the limit, and more of it brings more reads."""
     ctl = CongestionController(10)
     for t in range(1, 4):
-        for i in range(10):
-            ctl.record(t - 1 + i / 10, CHUNK, 0.1, in_flight=1)
+        n = ctl.target
+        for i in range(n):
+            ctl.record(t - 1 + i / n, CHUNK, 0.1, in_flight=1)
         ctl.update(float(t), waiting=3)
-    assert ctl.target > 10
+        ctl.limit(1 << 30, "none")
+    assert ctl.target == 40
+    assert ctl.backoffs == 0
 
 
 def windowed(values: list[tuple[float, float]], at: float) -> float | None:
