@@ -14,6 +14,11 @@ limit, bindfs, pyfuse3's passthroughfs example) measures:
 and the daemon's peak RSS during each workload. Every figure is the median of
 several runs and is also given as a ratio to direct in the same run. Writes
 bench-results/bench.md, bench.json and (with matplotlib) bench.png.
+
+Two scenarios follow: ``pressure`` (16 readers at --memory-limit 16M in a
+memory cgroup, with and without a hog) and ``slow`` (SOURCE behind faultfs
+with a per-request delay, --delays: one reader, 8 readers and 4 KiB random
+reads against the store read directly, bindfs and stfs).
 """
 
 from __future__ import annotations
@@ -318,8 +323,8 @@ class Workloads:
         return self._tree_command(t, lambda p: ["du", "-s", str(p)])
 
 
-WORKLOADS = ("cold", "warm", "reread", "readers16", "rand4k", "find", "du", "pressure")
-MAIN_WORKLOADS = WORKLOADS[:-1]
+WORKLOADS = ("cold", "warm", "reread", "readers16", "rand4k", "find", "du", "pressure", "slow")
+MAIN_WORKLOADS = WORKLOADS[:-2]
 HIGHER_IS_BETTER = {"MB/s": True, "IOPS": True, "p95 ms": False, "s": False}
 
 
@@ -331,6 +336,10 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     runs = args.runs or sizes.runs
     root = Path(args.data_dir)
     root.mkdir(parents=True, exist_ok=True)
+    if not any(w in args.workloads for w in (*MAIN_WORKLOADS, "pressure")):
+        summary = summarize({}, {}, sizes, runs, args)  # the slow-store scenario alone
+        summary["slow"] = slow_scenario(root, args)
+        return summary
     source = make_data(root, sizes)
     mnt = root / "mnt"
     stfs = [PYTHON, "-m", "stfs", "mount", "-f", "--log-file", str(root / "stfs.log")]
@@ -374,6 +383,8 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     summary = summarize(results, idle_rss, sizes, runs, args)
     if "pressure" in args.workloads:
         summary["pressure"] = pressure_scenario(source, root, Path(args.out))
+    if "slow" in args.workloads:
+        summary["slow"] = slow_scenario(root, args)
     return summary
 
 
@@ -518,6 +529,278 @@ def plot_pressure(history: object, path: Path) -> bool:
     return True
 
 
+# -- the slow-store scenario ------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class SlowSizes:
+    """What each workload reads at one per-request delay (a read stops at the
+    deadline too: figures are bytes or reads over the time taken)."""
+
+    big_bytes: int
+    reader_bytes: int
+    random_reads: int
+
+
+SLOW_READERS = 8
+SLOW_RANDOM_FILE = 64 * MIB
+
+
+def slow_sizes(delay_ms: float, quick: bool) -> SlowSizes:
+    if delay_ms <= 20:
+        return (SlowSizes(64 * MIB, 16 * MIB, 300) if quick
+                else SlowSizes(256 * MIB, 32 * MIB, 1000))
+    return SlowSizes(16 * MIB, 4 * MIB, 30) if quick else SlowSizes(64 * MIB, 8 * MIB, 100)
+
+
+def make_slow_data(root: Path, delays: list[float]) -> Path:
+    """BACKING of the slow store: a big file, a file per reader, a file read at random;
+    at the full run's sizes, so that quick runs (which read prefixes) reuse it."""
+    backing = root / "slow-source"
+    need = [slow_sizes(d, False) for d in delays]
+    big = max(n.big_bytes for n in need)
+    reader = max(n.reader_bytes for n in need)
+    manifest = root / "slow-manifest.json"
+    wanted = {"big": big, "reader": reader, "readers": SLOW_READERS, "random": SLOW_RANDOM_FILE}
+    if manifest.exists() and json.loads(manifest.read_text()) == wanted and backing.is_dir():
+        return backing
+    shutil.rmtree(backing, ignore_errors=True)
+    (backing / "readers").mkdir(parents=True)
+    print(f"bench: generating slow-store data in {backing}", file=sys.stderr)
+    write_random(backing / "big.bin", big)
+    for i in range(SLOW_READERS):
+        write_random(backing / "readers" / f"r{i}.bin", reader)
+    write_random(backing / "rand.bin", SLOW_RANDOM_FILE)
+    manifest.write_text(json.dumps(wanted))
+    return backing
+
+
+def read_prefix(path: Path, limit: int, deadline: float) -> int:
+    """Read up to *limit* bytes of *path* in 1 MiB reads, stopping at *deadline*."""
+    fd = os.open(path, os.O_RDONLY)
+    total = 0
+    try:
+        while total < limit and time.monotonic() < deadline:
+            chunk = os.read(fd, min(READ_SIZE, limit - total))
+            if not chunk:
+                break
+            total += len(chunk)
+        return total
+    finally:
+        os.close(fd)
+
+
+class SlowWorkloads:
+    """The issue's three workloads, cold: each run starts on a fresh mount with
+    the kernel's caches dropped and BACKING (under faultfs) back in the page
+    cache, so the store costs its delay per request and nothing else. faultfs
+    opens every file direct_io: nothing of it is cached in the kernel."""
+
+    def __init__(self, backing: Path, sizes: SlowSizes, time_limit: float) -> None:
+        self.backing = backing
+        self.sizes = sizes
+        self.time_limit = time_limit
+        self.idle_rss_mib = 0.0
+
+    def _cold(self, t: Target, *names: str) -> float:
+        t.remount()
+        drop_caches()
+        warm_source(self.backing, *names)
+        t.reset_peak_rss()  # the peak from here on; now, the fresh daemon's idle RSS
+        self.idle_rss_mib = t.peak_rss_mib() or 0.0
+        return time.monotonic() + self.time_limit
+
+    def one_reader(self, t: Target) -> dict[str, float]:
+        deadline = self._cold(t, "big.bin")
+        began = time.perf_counter()
+        n = read_prefix(t.mountpoint / "big.bin", self.sizes.big_bytes, deadline)
+        return {"MB/s": n / (time.perf_counter() - began) / 1e6, "MiB": n / MIB}
+
+    def readers8(self, t: Target) -> dict[str, float]:
+        deadline = self._cold(t, "readers")
+        paths = [t.mountpoint / "readers" / f"r{i}.bin" for i in range(SLOW_READERS)]
+        began = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(len(paths)) as pool:
+            done = list(pool.map(lambda p: read_prefix(p, self.sizes.reader_bytes, deadline),
+                                 paths))
+        return {"MB/s": sum(done) / (time.perf_counter() - began) / 1e6,
+                "MiB": sum(done) / MIB}
+
+    def rand4k(self, t: Target) -> dict[str, float]:
+        deadline = self._cold(t, "rand.bin")
+        rng = random.Random(4096)
+        pages = SLOW_RANDOM_FILE // 4096
+        fd = os.open(t.mountpoint / "rand.bin", os.O_RDONLY)
+        done = 0
+        latencies = []
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+            began = time.perf_counter()
+            while done < self.sizes.random_reads and time.monotonic() < deadline:
+                t0 = time.perf_counter()
+                os.pread(fd, 4096, rng.randrange(pages) * 4096)
+                latencies.append(time.perf_counter() - t0)
+                done += 1
+            seconds = time.perf_counter() - began
+        finally:
+            os.close(fd)
+        return {"IOPS": done / seconds, "p95 ms": p95_ms(latencies)}
+
+
+SLOW_WORKLOADS = ("one_reader", "readers8", "rand4k")
+SLOW_LABELS = {"one_reader": "one reader, MB/s", "readers8": "8 readers at once, MB/s total",
+               "rand4k": "random 4 KiB of an unread file, IOPS"}
+RSS_SLACK_MIB = 16
+
+
+def slow_scenario(root: Path, args: argparse.Namespace) -> dict[str, object]:
+    """SOURCE behind faultfs with a per-request delay: the store read directly
+    (faultfs's mount), bindfs over it, and stfs over it (default options, and
+    at --memory-limit 16M for the peak RSS), at each of ``--delays``."""
+    sys.path.insert(0, str(REPO))
+    from tests.faultfs import FaultFS
+
+    quick = bool(args.quick)
+    runs = args.runs or (1 if quick else 3)
+    backing = make_slow_data(root, args.delays)
+    mnt = root / "mnt"
+    store_mnt = mnt / "slow-store"
+    store_mnt.mkdir(parents=True, exist_ok=True)
+    sockdir = Path(tempfile.mkdtemp(prefix="stfs-bench-"))
+    stfs = [PYTHON, "-m", "stfs", "mount", "-f", "--log-file", str(root / "stfs-slow.log")]
+    targets = [Target("store", None, store_mnt)]
+    if shutil.which("bindfs") and "bindfs" in args.peers:
+        targets.append(Target("bindfs", ["bindfs", "-f", "-r", "--no-allow-other",
+                                         str(store_mnt), str(mnt / "slow-bindfs")],
+                              mnt / "slow-bindfs"))
+    targets.append(Target("stfs", [*stfs, str(store_mnt), str(mnt / "slow-stfs")],
+                          mnt / "slow-stfs"))
+    targets.append(Target("stfs 16M", [*stfs, "--memory-limit", "16M", str(store_mnt),
+                                       str(mnt / "slow-stfs-16M")], mnt / "slow-stfs-16M"))
+    time_limit = 20.0 if quick else 60.0
+    # results[delay][workload][target] = per-run figures
+    results: dict[str, dict[str, dict[str, list[dict[str, float]]]]] = {}
+    concurrency: dict[str, object] = {}
+    store = None
+    try:
+        store = FaultFS.start(backing, store_mnt, sockdir / "control.sock",
+                              log_path=root / "faultfs-slow.log")
+        for target in targets:
+            target.mount()
+        for run_index in range(runs):
+            for delay_ms in args.delays:
+                store.set_read_delay(delay_ms / 1000)
+                key = f"{delay_ms:g} ms"
+                work = SlowWorkloads(backing, slow_sizes(delay_ms, quick), time_limit)
+                for workload in SLOW_WORKLOADS:
+                    for target in targets:
+                        figures = getattr(work, workload)(target)
+                        if target.pid is not None:
+                            figures["peak RSS MiB"] = target.peak_rss_mib() or 0.0
+                            figures["idle RSS MiB"] = work.idle_rss_mib
+                        if target.name.startswith("stfs"):
+                            concurrency[f"{key} {workload} {target.name}"] = \
+                                _concurrency_stats(target.mountpoint)
+                        results.setdefault(key, {}).setdefault(workload, {}).setdefault(
+                            target.name, []).append(figures)
+                        print(f"bench: slow run {run_index + 1}/{runs} {key} {workload:10s} "
+                              f"{target.name:9s} " + ", ".join(f"{k} {v:.1f}"
+                                                             for k, v in figures.items()),
+                              file=sys.stderr)
+    finally:
+        for target in targets:
+            target.unmount()
+        if store is not None:
+            store.stop()
+        shutil.rmtree(sockdir, ignore_errors=True)
+    return summarize_slow(results, concurrency, quick, runs, args.delays)
+
+
+SLOW_TARGETS = {"one_reader": "≥ 0.8 × store, 8 readers", "readers8": "≥ 1.0 × store",
+                "rand4k": "≥ 0.95 × store"}
+"""Issue 14's targets for stfs."""
+
+
+def _concurrency_stats(mountpoint: Path) -> object:
+    """The daemon's congestion controller after a workload (None if it has none)."""
+    try:
+        return _stats(mountpoint).get("concurrency")
+    except (OSError, ValueError) as exc:
+        return f"stats failed: {exc}"
+
+
+def summarize_slow(results: dict[str, dict[str, dict[str, list[dict[str, float]]]]],
+                   concurrency: dict[str, object], quick: bool, runs: int,
+                   delays: list[float]) -> dict[str, object]:
+    """Medians per delay, workload and target; ratios to the store read directly,
+    pair by pair within a run, then the median; one reader also against 8 readers
+    of the store (issue 14's reference); the 16M daemon's RSS against its bound."""
+    table: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
+    rss: dict[str, dict[str, float]] = {}
+    for key, by_workload in results.items():
+        table[key] = {}
+        for workload, by_target in by_workload.items():
+            metric = "IOPS" if workload == "rand4k" else "MB/s"
+            store = by_target.get("store", [])
+            store8 = by_workload.get("readers8", {}).get("store", [])
+            table[key][workload] = {}
+            for target, per_run in by_target.items():
+                medians = {k: statistics.median(r[k] for r in per_run) for k in per_run[0]}
+                refs = [("×store", store)]
+                if workload == "one_reader":
+                    refs.append(("×store 8 readers", store8))
+                for label, ref in refs:
+                    ratios = [r[metric] / d[metric] for r, d in zip(per_run, ref) if d[metric]]
+                    if ratios:
+                        medians[label] = statistics.median(ratios)
+                table[key][workload][target] = medians
+                for r in per_run:
+                    if "peak RSS MiB" in r:
+                        seen = rss.setdefault(target, {"peak MiB": 0.0, "idle MiB": 0.0})
+                        if (r["peak RSS MiB"] - r["idle RSS MiB"]
+                                >= seen["peak MiB"] - seen["idle MiB"]):
+                            seen["peak MiB"] = r["peak RSS MiB"]
+                            seen["idle MiB"] = r["idle RSS MiB"]
+    if "stfs 16M" in rss:
+        bound = rss["stfs 16M"]["idle MiB"] + 16 + RSS_SLACK_MIB
+        rss["stfs 16M"]["bound MiB"] = bound
+        rss["stfs 16M"]["within bound"] = float(rss["stfs 16M"]["peak MiB"] <= bound)
+    return {"delays_ms": delays, "runs": runs,
+            "sizes": {f"{d:g} ms": dataclasses.asdict(slow_sizes(d, quick)) for d in delays},
+            "results": table, "rss": rss, "concurrency": concurrency}
+
+
+def slow_markdown(slow: dict[str, object]) -> list[str]:
+    results = slow["results"]
+    assert isinstance(results, dict)
+    targets: list[str] = []
+    for by_workload in results.values():
+        for by_target in by_workload.values():
+            targets += [t for t in by_target if t not in targets]
+    lines = [(f"**slow store** (SOURCE behind faultfs with a per-request read delay; "
+              f"medians of {slow['runs']} run(s); the store read directly with 1 MiB reads; "
+              "ratios are stfs's to the store's in the same run)"), "",
+             "| delay | workload | " + " | ".join(targets) + " | stfs ×store | "
+             "stfs ×store, 8 readers | target |", "|" + "---|" * (len(targets) + 5)]
+    for key, by_workload in results.items():
+        for workload, by_target in by_workload.items():
+            metric = "IOPS" if workload == "rand4k" else "MB/s"
+            cells = [key, SLOW_LABELS[workload]]
+            cells += [f"{by_target[t][metric]:.1f}" if t in by_target else "–" for t in targets]
+            stfs = by_target.get("stfs", {})
+            cells += [f"{stfs['×store']:.2f}" if "×store" in stfs else "–",
+                      f"{stfs['×store 8 readers']:.2f}" if "×store 8 readers" in stfs else "–",
+                      SLOW_TARGETS[workload]]
+            lines.append("| " + " | ".join(cells) + " |")
+    rss = slow.get("rss")
+    if isinstance(rss, dict) and "stfs 16M" in rss:
+        r = rss["stfs 16M"]
+        lines += ["", (f"stfs `--memory-limit 16M`: peak RSS {r['peak MiB']:.1f} MiB, idle "
+                       f"{r['idle MiB']:.1f} MiB; bound idle + 16M + {RSS_SLACK_MIB} MiB = "
+                       f"{r['bound MiB']:.1f} MiB ({'within' if r['within bound'] else 'OVER'})")]
+    return lines
+
+
 def summarize(results: dict[str, dict[str, list[dict[str, float]]]],
               idle_rss: dict[str, float | None], sizes: Sizes, runs: int,
               args: argparse.Namespace) -> dict[str, object]:
@@ -560,6 +843,9 @@ def markdown(summary: dict[str, object]) -> str:
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     lines.append(f"idle RSS MiB: {summary['idle_rss_mib']}")
+    slow = summary.get("slow")
+    if isinstance(slow, dict) and "results" in slow:
+        lines += ["", *slow_markdown(slow)]
     scenario = summary.get("pressure")
     if isinstance(scenario, dict) and "phases" in scenario:
         lines += ["", ("**pressure** (16 readers, `--memory-limit 16M`, in a "
@@ -612,6 +898,8 @@ def main() -> int:
                         help="stfs --memory-limit values to measure")
     parser.add_argument("--peers", nargs="*", default=["bindfs", "passthroughfs"])
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
+    parser.add_argument("--delays", nargs="+", type=float, default=[5.0, 100.0], metavar="MS",
+                        help="the slow-store scenario's per-request delays (ms)")
     parser.add_argument("--data-dir", default="/var/tmp/stfs-bench")
     parser.add_argument("--out", default=str(REPO / "bench-results"))
     args = parser.parse_args()

@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import errno
 import logging
 import os
 import time
@@ -34,6 +35,7 @@ import trio
 from stfs import backing
 from stfs.backing import ChunkData, FileIdentity, Hasher
 from stfs.chunking import ChunkPerformanceTracker
+from stfs.congestion import CongestionController
 from stfs.descriptors import DescriptorTable, FileReplacedError
 from stfs.handles import OpenFile
 from stfs.metrics import Counters, percentiles
@@ -107,13 +109,18 @@ class BackingReads:
     def __init__(self, reader: BackingReader, descriptors: DescriptorTable, counters: Counters,
                  *, max_streams: int, retry: RetrySettings = DEFAULT_SETTINGS,
                  inline_cached_reads: bool = True,
-                 shed_memory: Callable[[], None] = lambda: None) -> None:
+                 shed_memory: Callable[[], None] = lambda: None,
+                 congestion: CongestionController | None = None) -> None:
+        """*congestion* hears every read done in a worker thread (with the reads
+        in flight then) and every transient error, to tell a store's latency from
+        its congestion."""
         self.reader = reader
         self.descriptors = descriptors
         self.counters = counters
         self.retry = retry
         self.inline_cached_reads = inline_cached_reads
         self._shed_memory = shed_memory
+        self.congestion = congestion
         self._limiter = trio.CapacityLimiter(max_streams)
         self._speculative_limiter = trio.CapacityLimiter(max(1, max_streams // 2))
         self.cap = max_streams
@@ -149,6 +156,10 @@ class BackingReads:
 
     def in_flight(self) -> int:
         return int(self._limiter.borrowed_tokens)
+
+    def waiting(self) -> int:
+        """Reads waiting for the cap now."""
+        return int(self._limiter.statistics().tasks_waiting)
 
     def recent(self, since: float) -> list[tuple[int, float]]:
         """(size, seconds) of the reads that ended at or after *since* (monotonic)."""
@@ -186,6 +197,9 @@ class BackingReads:
         if not speculative:  # what the reader meets now
             stream.source_cached = cached is not None
         size = len(buf)
+        if cached is None and self.congestion is not None:
+            # Inline copies from the page cache say nothing about the store.
+            self.congestion.record(time.monotonic(), size, seconds, self.in_flight() + 1)
         self.reads += 1
         self.inline_reads += cached is not None
         self.sizes[size] += 1
@@ -243,6 +257,9 @@ class BackingReads:
             except OSError as exc:
                 attempt += 1
                 policy = settings.policy_for(exc.errno)
+                if self.congestion is not None and policy.attempts > 1:
+                    self.congestion.on_error(time.monotonic(),
+                                             timeout=exc.errno == errno.ETIMEDOUT)
                 if speculative or attempt >= policy.attempts:
                     raise
                 delay = settings.delay_s(policy, attempt)

@@ -40,6 +40,7 @@ from stfs.buffers import BufferPool
 from stfs.cache import ChunkCache
 from stfs.checksums import ChecksumRegistry, ChecksumStore
 from stfs.chunking import PAGE, AdaptiveChunkSizer, RequestPlanner, StreamState
+from stfs.congestion import CongestionController
 from stfs.descriptors import DEFAULT_LIMIT, DescriptorTable, Opener
 from stfs.fetcher import Fetcher
 from stfs.handles import OpenFile
@@ -100,7 +101,8 @@ class ReadEngine:
                  checksums: ChecksumStore | None = None,
                  kernel_store: KernelStore | None = None,
                  kernel_invalidate: KernelInvalidate | None = None,
-                 handles_of: Callable[[int], Iterable[OpenFile]] = lambda _nodeid: ()) -> None:
+                 handles_of: Callable[[int], Iterable[OpenFile]] = lambda _nodeid: (),
+                 store_name: str = "") -> None:
         self.config = config
         self.counters = counters
         self.max_streams = config.max_streams
@@ -113,10 +115,14 @@ class ReadEngine:
         self.budget.set_reclaimer(self._reclaim)
         self.cache_capacity_bytes = config.cache_limit
         self.planner = RequestPlanner(AdaptiveChunkSizer(config.min_chunk, config.max_chunk))
+        self.congestion = CongestionController(config.max_streams, name=store_name,
+                                               now=time.monotonic())
+        """The store's concurrency target; the pressure controller updates it."""
         self.reads = BackingReads(reader or SourceReader(), self.descriptors, counters,
                                   max_streams=config.max_streams, retry=config.retry,
                                   inline_cached_reads=config.inline_cached_reads,
-                                  shed_memory=self._shed_for_memory_error)
+                                  shed_memory=self._shed_for_memory_error,
+                                  congestion=self.congestion)
         self.guard = VersionGuard(self.reads, self.budget, self.pool, counters,
                                   max_chunk=config.max_chunk, handles_of=handles_of)
         self.fetcher = Fetcher(self.reads, self.guard, self.cache, self.budget, self.pool,
@@ -195,6 +201,9 @@ class ReadEngine:
 
     def backing_reads_in_flight(self) -> int:
         return self.reads.in_flight()
+
+    def backing_reads_waiting(self) -> int:
+        return self.reads.waiting()
 
     def unevictable_bytes(self) -> int:
         return self.budget.held_bytes - self.cache.cached_bytes

@@ -262,7 +262,7 @@ class Daemon:
                                  opener=backing.open_file, checksums=self.checksums,
                                  kernel_store=_store_pages,
                                  kernel_invalidate=_invalidate_pages,
-                                 handles_of=handles.files_of_node)
+                                 handles_of=handles.files_of_node, store_name=self.source)
         state_store = StateStore(self.config.state_dir)
         learned = state_store.throughputs(backing.root_stat.st_dev)
         if learned:
@@ -378,7 +378,8 @@ class Daemon:
         """Sample memory and steer the engine once per ``--monitor-interval``."""
         idle_rss = metrics.rss_bytes()
         monitor = pressure.MemoryMonitor()
-        self.pressure = pressure.PressureController(self.engine, monitor, idle_rss)
+        self.pressure = pressure.PressureController(self.engine, monitor, idle_rss,
+                                                    name=self.source)
         while True:
             await trio.sleep(self.config.monitor_interval)
             self.pressure.tick()

@@ -14,16 +14,20 @@ AdaptiveRateLimiter in file-system form:
   the RSS target's room (limit + 16 MiB), the cgroup's working set against
   its max, and the system's used share.
 * ``score`` is the seeds' 100 points: memory 0-40, concurrency 0-30 (active
-  backing reads against ``--max-streams``), latency/throughput 0-30 (recent
-  chunk reads); levels none <20, light <40, moderate <60, heavy <80,
-  critical >=80.
-* Each level caps concurrent backing reads at 10/6/3/1/1, scaled to
-  ``--max-streams``; read-ahead is off from heavy up; the cache is shed to a
-  share of its capacity (critical: a floor). Reads are never failed for being
-  busy: they wait.
-* ``AimdLimiter`` lowers the cap multiplicatively while backing latency is
-  above target (a struggling disk or share) and raises it by one per interval
-  once it recovers, always within the level's cap.
+  backing reads against the concurrency granted now: the congestion
+  controller's target, ``--max-streams`` at start), latency/throughput 0-30
+  measured as degradation against the store's own baseline (a steady slow
+  store scores 0 there); levels none <20, light <40, moderate <60, heavy
+  <80, critical >=80.
+* Light and moderate cap concurrent backing reads at 6 and 3 tenths of the
+  granted concurrency, heavy and critical at 1 (scaled to ``--max-streams``);
+  at the default ``--max-streams 10`` and no learning yet these are the
+  seeds' 10/6/3/1/1. Read-ahead is off from heavy up; the cache is shed to a
+  share of its capacity (critical: a floor). Reads are never failed for
+  being busy: they wait.
+* ``congestion.CongestionController`` sets the granted concurrency: it learns
+  the store's baseline latency and backs off only when latency rises above it
+  at flat throughput (queueing) or on errors, never for steady latency.
 
 Everything here except ``MemoryMonitor.sample`` is pure and takes its inputs
 as arguments, so it is tested with plain numbers.
@@ -42,6 +46,8 @@ from pathlib import Path
 from typing import Protocol
 
 import psutil
+
+from stfs.congestion import CongestionController
 
 MIB = 1024 * 1024
 log = logging.getLogger(__name__)
@@ -99,6 +105,14 @@ def cap_for(level: Level, max_streams: int) -> int:
     return max(1, round(max_streams * LEVEL_CAPS[level] / 10))
 
 
+def level_cap(level: Level, granted: int, max_streams: int) -> int:
+    """The level's cap on top of the *granted* concurrency: light and moderate keep
+    their share of it, heavy and critical the seeds' one read (per 10 streams)."""
+    if level >= Level.HEAVY:
+        return cap_for(level, max_streams)
+    return cap_for(level, granted)
+
+
 def memory_points(memory_use_pct: float) -> int:
     """The seeds' memory factor, 0-40."""
     if memory_use_pct > 80:
@@ -112,9 +126,10 @@ def memory_points(memory_use_pct: float) -> int:
     return 0
 
 
-def concurrency_points(active_reads: int, max_streams: int) -> int:
-    """The seeds' concurrency factor (>3, >5, >8 of 10 streams), 0-30, scaled."""
-    share = active_reads / max(1, max_streams)
+def concurrency_points(active_reads: int, granted: int) -> int:
+    """The seeds' concurrency factor (>3, >5, >8 of 10 streams), 0-30, scaled to the
+    concurrency *granted* now."""
+    share = active_reads / max(1, granted)
     if share > 0.8:
         return 30
     if share > 0.5:
@@ -124,28 +139,29 @@ def concurrency_points(active_reads: int, max_streams: int) -> int:
     return 0
 
 
-def latency_points(throughput_bps: float | None, latency_s: float | None) -> int:
-    """The seeds' throughput factor (<2, <5, <10 MB/s), plus slow reads, 0-30.
+DEGRADED_EXCESS_S = 0.01
+"""Reads less than this slower than their baseline are not degraded, whatever the
+ratio (a local disk's 0.1 -> 0.5 ms is not a symptom)."""
 
-    Throughput counts only reads of at least 64 KiB (small random reads are slow
-    per byte without anything being wrong); latency is the recent p95 of chunk
-    reads, with the seeds' 0.5 s / 1 s steps brought down to file-system scale
-    (the target per read is 200 ms).
+
+def latency_points(latency_ratio: float | None, excess_s: float | None) -> int:
+    """Degradation of the store against its own baseline, 0-30.
+
+    *latency_ratio* is the congestion controller's: recent reads' median
+    latency over the store's baseline (windowed minimum) for their size, the
+    inverse of their throughput against the best the store gave reads of that
+    size; *excess_s* is the median read's latency above its baseline. A store
+    with a steady 100 ms latency has a ratio of 1 and scores 0.
     """
-    points = 0
-    if throughput_bps is not None:
-        if throughput_bps < 2 * MIB:
-            points = 30
-        elif throughput_bps < 5 * MIB:
-            points = 20
-        elif throughput_bps < 10 * MIB:
-            points = 10
-    if latency_s is not None:
-        if latency_s > 0.2:
-            points += 20
-        elif latency_s > 0.1:
-            points += 10
-    return min(30, points)
+    if latency_ratio is None or excess_s is None or excess_s < DEGRADED_EXCESS_S:
+        return 0
+    if latency_ratio > 3:
+        return 30
+    if latency_ratio > 2:
+        return 20
+    if latency_ratio > 1.5:
+        return 10
+    return 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,29 +179,10 @@ class Score:
         return level_for(self.total)
 
 
-def score(memory_use_pct: float, active_reads: int, max_streams: int,
-          throughput_bps: float | None, latency_s: float | None) -> Score:
-    return Score(memory_points(memory_use_pct), concurrency_points(active_reads, max_streams),
-                 latency_points(throughput_bps, latency_s))
-
-
-class AimdLimiter:
-    """Additive-increase / multiplicative-decrease of the concurrency cap."""
-
-    def __init__(self, ceiling: int, target_latency_s: float = 0.1,
-                 decrease: float = 0.5) -> None:
-        self.ceiling = ceiling
-        self.target_latency_s = target_latency_s
-        self.decrease = decrease
-        self.limit = float(ceiling)
-
-    def update(self, latency_s: float | None, level_cap: int) -> int:
-        """One interval: *latency_s* is the recent p95 of backing reads (None: idle)."""
-        if latency_s is not None and latency_s > self.target_latency_s:
-            self.limit = max(1.0, self.limit * self.decrease)
-        else:
-            self.limit = min(float(self.ceiling), self.limit + 1)
-        return max(1, min(level_cap, int(self.limit)))
+def score(memory_use_pct: float, active_reads: int, granted: int,
+          latency_ratio: float | None, excess_s: float | None) -> Score:
+    return Score(memory_points(memory_use_pct), concurrency_points(active_reads, granted),
+                 latency_points(latency_ratio, excess_s))
 
 
 # -- the monitor ---------------------------------------------------------------
@@ -347,7 +344,13 @@ class PressureSample:
 
 
 class PressureTarget(Protocol):
-    """What the controller steers (the read engine implements it)."""
+    """What the controller steers (the read engine implements it).
+
+    Optional, looked up by name: ``congestion``, a ``CongestionController``
+    the engine feeds with every backing read and error itself (else the tick
+    feeds its own from ``recent_reads``), and ``backing_reads_waiting()``,
+    the reads waiting for the cap now.
+    """
 
     max_streams: int
     memory_limit: int
@@ -364,35 +367,28 @@ class PressureTarget(Protocol):
                        memory_use_pct: float) -> None: ...
 
 
-def recent_figures(reads: list[tuple[int, float]]) -> tuple[float | None, float | None]:
-    """(throughput of reads of >= 64 KiB, p95 latency) of (size, seconds) samples."""
-    if not reads:
-        return None, None
-    latencies = sorted(seconds for _, seconds in reads)
-    p95 = latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))]
-    big = [(size, seconds) for size, seconds in reads if size >= 64 * 1024]
-    throughput = None
-    if big:
-        total_s = sum(seconds for _, seconds in big)
-        throughput = sum(size for size, _ in big) / total_s if total_s > 0 else None
-    return throughput, p95
-
-
 class PressureController:
     """Samples memory, scores pressure, and applies level, cap and shedding."""
 
     def __init__(self, target: PressureTarget, monitor: MemoryMonitor, idle_rss: int,
-                 target_latency_s: float = 0.1) -> None:
+                 name: str = "", now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
         self.target = target
         self.monitor = monitor
         self.idle_rss = idle_rss
-        self.aimd = AimdLimiter(target.max_streams, target_latency_s)
+        # An engine that owns a controller feeds it every backing read and error
+        # itself; otherwise the tick feeds one from recent_reads.
+        owned = getattr(target, "congestion", None)
+        self._feeds_congestion = not isinstance(owned, CongestionController)
+        self.congestion: CongestionController = (
+            owned if isinstance(owned, CongestionController)
+            else CongestionController(target.max_streams, name=name, now=now))
         self.level = Level.NONE
         self.cap = target.max_streams
         self.level_changes = 0
         self.history: collections.deque[PressureSample] = collections.deque(maxlen=600)
         self.last_score = Score(0, 0, 0)
-        self._since = time.monotonic()
+        self._since = now
 
     def tick(self, now: float | None = None) -> Level:
         """One interval: sample, score, decide, apply. Returns the level."""
@@ -400,12 +396,18 @@ class PressureController:
         target = self.target
         snap = self.monitor.sample(target.held_bytes(), target.unevictable_bytes())
         use_pct = memory_use_pct(snap, target.memory_limit, self.idle_rss)
-        throughput, p95 = recent_figures(target.recent_reads(self._since))
+        congestion = self.congestion
+        in_flight = target.backing_reads_in_flight()
+        if self._feeds_congestion:
+            for size, seconds in target.recent_reads(self._since):
+                congestion.record(now, size, seconds)
+            congestion.observe_in_flight(in_flight)
         self._since = now
-        result = score(use_pct, target.backing_reads_in_flight(), target.max_streams,
-                       throughput, p95)
+        waiting = getattr(target, "backing_reads_waiting", None)
+        granted = congestion.update(now, waiting() if callable(waiting) else 0)
+        result = score(use_pct, in_flight, granted, *congestion.degradation())
         level = max(result.level, memory_floor(use_pct))
-        self.cap = self.aimd.update(p95, cap_for(level, target.max_streams))
+        self.cap = congestion.limit(level_cap(level, granted, target.max_streams), level.label)
         if level != self.level:
             self.level_changes += 1
             log.info(

@@ -66,6 +66,7 @@ def stats_document(*, source: str, mountpoint: str, view: View, engine: ReadEngi
         "pressure_score": pressure.last_score.total if pressure else 0,
         "pressure_level_changes": pressure.level_changes if pressure else 0,
         "concurrency_cap": eng.concurrency_cap,
+        "concurrency": pressure.congestion.statistics().as_dict() if pressure else None,
         "memory_use_pct": round(eng.memory_use_pct, 1),
         "metrics_port": metrics_port,
         "learned_throughput_bps": [round(x) for x in reads.learned_throughput_bps

@@ -6,6 +6,7 @@ that stfs meets real EIO, ESTALE, EAGAIN, ETIMEDOUT..., slow replies and
 silently corrupted data from the kernel, plus files rewritten under it::
 
     python tests/faultfs.py BACKING MOUNTPOINT --control SOCKET [--seed N] [--allow-other]
+                            [--read-delay SECONDS]
 
 It runs in the foreground until SIGTERM/SIGINT/SIGHUP (or an external
 unmount), then unmounts and exits 0. The mount is ``fuse.faultfs`` (fsname and
@@ -23,6 +24,12 @@ What stfs sees through it
 * Each open is its own backing descriptor; reads are ``os.pread`` in a worker
   thread, so a file rewritten in place (same inode) is read in its new content
   through handles opened before.
+* ``--read-delay SECONDS`` (or the ``read_delay`` command) makes every read
+  request take that much longer, like a network or cloud store. Requests are
+  tasks that sleep, so concurrent requests are served in parallel, each
+  taking the delay: eight readers at 100 ms get eight times what one gets.
+  The kernel may split an application's read into several requests (a 1 MiB
+  ``pread`` is two here, sent one after the other), each delayed.
 
 Control protocol (unix stream socket, JSON lines: one request line, one reply line)
 -----------------------------------------------------------------------------------
@@ -31,9 +38,11 @@ Control protocol (unix stream socket, JSON lines: one request line, one reply li
     rules, restarts their call counters and the random generator (``random.Random(seed)``).
     A bad rule is ``{"ok": false, "error": "..."}`` and leaves the old rules in place.
 ``{"cmd": "stats"}`` -> ``{"ok": true, "ops": {op: count}, "injected": {kind: count},
-    "reads": n, "read_bytes": n, "open_files": n, "open_dirs": n,
+    "reads": n, "read_bytes": n, "read_delay_s": S, "open_files": n, "open_dirs": n,
     "rules": [{"calls": n, "injected": n}, ...]}``
 ``{"cmd": "reset_stats"}``                -> ``{"ok": true}`` (ops, injected, reads, read_bytes)
+``{"cmd": "read_delay", "seconds": S}``  -> ``{"ok": true, "read_delay_s": S}``: every read
+    request from now on takes S seconds more (0 turns it off; 0..3600), on top of any rule.
 ``{"cmd": "events", "since": SEQ}``       -> ``{"ok": true, "events": [[seq, t, op, path, kind],
     ...], "next": SEQ, "dropped": n}``: every injection in order; ``t`` is
     ``time.monotonic()`` (CLOCK_MONOTONIC, comparable across processes); the last
@@ -84,7 +93,7 @@ counted. An ESTALE on open is retried once by the kernel's path walk.
 
 Client side: ``FaultFS.start(backing, mountpoint, control)`` spawns the file
 system (``sys.executable`` running this file), waits until the mount answers
-and returns a handle with ``set_rules``, ``stats``, ``reset_stats``,
+and returns a handle with ``set_rules``, ``set_read_delay``, ``stats``, ``reset_stats``,
 ``events``, ``hold``/``release``/``held`` and ``stop`` (idempotent: SIGTERM by
 PID, then ``fusermount3 -u``, ``-uz`` as the last resort); it is a context
 manager. ``faultfs_mount(tmp_path)`` is a context manager for tests: it makes
@@ -125,6 +134,7 @@ OPS = ("read", "open", "getattr", "lookup", "readdir", "opendir", "readlink", "s
        "listxattr", "getxattr", "release", "releasedir")
 SPECIAL_KINDS = ("slow", "corrupt")
 DEFAULT_SLOW_S = 0.2
+MAX_DELAY_S = 3600.0
 DEFAULT_HOLD_S = 10.0
 MIN_HOLD_S = 0.025
 """A hold lasts at least this long: longer than a kernel tick (jiffy) at HZ >= 100."""
@@ -184,7 +194,7 @@ class Rule:
         delay = raw.get("delay_s")
         if delay is not None:
             delay = float(delay)
-            if not 0.0 <= delay <= 3600:
+            if not 0.0 <= delay <= MAX_DELAY_S:
                 raise ValueError("delay_s is within 0..3600")
         return cls(op, path, kinds, probability, nth, count, delay)
 
@@ -207,8 +217,10 @@ class Decision:
 class Faults:
     """The rule list, its counters and the statistics; no I/O, no awaits."""
 
-    def __init__(self, seed: int = 0) -> None:
+    def __init__(self, seed: int = 0, read_delay_s: float = 0.0) -> None:
         self.rules: list[Rule] = []
+        self.read_delay_s = 0.0
+        self.set_read_delay(read_delay_s)
         self.rng = random.Random(seed)
         self.ops: collections.Counter[str] = collections.Counter()
         self.injected: collections.Counter[str] = collections.Counter()
@@ -224,6 +236,13 @@ class Faults:
         self.rules = rules
         self.rng = random.Random(seed)
         return len(rules)
+
+    def set_read_delay(self, seconds: float) -> float:
+        seconds = float(seconds)
+        if not 0.0 <= seconds <= MAX_DELAY_S:
+            raise ValueError(f"read delay is within 0..{MAX_DELAY_S:g} seconds")
+        self.read_delay_s = seconds
+        return seconds
 
     def reset_stats(self) -> None:
         self.ops.clear()
@@ -278,19 +297,20 @@ class Faults:
 
     def stats(self) -> dict[str, Any]:
         return {"ops": dict(self.ops), "injected": dict(self.injected), "reads": self.reads,
-                "read_bytes": self.read_bytes,
+                "read_bytes": self.read_bytes, "read_delay_s": self.read_delay_s,
                 "rules": [{"calls": r.calls, "injected": r.injected} for r in self.rules]}
 
 
 # -- the file system (server side; pyfuse3 and trio are imported only here) ---------
 
 
-def serve(backing: str, mountpoint: str, control: str, seed: int, allow_other: bool) -> int:
+def serve(backing: str, mountpoint: str, control: str, seed: int, allow_other: bool,
+          read_delay_s: float = 0.0) -> int:
     import pyfuse3
     import trio
 
     T = TypeVar("T")
-    faults = Faults(seed)
+    faults = Faults(seed, read_delay_s)
 
     def fuse_errors(fn: Callable[..., Coroutine[Any, Any, T]]) -> Callable[..., Coroutine[Any, Any, T]]:
         async def wrapper(*args: Any) -> T:
@@ -565,8 +585,9 @@ def serve(backing: str, mountpoint: str, control: str, seed: int, allow_other: b
             fd, _, path = self.files[fh]
             async with gate.enter(path):
                 decision = faults.decide("read", path)
-                if decision.delay_s:
-                    await trio.sleep(decision.delay_s)
+                delay = decision.delay_s + faults.read_delay_s
+                if delay:
+                    await trio.sleep(delay)
                 if decision.errno is not None:
                     raise pyfuse3.FUSEError(decision.errno)
                 data = await trio.to_thread.run_sync(os.pread, fd, size, off)
@@ -633,6 +654,9 @@ def serve(backing: str, mountpoint: str, control: str, seed: int, allow_other: b
             if cmd == "reset_stats":
                 faults.reset_stats()
                 return {"ok": True}
+            if cmd == "read_delay":
+                return {"ok": True,
+                        "read_delay_s": faults.set_read_delay(request.get("seconds", 0.0))}
             if cmd == "events":
                 return {"ok": True, **faults.events_since(int(request.get("since", 0)))}
             if cmd == "hold":
@@ -692,11 +716,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--control", required=True, help="unix socket for the rules and stats")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--allow-other", action="store_true")
+    parser.add_argument("--read-delay", type=float, default=0.0, metavar="SECONDS",
+                        help="every read request takes this much longer (a slow store)")
     parser.add_argument("--debug", action="store_true")
     args = parser.parse_args(argv)
+    if not 0.0 <= args.read_delay <= MAX_DELAY_S:
+        parser.error(f"--read-delay is within 0..{MAX_DELAY_S:g} seconds")
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format="%(asctime)s faultfs %(levelname)s %(message)s")
-    return serve(args.backing, args.mountpoint, args.control, args.seed, args.allow_other)
+    return serve(args.backing, args.mountpoint, args.control, args.seed, args.allow_other,
+                 args.read_delay)
 
 
 # -- client side ----------------------------------------------------------------------
@@ -737,7 +766,7 @@ class FaultFS:
     @classmethod
     def start(cls, backing: Path, mountpoint: Path, control: Path, *, seed: int = 0,
               log_path: Path | None = None, allow_other: bool = False,
-              timeout: float = START_TIMEOUT_S) -> FaultFS:
+              read_delay_s: float = 0.0, timeout: float = START_TIMEOUT_S) -> FaultFS:
         """Spawn faultfs serving *backing* at *mountpoint*; returns once the mount answers.
         *control* (the socket) must be a short path (a unix socket path has < 108 bytes)."""
         if len(os.fsencode(os.path.abspath(control))) >= 107:
@@ -748,6 +777,8 @@ class FaultFS:
                 os.fspath(mountpoint), "--control", os.fspath(control), "--seed", str(seed)]
         if allow_other:
             argv.append("--allow-other")
+        if read_delay_s:
+            argv += ["--read-delay", repr(float(read_delay_s))]
         with open(log_path, "ab") as log_file:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file,
                                     stderr=log_file, start_new_session=True)
@@ -813,6 +844,10 @@ class FaultFS:
     def clear_rules(self) -> None:
         self.set_rules([])
 
+    def set_read_delay(self, seconds: float) -> None:
+        """Every read request from now on takes *seconds* more (0: off)."""
+        self.request({"cmd": "read_delay", "seconds": seconds})
+
     def stats(self) -> dict[str, Any]:
         return self.request({"cmd": "stats"})
 
@@ -872,7 +907,7 @@ class FaultFS:
 
 @contextlib.contextmanager
 def faultfs_mount(tmp_path: Path, *, seed: int = 0, backing: Path | None = None,
-                  allow_other: bool = False) -> Iterator[FaultFS]:
+                  allow_other: bool = False, read_delay_s: float = 0.0) -> Iterator[FaultFS]:
     """A live faultfs for a test: BACKING ``tmp_path/faultfs-backing`` (made if missing,
     or *backing*), mounted at ``tmp_path/faultfs-mnt``; stopped and unmounted on exit.
     The control socket lives in a short temporary directory (socket path limit)."""
@@ -884,7 +919,8 @@ def faultfs_mount(tmp_path: Path, *, seed: int = 0, backing: Path | None = None,
     fs = None
     try:
         fs = FaultFS.start(backing, mountpoint, sockdir / "control.sock", seed=seed,
-                           log_path=tmp_path / "faultfs.log", allow_other=allow_other)
+                           log_path=tmp_path / "faultfs.log", allow_other=allow_other,
+                           read_delay_s=read_delay_s)
         yield fs
     finally:
         if fs is not None:

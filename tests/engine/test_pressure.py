@@ -1,4 +1,5 @@
-"""Pressure scoring, levels, caps and AIMD: pure functions with the seeds' numbers."""
+"""Pressure scoring, levels and caps: pure functions with the seeds' numbers; the
+controller with a fake engine and fake clock."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ from pathlib import Path
 import pytest
 
 from stfs import pressure
-from stfs.pressure import AimdLimiter, Level, MemorySnapshot
+from stfs.congestion import CongestionController
+from stfs.pressure import Level, MemorySnapshot
 
 MIB = 1024 * 1024
+CHUNK = 256 * 1024
 
 
 @pytest.mark.parametrize(("score", "level"), [
@@ -31,6 +34,15 @@ def test_level_caps_scale_with_max_streams(max_streams: int, caps: list[int]) ->
     assert [pressure.cap_for(level, max_streams) for level in Level] == caps
 
 
+@pytest.mark.parametrize(("granted", "caps"), [
+    (10, [10, 6, 3, 1, 1]),                 # the seeds' caps before anything is learned
+    (40, [40, 24, 12, 1, 1]),               # light and moderate: shares of what is granted
+    (2, [2, 1, 1, 1, 1]),
+])
+def test_level_caps_on_top_of_the_granted_concurrency(granted: int, caps: list[int]) -> None:
+    assert [pressure.level_cap(level, granted, 10) for level in Level] == caps
+
+
 @pytest.mark.parametrize(("pct", "points"), [
     (0, 0), (50, 0), (51, 10), (61, 20), (71, 30), (81, 40), (100, 40),
 ])
@@ -43,13 +55,21 @@ def test_concurrency_points_follow_the_seeds_steps(active: int, points: int) -> 
     assert pressure.concurrency_points(active, 10) == points
 
 
-@pytest.mark.parametrize(("throughput", "latency", "points"), [
-    (None, None, 0), (100 * MIB, 0.001, 0), (9 * MIB, None, 10), (4 * MIB, None, 20),
-    (1 * MIB, None, 30), (100 * MIB, 0.15, 10), (100 * MIB, 0.5, 20), (4 * MIB, 0.5, 30),
+def test_concurrency_points_count_against_what_is_granted() -> None:
+    assert pressure.concurrency_points(9, 40) == 0
+    assert pressure.concurrency_points(33, 40) == 30
+
+
+@pytest.mark.parametrize(("ratio", "excess", "points"), [
+    (None, None, 0),
+    (1.0, 0.0, 0),          # a steady store, however slow: no points
+    (1.4, 0.04, 0),
+    (1.6, 0.06, 10), (2.5, 0.15, 20), (3.5, 0.25, 30),
+    (10.0, 0.005, 0),       # 10x a 0.5 ms baseline is still not 10 ms lost per read
 ])
-def test_latency_points_combine_throughput_and_slow_reads(
-        throughput: float | None, latency: float | None, points: int) -> None:
-    assert pressure.latency_points(throughput, latency) == points
+def test_latency_points_measure_degradation_against_the_baseline(
+        ratio: float | None, excess: float | None, points: int) -> None:
+    assert pressure.latency_points(ratio, excess) == points
 
 
 @pytest.mark.parametrize(("pct", "level"), [(59, Level.NONE), (60, Level.LIGHT),
@@ -59,7 +79,7 @@ def test_memory_use_alone_sets_a_floor_level(pct: float, level: Level) -> None:
 
 
 def test_score_adds_the_three_factors() -> None:
-    s = pressure.score(85, 9, 10, 1 * MIB, 0.5)
+    s = pressure.score(85, 9, 10, 3.5, 0.25)
     assert (s.memory, s.concurrency, s.latency, s.total, s.level) == (40, 30, 30, 100,
                                                                        Level.CRITICAL)
     assert pressure.score(10, 0, 10, None, None).level is Level.NONE
@@ -95,19 +115,6 @@ def test_cached_chunks_are_not_pressure() -> None:
     pct = pressure.memory_use_pct(snapshot(held_bytes=48 * MIB, unevictable_bytes=2 * MIB,
                                            rss_bytes=80 * MIB), 50 * MIB, 30 * MIB)
     assert pct < 50
-
-
-def test_aimd_halves_on_slow_reads_and_recovers_by_one() -> None:
-    aimd = AimdLimiter(ceiling=10, target_latency_s=0.1)
-    assert aimd.update(0.5, 10) == 5
-    assert aimd.update(0.5, 10) == 2
-    assert aimd.update(0.5, 10) == 1
-    assert aimd.update(0.5, 10) == 1          # never below one
-    assert [aimd.update(0.01, 10) for _ in range(4)] == [2, 3, 4, 5]
-    assert aimd.update(None, 3) == 3          # idle counts as recovered; the level caps it
-    for _ in range(20):
-        aimd.update(0.01, 10)
-    assert aimd.update(0.01, 10) == 10        # never above the ceiling
 
 
 @pytest.mark.parametrize("version", ["v1", "v2"])
@@ -185,37 +192,86 @@ class FakeTarget:
         self.applied.append((level, cap))
 
 
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def tick(self, controller: pressure.PressureController) -> Level:
+        self.now += 1.0
+        return controller.tick(self.now)
+
+
 def test_controller_rises_through_levels_and_falls_back() -> None:
-    target, monitor = FakeTarget(), FakeMonitor()
-    controller = pressure.PressureController(target, monitor, idle_rss=30 * MIB)
-    assert controller.tick() is Level.NONE
+    target, monitor, clock = FakeTarget(), FakeMonitor(), Clock()
+    controller = pressure.PressureController(target, monitor, idle_rss=30 * MIB, now=0.0)
+    assert clock.tick(controller) is Level.NONE
     assert target.applied[-1] == (Level.NONE, 10)
     target.in_flight = 9                                  # 30 points
-    assert controller.tick() is Level.LIGHT
+    assert clock.tick(controller) is Level.LIGHT
     assert target.applied[-1] == (Level.LIGHT, 6)
     target.unevictable = 45 * MIB                         # 90 % of the limit: 40 points
-    assert controller.tick() is Level.HEAVY
+    assert clock.tick(controller) is Level.HEAVY
     assert target.applied[-1] == (Level.HEAVY, 1)
-    target.reads = [(1 * MIB, 2.0)] * 5                   # 0.5 MB/s, 2 s reads: 30 points
-    assert controller.tick() is Level.CRITICAL
+    target.reads = [(CHUNK, 0.1)] * 5                     # the store's baseline: no points
+    assert clock.tick(controller) is Level.HEAVY
+    target.reads = [(CHUNK, 0.35)] * 5                    # 3.5x its baseline: 30 points
+    assert clock.tick(controller) is Level.CRITICAL
+    assert controller.last_score.latency == 30
     assert target.applied[-1][1] == 1
     target.in_flight, target.unevictable = 0, 0
-    levels = [controller.tick() for _ in range(10)]
+    levels = [clock.tick(controller) for _ in range(10)]
     assert levels[-1] is Level.NONE
-    assert target.applied[-1] == (Level.NONE, 10)         # AIMD climbed back to the ceiling
+    assert target.applied[-1] == (Level.NONE, 10)
     assert controller.level_changes >= 4
 
 
-def test_controller_lowers_the_cap_when_backing_latency_climbs() -> None:
+def test_a_steady_slow_store_scores_no_latency_points_and_is_granted_more() -> None:
+    target, monitor, clock = FakeTarget(), FakeMonitor(), Clock()
+    controller = pressure.PressureController(target, monitor, idle_rss=30 * MIB, now=0.0)
+    caps = []
+    for _ in range(20):
+        # Readers keep the cap busy: every slot in flight for the whole second,
+        # each read 100 ms.
+        cap = controller.cap
+        target.reads = [(CHUNK, 0.1)] * (10 * cap)
+        target.in_flight = cap // 2
+        clock.tick(controller)
+        caps.append(controller.cap)
+        assert controller.last_score.latency == 0
+        assert controller.level is Level.NONE
+    assert caps == sorted(caps)
+    assert caps[-1] == controller.congestion.ceiling == 40
+    stats = controller.congestion.statistics()
+    assert stats.baseline_latency_s == pytest.approx(0.1)
+    assert stats.reason == "holding: at the ceiling (40)"
+
+
+def test_controller_lowers_the_cap_when_latency_climbs_at_flat_throughput() -> None:
+    target, monitor, clock = FakeTarget(), FakeMonitor(), Clock()
+    controller = pressure.PressureController(target, monitor, idle_rss=30 * MIB, now=0.0)
+    target.reads = [(CHUNK, 0.1)] * 80                    # 8 in flight: under the cap
+    clock.tick(controller)
+    assert controller.cap == 10
+    target.reads = [(CHUNK, 0.25)] * 32                   # 8 in flight, each 2.5x slower
+    clock.tick(controller)
+    stats = controller.congestion.statistics()
+    assert stats.target == 6                              # 10 x max(0.5, 1.5 / 2.5)
+    assert controller.last_score.latency == 20            # degraded: 2.5x the baseline
+    assert controller.level is Level.LIGHT                # 20 points alone
+    assert controller.cap == stats.cap == 4               # 6 tenths of 6
+    assert stats.reason == "capped by pressure level light"
+
+
+def test_an_engine_that_owns_a_controller_feeds_it() -> None:
     target, monitor = FakeTarget(), FakeMonitor()
-    controller = pressure.PressureController(target, monitor, idle_rss=30 * MIB,
-                                             target_latency_s=0.05)
-    target.reads = [(1 * MIB, 0.08)] * 20                 # slow but under the score's steps
-    controller.tick()
-    assert controller.level is Level.NONE
-    assert controller.cap == 5                            # halved by AIMD
-    controller.tick()                                     # no reads: recovering
-    assert controller.cap == 6
+    owned = CongestionController(10, name="engine's")
+    target.congestion = owned  # type: ignore[attr-defined]
+    target.reads = [(CHUNK, 5.0)] * 50                    # not read by the tick
+    controller = pressure.PressureController(target, monitor, idle_rss=30 * MIB, now=0.0)
+    assert controller.congestion is owned
+    controller.tick(1.0)
+    assert owned.reason == "idle"
+    assert target.reads                                   # untouched
 
 
 def test_system_memory_shortage_raises_the_level() -> None:

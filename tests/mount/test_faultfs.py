@@ -2,7 +2,8 @@
 
 Read through a plain reader of the faultfs mount, with no stfs in between:
 passthrough is byte-identical, injected errors reach the reader with their
-errno, seeded probabilities are reproducible, slow replies are slow, corruption
+errno, seeded probabilities are reproducible, slow replies are slow (and served
+in parallel, each taking its delay, like a network store's), corruption
 changes bytes but no attribute, files rewritten in BACKING are seen at once,
 holds make a rewrite atomic, and stop() leaves nothing behind.
 """
@@ -145,6 +146,73 @@ def test_slow_replies(faultfs: FaultFS) -> None:
     assert code == errno.EIO
     assert times[0] >= 0.4 and times[1] < 0.2 and times[2] >= 0.3
     assert faultfs.stats()["injected"] == {"slow": 1, "EIO": 1}
+
+
+def concurrent_preads(path: Path, n: int, size: int = 65536) -> tuple[float, list[float]]:
+    """*n* threads pread *size* bytes each at distinct offsets, started together:
+    (wall time of all, each one's time)."""
+    fd = os.open(path, os.O_RDONLY)
+    barrier = threading.Barrier(n + 1)
+    times = [0.0] * n
+
+    def one(i: int) -> None:
+        barrier.wait()
+        began = time.monotonic()
+        assert len(os.pread(fd, size, i * size)) == size
+        times[i] = time.monotonic() - began
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    try:
+        for t in threads:
+            t.start()
+        barrier.wait()
+        began = time.monotonic()
+        for t in threads:
+            t.join(30)
+        return time.monotonic() - began, times
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("how", ["read_delay", "slow_rule"])
+def test_delayed_requests_are_served_in_parallel(faultfs: FaultFS, how: str) -> None:
+    """A slow store is slow per request, not one request at a time: 8 concurrent
+    reads of 100 ms each finish together, well before 8 x 100 ms."""
+    if how == "read_delay":
+        faultfs.set_read_delay(0.1)
+    else:
+        faultfs.set_rules([{"op": "read", "kind": "slow", "delay_s": 0.1}])
+    faultfs.reset_stats()
+    wall, times = concurrent_preads(faultfs.mountpoint / "big.bin", 8)
+    assert all(t >= 0.1 for t in times), times
+    assert wall < 4 * 0.1, (wall, times)
+    assert faultfs.stats()["reads"] == 8
+
+
+def test_read_delay_is_set_from_the_command_line_and_the_control_socket(
+        tmp_path: Path) -> None:
+    backing = tmp_path / "faultfs-backing"
+    backing.mkdir()
+    (backing / "f.bin").write_bytes(os.urandom(8192))
+    with faultfs_mount(tmp_path, read_delay_s=0.25) as fs:
+        assert fs.stats()["read_delay_s"] == 0.25
+        fd = os.open(fs.mountpoint / "f.bin", os.O_RDONLY)
+        try:
+            began = time.monotonic()
+            os.pread(fd, BLOCK, 0)
+            assert time.monotonic() - began >= 0.25
+            fs.set_read_delay(0)
+            assert fs.stats()["read_delay_s"] == 0
+            began = time.monotonic()
+            os.pread(fd, BLOCK, BLOCK)
+            assert time.monotonic() - began < 0.25
+            for bad in (-1, 7200, "soon"):
+                with pytest.raises(ValueError):
+                    fs.set_read_delay(bad)  # type: ignore[arg-type]
+            assert fs.stats()["read_delay_s"] == 0
+            assert fs.stats()["injected"] == {}               # a delay, not an injection
+        finally:
+            os.close(fd)
 
 
 def test_corrupt_changes_bytes_not_attributes(faultfs: FaultFS) -> None:
