@@ -158,8 +158,9 @@ class BackingReads:
         return int(self._limiter.borrowed_tokens)
 
     def waiting(self) -> int:
-        """Reads waiting for the cap now."""
-        return int(self._limiter.statistics().tasks_waiting)
+        """Reads waiting for the cap now (read-ahead waits for its share of it)."""
+        return int(self._limiter.statistics().tasks_waiting
+                   + self._speculative_limiter.statistics().tasks_waiting)
 
     def recent(self, since: float) -> list[tuple[int, float]]:
         """(size, seconds) of the reads that ended at or after *since* (monotonic)."""

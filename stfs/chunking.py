@@ -243,6 +243,10 @@ class RequestPlanner:
         if not state.is_sequential(offset, size):
             base = self.base_chunk(file_size, memory_use_pct, tracker.throughputs())
             random_chunk = self.random_chunk(offset, size)
-        sequential = state.observe(offset, size, base, self.sizer.cap(memory_use_pct),
-                                   max_window_chunks, random_chunk)
-        return state.chunk_size, sequential
+        cap = self.sizer.cap(memory_use_pct)
+        sequential = state.observe(offset, size, base, cap, max_window_chunks, random_chunk)
+        if sequential:
+            # Never split a request over smaller chunks (a stream's first requests):
+            # the pieces would be read one after another, a round trip each.
+            return max(state.chunk_size, min(power_of_two_ceil(size), cap)), True
+        return state.chunk_size, False

@@ -43,15 +43,11 @@ two apart the way TCP Vegas and BBR do, and moves a concurrency *target*
 
   A steady 100 ms store has ratio 1 at any concurrency, so it is never
   backed off; its target grows as long as readers want more.
-* **Bounds.** 1 .. ``ceiling_for(max_streams)`` = 4 x ``--max-streams``, at
-  most 64 (never below ``--max-streams``). The seeds' 10 streams suit a local
-  disk; at 100 ms per request, 8 readers asking 1 MiB each of the store
-  directly have 8 MiB in flight, which stfs's 256 KiB chunks match only with
-  32 reads in flight: 4x. Each read in flight is a worker thread and a
-  buffer (the memory budget bounds the buffers anyway): 64 threads is more
-  than a small daemon should run.
-  The pressure level's cap applies on top (``limit``): the cap in force is
-  the smaller of the two.
+* **Bounds.** 1 .. ``--max-streams``: the option is the most backing reads
+  the user allows at once, and the controller never goes past it (raise it
+  for a high-latency store: at 100 ms per request, 10 reads of 1 MiB in
+  flight carry at most 100 MB/s). The pressure level's cap applies on top
+  (``limit``): the cap in force is the smaller of the two.
 
 Pure: no I/O, no clock, no trio. Every input is a plain number with its
 time, so tests drive it with fake clocks. Not thread-safe: feed it from the
@@ -85,18 +81,11 @@ GROW_FACTOR = 2.0
 MAX_DECREASE = 0.5
 ERROR_DECREASE = 0.7
 ERROR_HOLD_S = 5.0
-CEILING_FACTOR = 4
-HARD_CEILING = 64
 NO_GAIN = "holding: more reads in flight brought no more throughput"
 REFRESH_RATIO = 1.1
 PROBE_AFTER_S = 20.0
 LATENCIES_KEPT = 2048
 """Per size class and interval: enough for a median."""
-
-
-def ceiling_for(max_streams: int) -> int:
-    """The most reads the controller ever allows for ``--max-streams`` *max_streams*."""
-    return max(max_streams, min(HARD_CEILING, CEILING_FACTOR * max_streams))
 
 
 def size_class(size: int) -> int:
@@ -173,7 +162,7 @@ class CongestionController:
     def __init__(self, max_streams: int, *, name: str = "", now: float = 0.0,
                  ceiling: int | None = None, window_s: float = BASELINE_WINDOW_S) -> None:
         self.name = name
-        self.ceiling = ceiling_for(max_streams) if ceiling is None else max(1, ceiling)
+        self.ceiling = max(1, max_streams if ceiling is None else ceiling)
         self.target = min(self.ceiling, max(1, max_streams))
         self.cap = self.target
         self.window_s = window_s

@@ -181,8 +181,12 @@ class Score:
 
 def score(memory_use_pct: float, active_reads: int, granted: int,
           latency_ratio: float | None, excess_s: float | None) -> Score:
-    return Score(memory_points(memory_use_pct), concurrency_points(active_reads, granted),
-                 latency_points(latency_ratio, excess_s))
+    """The seeds' three factors. Reads in flight count only while the store shows
+    degradation: a busy store whose reads take their usual time is doing what it
+    should, and capping it for being busy would only make readers wait."""
+    latency = latency_points(latency_ratio, excess_s)
+    concurrency = concurrency_points(active_reads, granted) if latency else 0
+    return Score(memory_points(memory_use_pct), concurrency, latency)
 
 
 # -- the monitor ---------------------------------------------------------------

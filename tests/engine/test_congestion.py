@@ -14,7 +14,7 @@ import random
 import pytest
 
 from stfs import congestion
-from stfs.congestion import CongestionController, ceiling_for
+from stfs.congestion import CongestionController
 
 KIB = 1024
 CHUNK = 256 * KIB
@@ -57,12 +57,16 @@ class Run:
             self.reasons.append(self.ctl.reason)
 
 
-def run(max_streams: int = 10) -> Run:
-    return Run(CongestionController(max_streams, name="faultfs"))
+def run(max_streams: int = 10, ceiling: int = 40) -> Run:
+    """A controller that starts at *max_streams* and may grow to *ceiling* (the
+    daemon's ceiling is --max-streams itself; a higher one shows the growth)."""
+    return Run(CongestionController(max_streams, name="faultfs", ceiling=ceiling))
 
 
-def test_ceiling_is_four_times_max_streams_up_to_64_never_below_max_streams() -> None:
-    assert [ceiling_for(n) for n in (1, 4, 10, 16, 20, 100)] == [4, 16, 40, 64, 64, 100]
+def test_the_ceiling_is_max_streams_unless_given() -> None:
+    ctl = CongestionController(10)
+    assert (ctl.ceiling, ctl.target, ctl.cap) == (10, 10, 10)
+    assert CongestionController(4, ceiling=16).target == 4
 
 
 def test_steady_high_latency_is_never_backed_off_and_grows_to_the_ceiling() -> None:
@@ -107,7 +111,7 @@ def test_latency_climbing_at_flat_throughput_backs_off() -> None:
 
 
 def test_latency_rising_while_throughput_rises_is_not_backed_off() -> None:
-    ctl = CongestionController(10)
+    ctl = CongestionController(10, ceiling=40)
     for i in range(20):                                     # 20 reads of 100 ms: 5 MiB/s
         ctl.record(0.05 * i, CHUNK, 0.1, in_flight=2)
     ctl.update(1.0)
@@ -153,7 +157,7 @@ def test_errors_back_off_and_hold_growth_for_a_while() -> None:
 
 
 def test_errors_back_off_down_to_one_read_never_below() -> None:
-    ctl = CongestionController(10)
+    ctl = CongestionController(10, ceiling=40)
     for t in range(1, 12):
         ctl.on_error(t - 0.5)
         ctl.update(float(t))
@@ -225,7 +229,7 @@ def test_pressure_level_caps_on_top() -> None:
 
 def test_requests_are_compared_with_their_own_size() -> None:
     """4 KiB reads at 1 ms and 1 MiB reads at 40 ms, both steady: no queue."""
-    ctl = CongestionController(10)
+    ctl = CongestionController(10, ceiling=40)
     for t in range(1, 30):
         for i in range(50):
             ctl.record(t - 1 + i / 50, 4 * KIB, 0.001, in_flight=10)
@@ -263,7 +267,7 @@ def test_more_reads_in_flight_that_bring_no_throughput_are_given_back() -> None:
 
 
 def test_a_store_at_seconds_per_read_is_judged_over_several_ticks() -> None:
-    ctl = CongestionController(10)
+    ctl = CongestionController(10, ceiling=40)
     reasons = []
     for t in range(1, 9):                                   # one 2-s read completes a second
         ctl.record(t - 0.5, CHUNK, 2.0, in_flight=2)
@@ -276,7 +280,7 @@ def test_a_store_at_seconds_per_read_is_judged_over_several_ticks() -> None:
 
 
 def test_idle_has_no_figures() -> None:
-    ctl = CongestionController(10, name="src")
+    ctl = CongestionController(10, name="src", ceiling=40)
     assert ctl.update(1.0) == 10
     assert ctl.reason == "idle"
     assert ctl.degradation() == (None, None)
@@ -292,7 +296,7 @@ def test_idle_has_no_figures() -> None:
 def test_mean_in_flight_comes_from_read_durations_when_not_fed() -> None:
     """Little's law: 10 reads of 100 ms a second each is one read in flight on
     average, so a cap of 10 is not what limits them."""
-    ctl = CongestionController(10)
+    ctl = CongestionController(10, ceiling=40)
     for t in range(1, 6):
         for i in range(10):
             ctl.record(t - 1 + i / 10, CHUNK, 0.1)
@@ -308,7 +312,7 @@ def test_mean_in_flight_comes_from_read_durations_when_not_fed() -> None:
 def test_waiting_readers_mean_the_cap_is_the_limit() -> None:
     """Reads in flight look few (one, when each completes), but readers wait for
     the cap: it is the limit, and more of it brings more reads."""
-    ctl = CongestionController(10)
+    ctl = CongestionController(10, ceiling=40)
     for t in range(1, 4):
         n = ctl.target
         for i in range(n):

@@ -616,7 +616,7 @@ def test_file_changed_during_a_multi_chunk_read_never_yields_a_mix_of_versions(
     old = src.write("f", 3 * MIB + 17, seed=1)
     slow = FakeBacking()
     slow.hold_after = lambda offset, index: index == 2
-    engine = make_engine(reader=slow)
+    engine = make_engine(reader=slow, max_chunk=256 * KIB)    # the request spans chunks
     start, size = 1 * MIB + 32 * KIB, 1 * MIB
 
     async def body() -> tuple[bytes, bytes]:
