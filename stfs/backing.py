@@ -215,14 +215,22 @@ class Backing:
         return fd, st
 
 
-def pread_identified(fd: int, buf: bytearray, offset: int) -> tuple[bytearray, FileIdentity]:
+def pread_identified(fd: int, buf: bytearray, offset: int,
+                     expected: FileIdentity | None = None) -> tuple[bytearray, FileIdentity]:
     """Fill *buf* from *offset* (shorter only at end of file) and say which
     version of the file the bytes belong to.
 
     The descriptor is fstat'ed before and after the read; a change in between
     means the file was written during the read, so it is read again (the bytes
-    of one version never come labelled with another).
+    of one version never come labelled with another). With the *expected*
+    identity, one fstat after the read does when it matches: any write since
+    that identity was seen would have moved the file's ctime.
     """
+    if expected is not None:
+        n = _preadv_full(fd, buf, offset, 0)
+        if FileIdentity.of(os.fstat(fd)) == expected:
+            del buf[n:]
+            return buf, expected
     before = FileIdentity.of(os.fstat(fd))
     for _ in range(3):
         n = _preadv_full(fd, buf, offset, 0)

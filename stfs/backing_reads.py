@@ -53,8 +53,10 @@ class BackingReader(Protocol):
     """Blocking reads of an open SOURCE descriptor, each with the identity
     (fstat before and after) the bytes belong to."""
 
-    def pread(self, fd: int, buf: bytearray, offset: int) -> tuple[ChunkData, FileIdentity]:
-        """Fill *buf* from *offset* (short only at end of file)."""
+    def pread(self, fd: int, buf: bytearray, offset: int,
+              expected: FileIdentity | None = None) -> tuple[ChunkData, FileIdentity]:
+        """Fill *buf* from *offset* (short only at end of file); *expected*: the
+        identity the caller holds, which spares an fstat when it still holds."""
 
     def pread_if_cached(self, fd: int, buf: bytearray,
                         offset: int) -> tuple[ChunkData, FileIdentity] | None:
@@ -71,8 +73,9 @@ class BackingReader(Protocol):
 class SourceReader:
     """The daemon's ``BackingReader``: ``stfs.backing``'s reads."""
 
-    def pread(self, fd: int, buf: bytearray, offset: int) -> tuple[ChunkData, FileIdentity]:
-        return backing.pread_identified(fd, buf, offset)
+    def pread(self, fd: int, buf: bytearray, offset: int,
+              expected: FileIdentity | None = None) -> tuple[ChunkData, FileIdentity]:
+        return backing.pread_identified(fd, buf, offset, expected)
 
     def pread_if_cached(self, fd: int, buf: bytearray,
                         offset: int) -> tuple[ChunkData, FileIdentity] | None:
@@ -192,8 +195,9 @@ class BackingReads:
             seconds = time.monotonic() - began
             await trio.lowlevel.checkpoint()
         else:
+            expected = handle.identity
             data, identity, seconds = await self.run(
-                stream, lambda fd: self._timed_pread(fd, buf, start),
+                stream, lambda fd: self._timed_pread(fd, buf, start, expected),
                 speculative=speculative, resume=resume)
         if not speculative:  # what the reader meets now
             stream.source_cached = cached is not None
@@ -210,11 +214,11 @@ class BackingReads:
         self.tracker.record(size, seconds)
         return data, identity
 
-    def _timed_pread(self, fd: int, buf: bytearray,
-                     offset: int) -> tuple[ChunkData, FileIdentity, float]:
+    def _timed_pread(self, fd: int, buf: bytearray, offset: int,
+                     expected: FileIdentity) -> tuple[ChunkData, FileIdentity, float]:
         """The read as the device served it, without time queued for a thread."""
         began = time.monotonic()
-        data, identity = self.reader.pread(fd, buf, offset)
+        data, identity = self.reader.pread(fd, buf, offset, expected)
         return data, identity, time.monotonic() - began
 
     async def fstat(self, stream: Stream) -> os.stat_result:

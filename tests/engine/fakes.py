@@ -80,7 +80,8 @@ class FakeBacking(SourceReader):
             self.held += 1
         self._gate.wait(HOLD_TIMEOUT_S)
 
-    def pread(self, fd: int, buf: bytearray, offset: int) -> tuple[ChunkData, FileIdentity]:
+    def pread(self, fd: int, buf: bytearray, offset: int,
+              expected: FileIdentity | None = None) -> tuple[ChunkData, FileIdentity]:
         with self._lock:
             index = len(self.calls)
             self.calls.append((offset, len(buf)))
@@ -95,7 +96,7 @@ class FakeBacking(SourceReader):
                 self._wait()
             if self.delay_s:
                 time.sleep(self.delay_s)
-            data, identity = super().pread(fd, buf, offset)
+            data, identity = super().pread(fd, buf, offset, expected)
             if self.corrupt is not None:
                 self.corrupt(offset, data)
             if self.hold_after(offset, index + 1):

@@ -248,3 +248,23 @@ def test_close_releases_the_source_descriptor(tree: Path) -> None:
     b.close()
     b.close()  # idempotent
     assert fd_count() == before
+
+
+def test_pread_identified_with_the_expected_identity_needs_it_to_still_hold(
+        tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(b"a" * 10000)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        now = stfs.backing.FileIdentity.of(os.fstat(fd))
+        data, identity = stfs.backing.pread_identified(fd, bytearray(4096), 8192, now)
+        assert (bytes(data), identity) == (b"a" * 1808, now)
+        st = path.stat()
+        with open(path, "r+b") as f:
+            f.write(b"b" * 10000)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+        data, identity = stfs.backing.pread_identified(fd, bytearray(4096), 0, now)
+        assert identity != now and identity == stfs.backing.FileIdentity.of(os.fstat(fd))
+        assert bytes(data) == b"b" * 4096           # labelled with the version it is of
+    finally:
+        os.close(fd)
