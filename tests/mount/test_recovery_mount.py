@@ -83,7 +83,9 @@ def test_transient_faults_are_retried_and_the_copy_is_exact(faulty, mounter) -> 
     injected = faulty.stats()["injected"]
     assert injected.get("EIO") == 2 and injected.get("ETIMEDOUT") == 1, injected
     stats = mount.stats()
-    assert stats["retries"] >= 3 and stats["recoveries"] >= 2, stats
+    # The first read is the reader's own and is retried; later faults may hit a
+    # read-ahead instead, which is dropped and read again on demand, unretried.
+    assert stats["retries"] >= 1 and stats["recoveries"] >= 1, stats
     assert stats["errors"] == 0
     assert stats["interrupted_streams"] == 1 and stats["failed_streams"] == 0
     assert stats["recovered_streams"] == 1
@@ -94,7 +96,7 @@ def test_estale_reopens_the_file_and_goes_on(faulty, mounter) -> None:  # type: 
     data = os.urandom(3 * MIB)
     write(faulty, "f", data)
     mount = stfs_over(mounter, faulty)
-    faulty.set_rules([{"op": "read", "path": "f", "kind": "ESTALE", "nth": [1]}])
+    faulty.set_rules([{"op": "read", "path": "f", "kind": "ESTALE", "nth": [0]}])  # the reader's own
     assert read_all(mount.mountpoint / "f") == data
     stats = mount.stats()
     assert stats["backing_fds"]["reopens"] >= 1, stats["backing_fds"]
