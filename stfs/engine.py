@@ -954,6 +954,23 @@ class ReadEngine:
             return 0
         return max(self.request_sizes.items(), key=lambda kv: (kv[1], kv[0]))[0]
 
+    def set_memory_limit(self, limit: int, cache_limit: int) -> None:
+        """Run on a new memory budget (the daemon's memory cgroup changed): the
+        budget's limit, the cache capacity (at the current level's share), the
+        buffer pool and the read-around window follow. Cached chunks above a
+        lower limit are evicted at once; bytes in flight drain as reads finish,
+        and new reservations wait meanwhile."""
+        self.config = dataclasses.replace(self.config, memory_limit=limit,
+                                          cache_limit=cache_limit)
+        self.memory_limit = limit
+        self.cache_capacity_bytes = cache_limit
+        self.pool.set_max_free_bytes(min(POOL_MAX_BYTES, limit // 4))
+        window = max(PAGE, min(self.config.read_around_bytes,
+                               1 << ((limit // 16).bit_length() - 1)))
+        self.read_around.window_bytes = min(self.read_around.window_bytes, window)
+        self.budget.set_limit(limit)
+        self.apply_pressure(self.level, self.concurrency_cap, self.monitor_memory_pct)
+
 
 def _timed_pread(fd: int, buf: bytearray, offset: int) -> tuple[bytearray, FileIdentity, float]:
     """The backing read as the device served it, without time queued for a thread."""
