@@ -24,7 +24,9 @@ the legacy (v1) hierarchy, read from the files the kernel exposes:
   ``oom_kill``), which wake ``poll(POLLPRI)`` when they change, and a PSI
   trigger on ``memory.pressure`` (stall time in a window). v1: eventfds armed
   through ``cgroup.event_control`` on usage thresholds, on
-  ``memory.pressure_level`` (reclaim struggling) and on ``memory.oom_control``.
+  ``memory.pressure_level`` critical (reclaim failing: about to go out of
+  memory; low and medium come with any reclaim of page cache) and on
+  ``memory.oom_control``.
   ``MemoryNotifier`` waits for all of them in one thread.
 
 Parsing functions take paths or texts, so tests run them on fake trees.
@@ -362,7 +364,7 @@ def arm_sources(group: MemoryGroup, reading: GroupReading) -> list[_Source]:
                 attempt(f"the {pct} % threshold", lambda t=threshold: _event_control(
                     level, "memory.usage_in_bytes", str(t), "threshold"))
         attempt("memory.pressure_level", lambda: _event_control(
-            group.path, "memory.pressure_level", "medium", "pressure"))
+            group.path, "memory.pressure_level", "critical", "pressure"))
         attempt("memory.oom_control", lambda: _event_control(
             group.path, "memory.oom_control", "", "oom"))
     else:

@@ -323,9 +323,8 @@ class Daemon:
                 "memory_limit_source": self.fit.source if self.fit else "option"}
 
     def _cgroup_limit(self) -> int | None:
-        if self.pressure is None or not self.pressure.monitor.snapshots:
-            return None
-        return self.pressure.monitor.snapshots[-1].cgroup_limit_bytes
+        reading = self.pressure.monitor.reading if self.pressure is not None else None
+        return reading.limit_bytes if reading is not None else None
 
     def history(self) -> dict[str, Any]:
         """The pressure controller's recent samples (level, cap, RSS over time)."""

@@ -89,10 +89,12 @@ def test_kernel_requests_in_flight_fit_beside_a_fitted_budget() -> None:
 
     assert memory.kernel_requests(fit(50 * MIB, None), 1024, 32) == (1024, 32)   # no group
     assert memory.kernel_requests(fit(50 * MIB, 200 * MIB), 1024, 32) == (1024, 32)
-    ra, bg = memory.kernel_requests(fit(15 * MIB, 15 * MIB), 1024, 32)
-    assert (ra, bg) == (256, 15) and ra * bg <= 15 * 1024 // 4
-    assert memory.kernel_requests(fit(38 * MIB, 38 * MIB), 1024, 32) == (1024, 9)
-    assert memory.kernel_requests(fit(4 * MIB, 4 * MIB), 1024, 32) == (128, 8)
+    # Fitted: 8 MiB in flight, in smaller requests first.
+    assert memory.kernel_requests(fit(15 * MIB, 15 * MIB), 1024, 32) == (256, 32)
+    assert memory.kernel_requests(fit(38 * MIB, 38 * MIB), 1024, 32) == (256, 32)
+    assert memory.kernel_requests(fit(38 * MIB, 46 * MIB), 1024, 32) == (512, 32)
+    assert memory.kernel_requests(fit(4 * MIB, 4 * MIB), 1024, 64) == (128, 64)
+    assert memory.kernel_requests(fit(4 * MIB, 4 * MIB), 128, 128) == (128, 64)
 
 
 # -- allocator and heap ------------------------------------------------------------------
@@ -234,12 +236,14 @@ def test_near_the_limit_the_keeper_pauses_read_around_and_drops_source_pages(
     assert not calm.near_limit and engine.paused == 0 and calm.source_dropped_bytes == 0
 
 
-def test_a_kernel_notice_ticks_at_once_and_marks_the_group_near() -> None:
+@pytest.mark.parametrize(("kind", "urgent"), [("oom", True), ("pressure", False),
+                                              ("threshold", False)])
+def test_a_kernel_notice_ticks_at_once_and_oom_marks_the_group_near(kind: str,
+                                                                    urgent: bool) -> None:
     keeper, engine, monitor = make_keeper(reading(100 * MIB, 30 * MIB))
     keeper.interval = 60.0                                  # the sampler alone would wait
     efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-    notifier = cgroup.MemoryNotifier([cgroup._Source(efd, "pressure", select.POLLIN,
-                                                     "eventfd")])
+    notifier = cgroup.MemoryNotifier([cgroup._Source(efd, kind, select.POLLIN, "eventfd")])
     keeper.group = MemoryGroup(1, Path("/nonexistent"), Path("/"))
     keeper._arm = lambda reading: None                      # type: ignore[method-assign]
     keeper.notifier = notifier
@@ -259,8 +263,8 @@ def test_a_kernel_notice_ticks_at_once_and_marks_the_group_near() -> None:
 
     took = trio.run(body)
     assert took < 5                                        # not the 60 s sampler
-    assert keeper.near_limit and engine.paused >= 1
-    assert keeper.notices == {"pressure": 1}
+    assert keeper.near_limit is urgent and (engine.paused >= 1) is urgent
+    assert keeper.notices == {kind: 1}
 
 
 # -- the engine on a new budget -----------------------------------------------------------
