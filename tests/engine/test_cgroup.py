@@ -261,3 +261,55 @@ def test_real_v1_thresholds_and_limit_are_seen(tmp_path: Path) -> None:
                 break
             except OSError:
                 time.sleep(0.1)
+
+
+def own_v2_dir() -> Path | None:
+    """This process's v2 group directory (a hybrid layout mounts v2 without memory)."""
+    paths = cgroup.parse_proc_cgroup(Path("/proc/self/cgroup").read_text())
+    for mount in cgroup.parse_mountinfo(Path("/proc/self/mountinfo").read_text()):
+        rel = cgroup._inside(paths.get(2, "\0"), mount.root) if mount.version == 2 else None
+        if rel is not None:
+            return mount.point / rel if rel else mount.point
+    return None
+
+
+@pytest.mark.skipif(own_v2_dir() is None or os.geteuid() != 0, reason="needs root and cgroup v2")
+def test_v2_kernfs_notifications_and_a_psi_trigger_arm_and_fire_on_change() -> None:
+    # memory.events is a kernfs file like cgroup.events: a change wakes
+    # poll(POLLPRI), and reading it again re-arms. cgroup.events changes when
+    # a process enters the group, which needs no memory controller.
+    parent = own_v2_dir()
+    assert parent is not None
+    path = parent / f"stfs-test-v2-{os.getpid()}"
+    try:
+        path.mkdir()
+    except OSError as exc:
+        pytest.skip(f"cannot create a child v2 cgroup: {exc}")
+    child = None
+    notifier = None
+    try:
+        events = cgroup._Source(os.open(path / "cgroup.events", os.O_RDONLY | os.O_CLOEXEC),
+                                "events", select.POLLPRI, "kernfs")
+        psi = cgroup._psi_trigger(parent / "memory.pressure"
+                                  if (parent / "memory.pressure").exists()
+                                  else Path("/proc/pressure/memory"))
+        notifier = MemoryNotifier([events, psi])
+        notifier.start()
+        poller = select.poll()
+        poller.register(notifier.fileno(), select.POLLIN)
+        assert not poller.poll(100) or "events" not in notifier.take()  # armed, quiet
+        child = subprocess.Popen(["sh", "-c", f'echo $$ > {path}/cgroup.procs && exec sleep 30'])
+        assert poller.poll(5000), "no notification when the group became populated"
+        assert "events" in notifier.take()
+    finally:
+        if child is not None:
+            child.kill()
+            child.wait(10)
+        if notifier is not None:
+            notifier.close()
+        for _ in range(50):
+            try:
+                path.rmdir()
+                break
+            except OSError:
+                time.sleep(0.1)
