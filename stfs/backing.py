@@ -352,3 +352,11 @@ def cached_pages(fd: int, offset: int, length: int) -> int | None:
     read-ahead of what it misses). None where the kernel lacks cachestat."""
     result = cachestat(fd, offset, length)
     return None if result is None else int(result.nr_cache)
+
+
+def drop_cached(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to drop SOURCE's clean cached pages of ``[offset, offset +
+    length)`` (``POSIX_FADV_DONTNEED``; pages mapped or in use stay): for bytes
+    stfs already holds, when the memory cgroup that is charged for them is near
+    its limit. It never changes SOURCE; later reads just go to the device."""
+    os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)

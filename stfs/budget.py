@@ -31,6 +31,7 @@ class MemoryBudget:
 
     def __init__(self, limit_bytes: int, speculative_share: float = 0.5) -> None:
         self.limit_bytes = limit_bytes
+        self._speculative_share = speculative_share
         self.speculative_limit_bytes = int(limit_bytes * speculative_share)
         self.held_bytes = 0
         self.peak_held_bytes = 0
@@ -47,6 +48,18 @@ class MemoryBudget:
     @property
     def free_bytes(self) -> int:
         return self.limit_bytes - self.held_bytes
+
+    def set_limit(self, limit_bytes: int) -> None:
+        """A new limit (the daemon's memory cgroup changed). Below what is held,
+        the reclaimer frees cache at once; bytes still in flight above it drain
+        as they are released, and until then every reservation waits. A higher
+        limit wakes the readers waiting for room."""
+        self.limit_bytes = limit_bytes
+        self.speculative_limit_bytes = int(limit_bytes * self._speculative_share)
+        if self.held_bytes > limit_bytes:
+            self._reclaimer(self.held_bytes - limit_bytes)
+        if self.waiting:
+            self._lot.unpark_all()
 
     def _take(self, n: int) -> None:
         self.held_bytes += n

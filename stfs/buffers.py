@@ -10,44 +10,13 @@ reference count), so a reply still being written, a ``memoryview`` of it or a
 reader that got it from a finished flight can never see it overwritten. The
 pool keeps at most ``max_free_bytes`` of idle buffers (outside the memory
 budget, within the "small constant" of the RSS target); only power-of-two
-sizes are kept, since chunks come in those.
+sizes are kept, since chunks come in those. When and how freed heap memory
+goes back to the system is ``memory``'s policy.
 """
 
 from __future__ import annotations
 
-import ctypes
 import sys
-
-_M_ARENA_MAX = -8
-"""glibc's mallopt parameter number (malloc.h)."""
-MALLOC_ARENAS = 2
-HEAP_TRIM_SLACK_BYTES = 4 * 1024 * 1024
-"""Free heap beyond this (RSS over idle + held data) is given back to the OS."""
-
-_libc: ctypes.CDLL | None
-try:
-    _libc = ctypes.CDLL(None)
-    _libc.mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-    _libc.malloc_trim.argtypes = (ctypes.c_size_t,)
-except (OSError, AttributeError):  # not glibc
-    _libc = None
-
-
-def limit_malloc_arenas() -> bool:
-    """Two malloc arenas instead of one per worker thread (backing reads, the
-    checksum store): each arena keeps its freed memory resident. False when the
-    C library is not glibc."""
-    return _libc is not None and bool(_libc.mallopt(_M_ARENA_MAX, MALLOC_ARENAS))
-
-
-def trim_heap() -> bool:
-    """Give free heap memory back to the OS (``malloc_trim``: whole free pages
-    anywhere in the heap). Freed chunk buffers stay in the heap, resident, for
-    reuse without page faults; the memory monitor calls this (from a worker
-    thread) when they add up to more than ``HEAP_TRIM_SLACK_BYTES``. Returns
-    whether anything was released."""
-    return _libc is not None and bool(_libc.malloc_trim(0))
-
 
 # References to a buffer inside ``give``: the caller's variable, the parameter
 # and getrefcount's own argument. Anything above that is a holder elsewhere.
@@ -84,6 +53,15 @@ class BufferPool:
             return
         self._free.setdefault(size, []).append(buf)
         self.free_bytes += size
+
+    def set_max_free_bytes(self, max_free_bytes: int) -> None:
+        """A new bound (the memory budget changed); idle buffers beyond it go."""
+        self.max_free_bytes = max_free_bytes
+        for size in sorted(self._free, reverse=True):
+            free = self._free[size]
+            while free and self.free_bytes > max_free_bytes:
+                free.pop()
+                self.free_bytes -= size
 
     def clear(self) -> None:
         self._free.clear()

@@ -79,6 +79,12 @@ class ChunkCache:
         yield from self._a1in
         yield from self._am
 
+    def spans(self) -> Iterator[tuple[FileIdentity, int, int]]:
+        """(identity, start, length) of every cached chunk."""
+        for entries in (self._a1in, self._am):
+            for (identity, start), entry in entries.items():
+                yield identity, start, len(entry.data)
+
     # -- lookup ------------------------------------------------------------
 
     def lookup(self, identity: FileIdentity, offset: int,

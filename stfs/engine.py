@@ -130,8 +130,7 @@ class ReadEngine:
         self.streams = StreamTable(self._new_stream, on_count=self.reads.set_active_streams)
         self.read_around = ReadAround(
             kernel_store if config.read_around_bytes > 0 else None, kernel_invalidate,
-            self.budget, max(PAGE, min(config.read_around_bytes,
-                                       1 << ((config.memory_limit // 16).bit_length() - 1))))
+            self.budget, read_around_window(config.read_around_bytes, config.memory_limit))
         self.readahead = ReadAhead(self.fetcher, self.streams, self.resources, self.read_around,
                                    cache_limit=config.cache_limit)
         self.checksums = ChecksumRegistry(checksums, counters)
@@ -427,3 +426,27 @@ class ReadEngine:
         return {"chunk_size": stream.state.chunk_size,
                 "readahead_chunks": stream.state.readahead_chunks,
                 "sequential_reads": stream.state.sequential_reads}
+
+    def set_memory_limit(self, limit: int, cache_limit: int) -> None:
+        """Run on a new memory budget (the daemon's memory cgroup changed): the
+        budget's limit, the cache capacity (at the current level's share), the
+        read-ahead share, the buffer pool and the read-around window follow.
+        Cached chunks above a lower limit are evicted at once; bytes in flight
+        drain as reads finish, and new reservations wait meanwhile."""
+        self.config = dataclasses.replace(self.config, memory_limit=limit,
+                                          cache_limit=cache_limit)
+        self.memory_limit = limit
+        self.cache_capacity_bytes = cache_limit
+        self.readahead.cache_limit = cache_limit
+        self.pool.set_max_free_bytes(min(POOL_MAX_BYTES, limit // 4))
+        self.read_around.window_bytes = min(
+            self.read_around.window_bytes,
+            read_around_window(self.config.read_around_bytes, limit))
+        self.budget.set_limit(limit)
+        self.apply_pressure(self.level, self.reads.cap, self.monitor_memory_pct)
+
+
+def read_around_window(asked: int, memory_limit: int) -> int:
+    """The read-around window: as asked, within a sixteenth of the memory limit
+    (a power of two), at least a page."""
+    return max(PAGE, min(asked, 1 << ((memory_limit // 16).bit_length() - 1)))

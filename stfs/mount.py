@@ -11,7 +11,7 @@ down in reverse order on unmount, signal or error.
 from __future__ import annotations
 
 import contextlib
-import ctypes
+import dataclasses
 import errno
 import logging
 import os
@@ -29,18 +29,19 @@ import pyfuse3
 import trio
 
 from stfs import (
-    buffers,
+    cgroup,
     control,
     demo,
     descriptors,
     kernel,
     logs,
+    memory,
     metrics,
     metrics_http,
     notify,
     pressure,
 )
-from stfs.backing import Backing
+from stfs.backing import Backing, FileIdentity
 from stfs.checksums import ChecksumStore
 from stfs.config import MountConfig, human_bytes
 from stfs.engine import EngineConfig, ReadEngine
@@ -55,7 +56,6 @@ from stfs.view import View
 
 log = logging.getLogger("stfs")
 
-_M_ARENA_MAX = -8
 PROBE_TIMEOUT_S = 5.0
 READY_TIMEOUT_S = 30.0
 NOTIFY_STATUS_INTERVAL_S = 5.0
@@ -228,6 +228,12 @@ class Daemon:
         self.engine: ReadEngine
         self.kernel = kernel.KernelTuning()
         self.pressure: pressure.PressureController | None = None
+        self.group: cgroup.MemoryGroup | None = None
+        self.fit: memory.BudgetFit | None = None
+        self.keeper: memory.MemoryKeeper | None = None
+        self._live = False
+        self.warnings: list[str] = []
+        """Warnings of the start (the budget lowered) for the parent's terminal."""
         self.metrics_port: int | None = None
         self.unmount_on_exit = False
 
@@ -236,7 +242,17 @@ class Daemon:
         assert self.view is not None
         return stats_document(source=self.source, mountpoint=self.mountpoint, view=self.view,
                               engine=self.engine, pressure=self.pressure, kernel=self.kernel,
-                              metrics_port=self.metrics_port)
+                              metrics_port=self.metrics_port, memory=self._memory_stats())
+
+    def _memory_stats(self) -> dict[str, Any]:
+        if self.keeper is not None:
+            return self.keeper.statistics()
+        return {"memory_limit_requested_bytes": self.config.memory_limit,
+                "memory_limit_source": self.fit.source if self.fit else "option"}
+
+    def _cgroup_limit(self) -> int | None:
+        reading = self.pressure.monitor.reading if self.pressure is not None else None
+        return reading.limit_bytes if reading is not None else None
 
     def history(self) -> dict[str, Any]:
         """The pressure controller's recent samples (level, cap, RSS over time)."""
@@ -254,11 +270,14 @@ class Daemon:
         except OSError as exc:
             raise path_error(self.source, exc) from None
         nofile = descriptors.raise_nofile_limit()
-        buffers.limit_malloc_arenas()
+        fit = self._fit_budget()
         self.checksums = ChecksumStore(self.config.state_dir)
         self.checksums.open()
         handles = HandleTable()
-        self.engine = ReadEngine(engine_config(self.config, nofile), self.counters,
+        self.engine = ReadEngine(dataclasses.replace(engine_config(self.config, nofile),
+                                                     memory_limit=fit.limit,
+                                                     cache_limit=fit.cache_limit),
+                                 self.counters,
                                  opener=backing.open_file, checksums=self.checksums,
                                  kernel_store=_store_pages,
                                  kernel_invalidate=_invalidate_pages,
@@ -294,6 +313,26 @@ class Daemon:
             self.view.close()
             self.checksums.close()
         return EXIT_OK
+
+    def _fit_budget(self) -> memory.BudgetFit:
+        """The budget in use: ``--memory-limit``, or what the memory cgroup leaves
+        (``memory.fit_budget``); a group too small to serve fails the mount."""
+        self.group = cgroup.find_memory_group()
+        reading = self.group.read() if self.group is not None else None
+        own = memory.own_anon_bytes()
+        fit = memory.fit_budget(self.config.memory_limit, self.config.cache_limit_bytes,
+                                memory.min_budget(self.config.max_chunk), reading, own,
+                                own + memory.STARTUP_BYTES)
+        if fit.too_small:
+            raise StfsError(f"{self.mountpoint}: the memory cgroup is too small to serve: "
+                            f"{fit.why()}, and stfs needs at least {human_bytes(fit.floor)}")
+        if fit.lowered:
+            message = (f"--memory-limit {human_bytes(fit.requested)} lowered to "
+                       f"{human_bytes(fit.limit)} to fit the memory cgroup: {fit.why()}")
+            log.warning("%s", message)
+            self.warnings.append(message)
+        self.fit = fit
+        return fit
 
     def summary(self) -> str:
         """The unmount log line's figures."""
@@ -364,28 +403,52 @@ class Daemon:
             # A statfs through our own handlers proves the mount answers.
             with trio.fail_after(READY_TIMEOUT_S):
                 await trio.to_thread.run_sync(os.statvfs, self.mountpoint, abandon_on_cancel=True)
-            self.kernel = await trio.to_thread.run_sync(
-                kernel.tune, self.mountpoint, kernel_read_ahead_kb(self.config),
-                KERNEL_MAX_BACKGROUND)
+            self._live = True
+            await self._tune_kernel(self.keeper.fit if self.keeper else self.fit)
             log.info("mounted %s on %s (memory limit %d bytes)", self.source, self.mountpoint,
-                     self.config.memory_limit)
+                     self.engine.budget.limit_bytes)
             on_ready()
             if notify.enabled():
                 notify.ready(self.status_line())
                 nursery.start_soon(self._notify_status)
 
+    async def _tune_kernel(self, fit: memory.BudgetFit | None) -> None:
+        """Read-ahead window and background requests for the mount (once live)."""
+        read_ahead_kb, background = kernel_read_ahead_kb(self.config), KERNEL_MAX_BACKGROUND
+        if fit is not None:
+            read_ahead_kb, background = memory.kernel_requests(fit, read_ahead_kb, background)
+        if self._live and (read_ahead_kb, background) != (self.kernel.read_ahead_kb,
+                                                          self.kernel.max_background):
+            self.kernel = await trio.to_thread.run_sync(kernel.tune, self.mountpoint,
+                                                        read_ahead_kb, background)
+
     async def _control_pressure(self) -> None:
-        """Sample memory and steer the engine once per ``--monitor-interval``."""
-        idle_rss = metrics.rss_bytes()
-        monitor = pressure.MemoryMonitor()
-        self.pressure = pressure.PressureController(self.engine, monitor, idle_rss,
-                                                    name=self.source)
-        while True:
-            await trio.sleep(self.config.monitor_interval)
-            self.pressure.tick()
-            rss = self.pressure.history[-1].rss_bytes
-            if rss - idle_rss - self.engine.held_bytes() > buffers.HEAP_TRIM_SLACK_BYTES:
-                await trio.to_thread.run_sync(buffers.trim_heap)
+        """Steer the engine by memory pressure (``memory.MemoryKeeper``): once per
+        ``--monitor-interval`` and on the memory cgroup's notifications."""
+        assert self.fit is not None
+        idle_rss, idle_anon = metrics.rss_bytes(), memory.own_anon_bytes()
+        monitor = pressure.MemoryMonitor(group=self.group)
+        self.pressure = pressure.PressureController(self.engine, monitor, idle_rss)
+        self.keeper = memory.MemoryKeeper(
+            self.engine, self.pressure, self.group, self.fit, idle_anon,
+            self.config.monitor_interval, self._source_spans,
+            lambda: self.engine.read_around.pause(True), self._tune_kernel)
+        log.debug("idle: RSS %d bytes, %d anonymous (%d estimated at the budget fit)",
+                  idle_rss, idle_anon, self.fit.idle)
+        await self.keeper.refit(monitor.read_group(), idle_anon, initial=True)  # idle measured now
+        await self.keeper.run()
+
+    def _source_spans(self) -> Iterator[tuple[FileIdentity, int, int, int]]:
+        """SOURCE bytes the chunk cache holds, with a descriptor of their file."""
+        assert self.view is not None
+        fds: dict[FileIdentity, int] = {}
+        for handle in self.view.handles.files():
+            if handle.fd >= 0 and not handle.released:
+                fds.setdefault(handle.identity, handle.fd)
+        for identity, start, length in self.engine.cache.spans():
+            fd = fds.get(identity)
+            if fd is not None:
+                yield identity, start, length, fd
 
     async def _watch_signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
@@ -409,23 +472,9 @@ def _redirect_stdio(log_file: str | None) -> None:
     os.close(devnull)
 
 
-def _one_malloc_arena() -> None:
-    """Keep glibc from growing an arena per worker thread.
-
-    Chunk buffers are allocated in worker threads and freed on the event loop;
-    with per-thread arenas the freed memory stays spread over many arenas and
-    RSS creeps far above the data actually held. One arena reuses it.
-    """
-    try:
-        libc = ctypes.CDLL(None)
-        libc.mallopt(_M_ARENA_MAX, 1)
-    except (OSError, AttributeError):
-        pass
-
-
 def mount_command(config: MountConfig) -> int:
     """``stfs mount``: returns once the mount is live (or raises StfsError)."""
-    _one_malloc_arena()
+    memory.configure_allocator()  # before the first thread (the mount point probe)
     logs.setup(config.log_level, config.log_file)
     source = str(demo.source_path(config.state_dir)) if config.demo else config.source
     assert source is not None
@@ -460,6 +509,8 @@ def _daemonize(daemon: Daemon) -> int:
             _redirect_stdio(daemon.config.log_file)
 
             def ready() -> None:
+                for line in daemon.warnings:  # the parent shows them on its terminal
+                    _report(write_end, f"WARNING {line}")
                 os.write(write_end, b"READY\n")
                 os.close(write_end)
 
@@ -481,7 +532,11 @@ def _daemonize(daemon: Daemon) -> int:
             break
         message += chunk
     os.close(read_end)
-    text = message.decode("utf-8", "replace").strip()
+    lines = message.decode("utf-8", "replace").strip().splitlines()
+    for line in lines:
+        if line.startswith("WARNING "):
+            print(f"stfs: warning: {line[8:]}", file=sys.stderr)
+    text = lines[-1] if lines else ""
     if text == "READY":
         return EXIT_OK
     if text.startswith("ERROR "):

@@ -3,19 +3,20 @@
 The seeds' MemoryMonitor, AdaptiveMemoryManager, BackpressureController and
 AdaptiveRateLimiter in file-system form:
 
-* ``MemoryMonitor`` takes a snapshot a second (configurable): the process RSS
-  and system available memory (psutil), the memory control group's use and
-  limit (cgroup v2 ``memory.current``/``memory.max`` or v1
-  ``memory.usage_in_bytes``/``memory.limit_in_bytes``), and the engine's own
-  held bytes. It keeps the last 60 and reports growth rate and trend.
+* ``MemoryMonitor`` takes a snapshot a second (configurable, and at once on
+  the group's kernel notifications, see ``memory``): the process RSS and
+  system available memory (psutil), the memory control group's working set
+  and binding limit (``cgroup``), and the engine's own held bytes. It keeps
+  the last 60 and reports growth rate and trend.
   Memory use is the worst of: the engine's unevictable data (in flight,
   read-ahead, replies; cached chunks are dropped on demand) against
   ``--memory-limit``, RSS growth past idle RSS (less cached chunks) against
-  the RSS target's room (limit + 16 MiB), the cgroup's working set against
-  its max, and the system's used share.
+  the RSS target's room (limit + 16 MiB), the cgroup's working set (less
+  cached chunks) against its limit, and the system's used share.
 * ``score`` is the seeds' 100 points: memory 0-40, concurrency 0-30 (active
   backing reads against the concurrency granted now: the congestion
-  controller's target, ``--max-streams`` at start), latency/throughput 0-30
+  controller's target; counted only while the store is degraded),
+  latency/throughput 0-30
   measured as degradation against the store's own baseline (a steady slow
   store scores 0 there); levels none <20, light <40, moderate <60, heavy
   <80, critical >=80.
@@ -36,17 +37,16 @@ as arguments, so it is tested with plain numbers.
 from __future__ import annotations
 
 import collections
-import ctypes
 import dataclasses
 import enum
 import logging
 import os
 import time
-from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
 import psutil
 
+from stfs import cgroup
 from stfs.congestion import CongestionController
 
 MIB = 1024 * 1024
@@ -219,97 +219,36 @@ def memory_use_pct(snap: MemorySnapshot, memory_limit: int, idle_rss: int) -> fl
     return max(views)
 
 
-def _read_int(path: Path) -> int | None:
-    try:
-        text = path.read_text().strip()
-    except OSError:
-        return None
-    if text == "max":
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        return None
-
-
-@dataclasses.dataclass(frozen=True)
-class CgroupFiles:
-    usage: Path
-    limit: Path
-    stat: Path
-    cache_key: str
-
-    def working_set(self) -> int | None:
-        """Use minus file-backed page cache, which the kernel reclaims before it
-        runs out: reading SOURCE through the page cache is not pressure."""
-        usage = _read_int(self.usage)
-        if usage is None:
-            return None
-        try:
-            for line in self.stat.read_text().splitlines():
-                key, _, value = line.partition(" ")
-                if key == self.cache_key:
-                    return max(0, usage - int(value))
-        except (OSError, ValueError):
-            pass
-        return usage
-
-
-def find_memory_cgroup(proc_cgroup: str = "/proc/self/cgroup",
-                       root: Path = Path("/sys/fs/cgroup")) -> CgroupFiles | None:
-    """This process's memory cgroup files, v2 or v1, if it has a real limit."""
-    try:
-        lines = Path(proc_cgroup).read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        _, controllers, path = line.split(":", 2)
-        rel = path.lstrip("/")
-        if "memory" in controllers.split(","):  # v1
-            base = root / "memory" / rel
-            files = CgroupFiles(base / "memory.usage_in_bytes", base / "memory.limit_in_bytes",
-                                base / "memory.stat", "total_cache")
-        elif controllers == "":  # v2 unified
-            base = root / rel
-            files = CgroupFiles(base / "memory.current", base / "memory.max",
-                                base / "memory.stat", "file")
-        else:
-            continue
-        limit = _read_int(files.limit)
-        if limit is not None and limit < (1 << 60) and files.usage.exists():
-            return files
-    return None
-
-
-def _release_free_heap() -> None:
-    """Give freed heap pages back to the system (glibc ``malloc_trim``), so RSS
-    shows the memory in use rather than what the allocator kept after a burst."""
-    trim = getattr(_LIBC, "malloc_trim", None)
-    if trim is not None:
-        trim(0)
-
-
-try:
-    _LIBC: ctypes.CDLL | None = ctypes.CDLL(None)
-except OSError:  # pragma: no cover - not glibc
-    _LIBC = None
-
-
 class MemoryMonitor:
-    """Periodic memory snapshots (the last ``history`` kept)."""
+    """Periodic memory snapshots (the last ``history`` kept).
 
-    def __init__(self, history: int = 60) -> None:
+    The memory control group comes from ``cgroup.find_memory_group`` (or is
+    given); each sample reads its binding limit and working set anew, so a
+    limit set or changed at run time is seen at the next sample (``reading``).
+    The snapshot's group usage leaves out the engine's cached chunks, which it
+    drops on demand, as the RSS view does.
+    """
+
+    def __init__(self, history: int = 60,
+                 group: cgroup.MemoryGroup | None | Literal["find"] = "find") -> None:
         self._process = psutil.Process(os.getpid())
         self.snapshots: collections.deque[MemorySnapshot] = collections.deque(maxlen=history)
-        self.cgroup = find_memory_cgroup()
+        self.group = cgroup.find_memory_group() if group == "find" else group
+        self.reading: cgroup.GroupReading | None = None
+
+    def read_group(self) -> cgroup.GroupReading | None:
+        """The group's limit and usage now (None outside a memory cgroup)."""
+        if self.group is not None:
+            self.reading = self.group.read()
+        return self.reading
 
     def sample(self, held_bytes: int, unevictable_bytes: int) -> MemorySnapshot:
-        _release_free_heap()
         vm = psutil.virtual_memory()
         usage = limit = None
-        if self.cgroup is not None:
-            usage = self.cgroup.working_set()
-            limit = _read_int(self.cgroup.limit)
+        reading = self.read_group()
+        if reading is not None and reading.usage is not None and reading.limit is not None:
+            limit = reading.limit.bytes
+            usage = max(0, reading.usage.working_set - (held_bytes - unevictable_bytes))
         snap = MemorySnapshot(time.monotonic(), int(self._process.memory_info().rss),
                               int(vm.available), int(vm.total), usage, limit, held_bytes,
                               unevictable_bytes)

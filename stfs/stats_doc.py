@@ -26,8 +26,9 @@ VERSION = 1
 
 def stats_document(*, source: str, mountpoint: str, view: View, engine: ReadEngine,
                    pressure: PressureController | None, kernel: KernelTuning,
-                   metrics_port: int | None) -> dict[str, Any]:
-    """The live stats snapshot of one mount."""
+                   metrics_port: int | None, memory: dict[str, Any]) -> dict[str, Any]:
+    """The live stats snapshot of one mount; *memory*: the memory keeper's figures
+    (the budget's source, the memory cgroup's)."""
     c = engine.counters
     handles = view.handles
     eng = engine.statistics()
@@ -50,6 +51,7 @@ def stats_document(*, source: str, mountpoint: str, view: View, engine: ReadEngi
         "cache_hits": c.cache_hits,
         "cache_misses": c.cache_misses,
         "memory_limit_bytes": budget.limit_bytes,
+        **memory,
         "held_bytes": budget.held_bytes,
         "peak_held_bytes": budget.peak_held_bytes,
         "open_handles": handles.open_files,

@@ -303,3 +303,62 @@ def test_held_bytes_never_exceeds_the_limit_under_many_concurrent_tasks() -> Non
     assert budget.speculative_bytes == 0
     assert budget.held_bytes == sum(evictable)
     assert speculative_granted[0] > 0
+
+
+def test_a_lower_limit_reclaims_at_once_and_reservations_wait_for_the_rest() -> None:
+    budget = MemoryBudget(100, speculative_share=0.5)
+    cached = [30]                            # what the reclaimer can free
+
+    def reclaim(n: int) -> int:
+        freed = min(n, cached[0])
+        cached[0] -= freed
+        budget.release(freed)
+        return freed
+
+    budget.set_reclaimer(reclaim)
+    got: list[str] = []
+
+    async def reader() -> None:
+        await budget.reserve(10)
+        got.append("granted")
+
+    async def main() -> None:
+        assert budget.try_reserve(90)        # 30 cached, 60 in flight
+        budget.set_limit(50)
+        assert budget.held_bytes == 60       # the cache went; in flight stays
+        assert budget.speculative_limit_bytes == 25
+        assert not budget.try_reserve_speculative(1)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader)
+            await trio.testing.wait_all_tasks_blocked()
+            assert got == [] and budget.waiting == 1
+            budget.release(15)               # 45 held: 10 more would not fit
+            await trio.testing.wait_all_tasks_blocked()
+            assert got == []
+            budget.release(5)
+            await trio.testing.wait_all_tasks_blocked()
+            assert got == ["granted"]
+        assert budget.held_bytes == 50
+
+    trio.run(main)
+
+
+def test_a_higher_limit_wakes_waiting_readers() -> None:
+    budget = MemoryBudget(100)
+    got: list[str] = []
+
+    async def reader() -> None:
+        await budget.reserve(50)
+        got.append("granted")
+
+    async def main() -> None:
+        assert budget.try_reserve(100)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader)
+            await trio.testing.wait_all_tasks_blocked()
+            assert got == []
+            budget.set_limit(150)
+            await trio.testing.wait_all_tasks_blocked()
+            assert got == ["granted"] and budget.held_bytes == 150
+
+    trio.run(main)

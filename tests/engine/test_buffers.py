@@ -1,15 +1,8 @@
-"""Chunk buffer pool and the glibc heap controls."""
+"""Chunk buffer pool."""
 
 from __future__ import annotations
 
-import ctypes.util
-
-import pytest
-
-from stfs import buffers
 from stfs.buffers import BufferPool
-
-GLIBC = ctypes.util.find_library("c") is not None and buffers._libc is not None
 
 
 def test_the_pool_reuses_a_buffer_only_when_nothing_else_holds_it() -> None:
@@ -33,10 +26,13 @@ def test_the_pool_keeps_only_power_of_two_sizes_within_its_bound() -> None:
     assert pool.free_bytes == 128 * 1024
 
 
-@pytest.mark.skipif(not GLIBC, reason="glibc only")
-def test_heap_controls_work_on_glibc() -> None:
-    assert buffers.limit_malloc_arenas()
-    buffers.trim_heap()
-    blobs = [bytearray(100_000) for _ in range(300)]   # under the mmap threshold: heap
-    del blobs
-    assert buffers.trim_heap()                         # 30 MB of free heap went back
+def test_a_lower_bound_lets_idle_buffers_go_largest_first() -> None:
+    pool = BufferPool(4 * 1024 * 1024)
+    for size in (1024 * 1024, 1024 * 1024, 65536, 65536):
+        pool.give(bytearray(size))
+    assert pool.free_bytes == 2 * 1024 * 1024 + 2 * 65536
+    pool.set_max_free_bytes(1024 * 1024)
+    assert pool.free_bytes == 2 * 65536                # both 1 MiB buffers went
+    assert pool.take(65536) is not None and pool.reused == 1
+    pool.give(bytearray(1024 * 1024))                  # over the new bound: not kept
+    assert pool.free_bytes == 65536

@@ -3,8 +3,6 @@ controller with a fake engine and fake clock."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from stfs import pressure
@@ -125,44 +123,13 @@ def test_cached_chunks_are_not_pressure() -> None:
     assert pct < 50
 
 
-@pytest.mark.parametrize("version", ["v1", "v2"])
-def test_memory_cgroup_is_found_for_v1_and_v2(tmp_path: Path, version: str) -> None:
-    root = tmp_path / "cgroup"
-    if version == "v1":
-        group = root / "memory" / "box"
-        group.mkdir(parents=True)
-        (group / "memory.usage_in_bytes").write_text("1000\n")
-        (group / "memory.limit_in_bytes").write_text(f"{64 * MIB}\n")
-        (group / "memory.stat").write_text("total_cache 300\ntotal_rss 700\n")
-        proc = "4:memory:/box\n1:cpu:/\n"
-    else:
-        group = root / "box"
-        group.mkdir(parents=True)
-        (group / "memory.current").write_text("1000\n")
-        (group / "memory.max").write_text(f"{64 * MIB}\n")
-        (group / "memory.stat").write_text("anon 700\nfile 300\n")
-        proc = "0::/box\n"
-    (tmp_path / "proc").write_text(proc)
-    files = pressure.find_memory_cgroup(str(tmp_path / "proc"), root)
-    assert files is not None
-    assert pressure._read_int(files.limit) == 64 * MIB
-    assert files.working_set() == 700                 # file page cache is not pressure
-
-
-def test_unlimited_cgroup_is_ignored(tmp_path: Path) -> None:
-    group = tmp_path / "cgroup" / "box"
-    group.mkdir(parents=True)
-    (group / "memory.current").write_text("1000\n")
-    (group / "memory.max").write_text("max\n")
-    (tmp_path / "proc").write_text("0::/box\n")
-    assert pressure.find_memory_cgroup(str(tmp_path / "proc"), tmp_path / "cgroup") is None
 
 
 class FakeMonitor(pressure.MemoryMonitor):
     """Snapshots from numbers the test sets."""
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__(group=None)
         self.rss = 30 * MIB
         self.available = 20_000 * MIB
 
