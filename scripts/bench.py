@@ -198,7 +198,8 @@ def passthroughfs_script(cache: Path) -> Path:
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         archive = next(Path(tmp).glob("pyfuse3-*.tar.gz"))
         with tarfile.open(archive) as tar:
-            member = next(m for m in tar.getmembers() if m.name.endswith("examples/passthroughfs.py"))
+            member = next(m for m in tar.getmembers()
+                          if m.name.endswith("examples/passthroughfs.py"))
             extracted = tar.extractfile(member)
             assert extracted is not None
             script.write_bytes(extracted.read())
@@ -243,7 +244,8 @@ def p95_ms(latencies: list[float]) -> float:
 
 def warm_source(source: Path, *names: str) -> None:
     for name in names:
-        for path in sorted((source / name).rglob("*")) if (source / name).is_dir() else [source / name]:
+        top = source / name
+        for path in sorted(top.rglob("*")) if top.is_dir() else [top]:
             if path.is_file():
                 read_sequential(path)
 
@@ -400,7 +402,8 @@ def child_memory_cgroup(name: str) -> tuple[Path, str] | None:
     for line in Path("/proc/self/cgroup").read_text().splitlines():
         _, controllers, path = line.split(":", 2)
         if "memory" in controllers.split(","):
-            group, limit = Path("/sys/fs/cgroup/memory") / path.lstrip("/") / name, "memory.limit_in_bytes"
+            group = Path("/sys/fs/cgroup/memory") / path.lstrip("/") / name
+            limit = "memory.limit_in_bytes"
             break
         if controllers == "" and Path("/sys/fs/cgroup/cgroup.controllers").exists():
             group, limit = Path("/sys/fs/cgroup") / path.lstrip("/") / name, "memory.max"
@@ -839,7 +842,8 @@ def markdown(summary: dict[str, object]) -> str:
             cells = [target]
             for key in header[1:]:
                 value = figures.get(key)
-                cells.append("" if value is None else f"{value:.3g}" if "×" in key else f"{value:.1f}")
+                cells.append("" if value is None
+                             else f"{value:.3g}" if "×" in key else f"{value:.1f}")
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     lines.append(f"idle RSS MiB: {summary['idle_rss_mib']}")
@@ -849,7 +853,8 @@ def markdown(summary: dict[str, object]) -> str:
     scenario = summary.get("pressure")
     if isinstance(scenario, dict) and "phases" in scenario:
         lines += ["", ("**pressure** (16 readers, `--memory-limit 16M`, in a "
-                       f"{PRESSURE_CGROUP_LIMIT // MIB} MiB memory cgroup; hog {HOG_BYTES // MIB} MiB "
+                       f"{PRESSURE_CGROUP_LIMIT // MIB} MiB memory cgroup; "
+                       f"hog {HOG_BYTES // MIB} MiB "
                        "in the same cgroup)"), "", "| phase | MB/s | p95 ms | peak RSS MiB |",
                   "|---|---|---|---|"]
         for phase, figures in scenario["phases"].items():

@@ -137,7 +137,8 @@ class Mount:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 err = self.proc.stderr.read().decode() if self.proc.stderr else ""
-                raise AssertionError(f"stfs exited with {self.proc.returncode}: {err}\n{self.log()}")
+                raise AssertionError(f"stfs exited with {self.proc.returncode}: {err}\n"
+                                     f"{self.log()}")
             if is_mounted(self.mountpoint) and "mounted " in self.log():
                 return self
             time.sleep(0.02)

@@ -312,7 +312,8 @@ def serve(backing: str, mountpoint: str, control: str, seed: int, allow_other: b
     T = TypeVar("T")
     faults = Faults(seed, read_delay_s)
 
-    def fuse_errors(fn: Callable[..., Coroutine[Any, Any, T]]) -> Callable[..., Coroutine[Any, Any, T]]:
+    def fuse_errors(
+            fn: Callable[..., Coroutine[Any, Any, T]]) -> Callable[..., Coroutine[Any, Any, T]]:
         async def wrapper(*args: Any) -> T:
             try:
                 return await fn(*args)
@@ -803,7 +804,8 @@ class FaultFS:
                 except OSError:
                     pass
             time.sleep(0.02)
-        raise FaultFSError(f"faultfs did not mount {self.mountpoint} within {timeout}s: {self.log()}")
+        raise FaultFSError(f"faultfs did not mount {self.mountpoint} within {timeout}s: "
+                           f"{self.log()}")
 
     @property
     def pid(self) -> int:

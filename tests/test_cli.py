@@ -192,7 +192,8 @@ def test_empty_path_option_is_a_usage_error(option: str, with_source: bool, sour
 
 
 def test_min_chunk_larger_than_max_chunk_is_a_usage_error(source: Path, mnt: Path) -> None:
-    result = run_stfs_detached("mount", "--min-chunk", "1M", "--max-chunk", "64K", str(source), str(mnt))
+    result = run_stfs_detached("mount", "--min-chunk", "1M", "--max-chunk", "64K", str(source),
+                               str(mnt))
     assert_one_line_error(result, 2, "--min-chunk", "--max-chunk")
     result = run_stfs_detached("mount", "-o", "min_chunk=1M,max_chunk=64K", str(source), str(mnt))
     assert_one_line_error(result, 2, "--min-chunk", "min_chunk", "max_chunk")

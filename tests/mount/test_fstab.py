@@ -48,7 +48,8 @@ def installed() -> Iterator[Path]:
     except OSError as exc:
         pytest.skip(f"/usr/local/bin/stfs cannot be installed: {exc}")
     try:
-        check = subprocess.run(["stfs", "--version"], check=False, capture_output=True, text=True, timeout=30,
+        check = subprocess.run(["stfs", "--version"], check=False, capture_output=True, text=True,
+                               timeout=30,
                                env={"PATH": "/usr/local/bin:" + SYSTEM_PATH},
                                stdin=subprocess.DEVNULL)
         assert check.returncode == 0 and check.stdout.startswith("stfs "), check

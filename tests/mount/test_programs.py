@@ -326,7 +326,8 @@ def test_find_shows_same_owners_link_counts_inodes_nanosecond_mtimes_and_targets
     listing = find_listing(view.mountpoint, fmt)
     assert listing == find_listing(tree, fmt)
     me = f"{os.getuid()}:{os.getgid()}".encode()
-    assert any(line.startswith(b"f ./hello.txt " + me + b" 2 ") and b" 1600000000.1234567890 " in line
+    assert any(line.startswith(b"f ./hello.txt " + me + b" 2 ")
+               and b" 1600000000.1234567890 " in line
                for line in listing), listing
 
 
@@ -399,7 +400,8 @@ def test_sqlite3_cli_reads_database_on_mount_like_on_source(view: Mount, tree: P
     dump_src, dump_mnt = both(lambda root: ["sqlite3", "-batch",
                                             sqlite_uri(root / "db" / "test.db", "immutable=1"),
                                             ".dump"], tree, view.mountpoint)
-    assert hashlib.sha256(dump_mnt.stdout).hexdigest() == hashlib.sha256(dump_src.stdout).hexdigest()
+    assert (hashlib.sha256(dump_mnt.stdout).hexdigest()
+            == hashlib.sha256(dump_src.stdout).hexdigest())
     assert dump_mnt.stdout.count(b"INSERT INTO t VALUES") == 3000
 
 

@@ -96,7 +96,8 @@ def test_estale_reopens_the_file_and_goes_on(faulty, mounter) -> None:  # type: 
     data = os.urandom(3 * MIB)
     write(faulty, "f", data)
     mount = stfs_over(mounter, faulty)
-    faulty.set_rules([{"op": "read", "path": "f", "kind": "ESTALE", "nth": [0]}])  # the reader's own
+    # the reader's own first read
+    faulty.set_rules([{"op": "read", "path": "f", "kind": "ESTALE", "nth": [0]}])
     assert read_all(mount.mountpoint / "f") == data
     stats = mount.stats()
     assert stats["backing_fds"]["reopens"] >= 1, stats["backing_fds"]
@@ -176,7 +177,8 @@ def test_a_random_reader_whose_bytes_were_rewritten_gets_eio_not_new_bytes(fault
         assert f.read(4096) == new[3 * MIB:3 * MIB + 4096]
 
 
-def test_a_reader_served_from_the_kernel_page_cache_gets_eio_not_the_new_rest(faulty, mounter) -> None:  # type: ignore[no-untyped-def]
+def test_a_reader_served_from_the_kernel_page_cache_gets_eio_not_the_new_rest(  # type: ignore[no-untyped-def]
+        faulty, mounter) -> None:
     """A first full read leaves the file in the mount's page cache (kept across
     opens): a second reader's first half then never reaches stfs. The file is
     rewritten; the rest of that reader's pass must not be the new version."""
@@ -191,7 +193,8 @@ def test_a_reader_served_from_the_kernel_page_cache_gets_eio_not_the_new_rest(fa
             reads_before = mount.stats()["reads"]
             for _ in range(4):
                 got += f.read(MIB)
-            assert mount.stats()["reads"] == reads_before, "the first half did not come from the page cache"
+            assert mount.stats()["reads"] == reads_before, (
+                "the first half did not come from the page cache")
         change(faulty, "cached", new)
         read_on_to_eio(f, got)
     assert bytes(got) == old[:len(got)], "old and new bytes were mixed"
@@ -200,7 +203,8 @@ def test_a_reader_served_from_the_kernel_page_cache_gets_eio_not_the_new_rest(fa
     assert read_all(mount.mountpoint / "cached") == new
 
 
-def test_a_new_reader_of_a_rewritten_file_never_hands_its_pages_to_an_old_one(faulty, mounter) -> None:  # type: ignore[no-untyped-def]
+def test_a_new_reader_of_a_rewritten_file_never_hands_its_pages_to_an_old_one(  # type: ignore[no-untyped-def]
+        faulty, mounter) -> None:
     """The kernel's page cache is shared by every handle of a file: a reader that
     opened the new version must not fill it with pages the old reader then gets."""
     old = os.urandom(8 * MIB)

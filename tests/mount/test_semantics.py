@@ -116,7 +116,8 @@ def bind_socket(path: Path) -> None:
         os.chdir(cwd)
 
 
-def poll(fn: Callable[[], bool], timeout: float = POLL_FOR_S, interval: float = 0.02) -> float | None:
+def poll(fn: Callable[[], bool], timeout: float = POLL_FOR_S,
+         interval: float = 0.02) -> float | None:
     """Seconds until *fn* is true, or None if it never was within *timeout*."""
     start = time.monotonic()
     while True:
@@ -211,7 +212,8 @@ def test_lstat_of_every_entry_kind_equals_source(mounter, zoo: Path) -> None:  #
     assert {rel: d for rel, d in diffs.items() if d} == {}, "(mount, source) values that differ"
     # Spot checks that the zoo is what it claims to be (so the comparison means something).
     assert stat.S_ISSOCK(got[b"sock"]["st_mode"]) and stat.S_ISFIFO(got[b"fifo"]["st_mode"])
-    assert stat.S_ISCHR(got[b"chardev"]["st_mode"]) and got[b"chardev"]["st_rdev"] == os.makedev(1, 3)
+    assert stat.S_ISCHR(got[b"chardev"]["st_mode"])
+    assert got[b"chardev"]["st_rdev"] == os.makedev(1, 3)
     assert stat.S_ISBLK(got[b"blockdev"]["st_mode"])
     assert stat.S_IMODE(got[b"setuid"]["st_mode"]) == 0o4751
     assert (got[b"setuid"]["st_uid"], got[b"setuid"]["st_gid"]) == (12345, 23456)
@@ -789,7 +791,8 @@ def test_file_deleted_in_source_disappears_within_timeout(mounter, tmp_path: Pat
     os.unlink(src / "gone")
     os.unlink(src / "d" / "gone_too")
     assert "gone" not in os.listdir(mp)  # a new listing is read from SOURCE
-    elapsed = poll(lambda: not os.path.lexists(mp / "gone") and not os.path.lexists(mp / "d" / "gone_too"))
+    elapsed = poll(lambda: not os.path.lexists(mp / "gone")
+                   and not os.path.lexists(mp / "d" / "gone_too"))
     assert elapsed is not None and elapsed <= FRESH_WITHIN_S, elapsed
     with pytest.raises(FileNotFoundError):
         os.open(mp / "gone", os.O_RDONLY)
@@ -800,7 +803,8 @@ def test_file_deleted_in_source_disappears_within_timeout(mounter, tmp_path: Pat
     assert read(mp / "gone") == b"back again\n"
 
 
-def test_open_descriptor_keeps_old_content_after_rename_replacement(mounter, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_open_descriptor_keeps_old_content_after_rename_replacement(  # type: ignore[no-untyped-def]
+        mounter, tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()
     size = 4 * 1024 * 1024
@@ -847,7 +851,8 @@ def test_unchanged_file_is_served_from_kernel_cache_on_reopen(mounter, tmp_path:
         time.sleep(ENTRY_TIMEOUT_S + 0.2)  # attributes expire and are refreshed: still unchanged
         assert read(f) == old
         served_2 = stat_int(m, "bytes_served")
-    assert served_2 == served_1, f"an unchanged file was read from SOURCE again: {served_2 - served_1} bytes"
+    assert served_2 == served_1, (
+        f"an unchanged file was read from SOURCE again: {served_2 - served_1} bytes")
     served_2 = stat_int(m, "bytes_served")
     new = os.urandom(size)
     rewrite_in_place(src / "f", new)
@@ -890,7 +895,8 @@ def test_forgotten_inodes_are_dropped_from_the_table(mounter, tmp_path: Path) ->
 
     assert poll(small, timeout=10, interval=0.3) is not None, samples
     # The mount still works after the kernel forgot everything.
-    assert os.lstat(m.mountpoint / "t3" / "s4" / "f5").st_ino == os.lstat(src / "t3" / "s4" / "f5").st_ino
+    deep = Path("t3") / "s4" / "f5"
+    assert os.lstat(m.mountpoint / deep).st_ino == os.lstat(src / deep).st_ino
     assert len(os.listdir(m.mountpoint / "t19" / "s9")) == 100
 
 
