@@ -250,10 +250,6 @@ class Daemon:
         return {"memory_limit_requested_bytes": self.config.memory_limit,
                 "memory_limit_source": self.fit.source if self.fit else "option"}
 
-    def _cgroup_limit(self) -> int | None:
-        reading = self.pressure.monitor.reading if self.pressure is not None else None
-        return reading.limit_bytes if reading is not None else None
-
     def history(self) -> dict[str, Any]:
         """The pressure controller's recent samples (level, cap, RSS over time)."""
         samples = list(self.pressure.history) if self.pressure else []

@@ -37,7 +37,7 @@ def stats_document(*, source: str, mountpoint: str, view: View, engine: ReadEngi
     reads = engine.reads.statistics()
     ahead = engine.readahead.statistics()
     monitor = pressure.monitor if pressure is not None else None
-    last = monitor.snapshots[-1] if monitor is not None and monitor.snapshots else None
+    reading = monitor.reading if monitor is not None else None
     return metrics.snapshot_json_ready({
         "version": VERSION,
         "pid": os.getpid(),
@@ -75,7 +75,7 @@ def stats_document(*, source: str, mountpoint: str, view: View, engine: ReadEngi
                                    if math.isfinite(x)],
         "memory_trend": monitor.trend() if monitor else "steady",
         "rss_growth_bytes_per_s": round(monitor.growth_bytes_per_s()) if monitor else 0,
-        "cgroup_memory_limit_bytes": last.cgroup_limit_bytes if last else None,
+        "cgroup_memory_limit_bytes": reading.limit_bytes if reading else None,
         "rss_bytes": metrics.rss_bytes(),
         "python_blocks": sys.getallocatedblocks(),
         "buffer_pool_bytes": engine.pool.free_bytes,
