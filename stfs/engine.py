@@ -9,7 +9,7 @@
          -> Fetcher.chunk_at        chunk cache | a read in flight | a new read
             -> BackingReads         worker thread under the concurrency cap, retries
                -> BackingReader     SOURCE (stfs.backing), or a test's fake
-         -> assembly                a reply spanning chunks, in a reserved buffer
+         -> Fetcher.assemble        a reply spanning chunks, in a reserved buffer
          -> ReadAhead               prefetch for sequential streams, read-around
                                     for random ones
 
@@ -138,7 +138,6 @@ class ReadEngine:
         self.monitor_memory_pct = 0.0
         self.request_sizes: collections.Counter[int] = collections.Counter()
         self.read_latency = Histogram()
-        self._assembly_lock = trio.Lock()
         self._nursery: trio.Nursery | None = None
 
     # -- lifecycle ---------------------------------------------------------
@@ -342,53 +341,11 @@ class ReadEngine:
             last_chunk_end = chunk_end
         else:
             del data
-            reply, last_chunk_end = await self._assemble(stream, offset, size, chunk_size)
+            reply, last_chunk_end = await self.fetcher.assemble(stream, offset, size, chunk_size)
             served_end = offset + len(reply)
         if sequential and served_end < file_size:
             self.readahead.schedule(stream, last_chunk_end, chunk_size)
         return reply  # type: ignore[return-value]
-
-    async def _assemble(self, stream: Stream, offset: int, size: int,
-                        chunk_size: int) -> tuple[bytearray, int]:
-        """A request spanning chunks: copy the pieces into one reserved reply buffer.
-
-        Returns the reply and the end of the last chunk used. The reservation is
-        released just before returning: pyfuse3 writes the reply synchronously
-        after the read handler returns, before any other reservation can be
-        granted on the event loop.
-        """
-        # One assembly at a time: its reply reservation is the only one that waits
-        # for chunk reservations while held, so serializing assemblies keeps every
-        # other reservation either in flight (finishing) or evictable cache.
-        async with self._assembly_lock:
-            await self.budget.reserve(size)
-            try:
-                return await self._assemble_reserved(stream, offset, size, chunk_size)
-            finally:
-                self.budget.release(size)
-
-    async def _assemble_reserved(self, stream: Stream, offset: int, size: int,
-                                 chunk_size: int) -> tuple[bytearray, int]:
-        handle = stream.handle
-        identity = handle.identity  # one reply, one version
-        reply = bytearray(size)
-        n = 0
-        chunk_end = offset
-        while n < size:
-            start, data, _ = await self.fetcher.chunk_at(stream, offset + n, chunk_size,
-                                                         False, offset + size)
-            if handle.identity != identity:
-                raise IdentityChanged(handle.identity)  # two versions must never meet
-            chunk_end = start + len(data)
-            piece = memoryview(data)[offset + n - start:min(offset + size, chunk_end) - start]
-            taken = len(piece)
-            reply[n:n + taken] = piece
-            piece.release()
-            n += taken
-            if not taken or chunk_end >= identity.size:
-                break
-        del reply[n:]
-        return reply, chunk_end
 
     def _stream(self, handle: OpenFile) -> Stream:
         stream, new = self.streams.of(handle)

@@ -1,6 +1,7 @@
 """Fetcher: the chunk holding an offset, from the chunk cache, a read in
 flight, or one new backing read into the cache.
 
+A request spanning chunks is assembled into one reply buffer, reserved too.
 Every chunk read is reserved in the ``MemoryBudget`` before it starts (a
 demand read waits for room; read-ahead is refused instead) and is cached when
 it lands. Concurrent readers of bytes inside a chunk being read wait for that
@@ -61,6 +62,7 @@ class Fetcher:
         self.pool = pool
         self.counters = counters
         self._flights: dict[FileIdentity, list[Flight]] = {}
+        self._assembly_lock = trio.Lock()
 
     async def chunk_at(self, stream: Stream, offset: int, chunk_size: int,
                        sequential: bool, want_end: int) -> Chunk:
@@ -168,3 +170,45 @@ class Fetcher:
             if not flights:
                 del self._flights[identity]
             flight.done.set()
+
+    async def assemble(self, stream: Stream, offset: int, size: int,
+                        chunk_size: int) -> tuple[bytearray, int]:
+        """A request spanning chunks: copy the pieces into one reserved reply buffer.
+
+        Returns the reply and the end of the last chunk used. The reservation is
+        released just before returning: pyfuse3 writes the reply synchronously
+        after the read handler returns, before any other reservation can be
+        granted on the event loop.
+        """
+        # One assembly at a time: its reply reservation is the only one that waits
+        # for chunk reservations while held, so serializing assemblies keeps every
+        # other reservation either in flight (finishing) or evictable cache.
+        async with self._assembly_lock:
+            await self.budget.reserve(size)
+            try:
+                return await self._assemble_reserved(stream, offset, size, chunk_size)
+            finally:
+                self.budget.release(size)
+
+    async def _assemble_reserved(self, stream: Stream, offset: int, size: int,
+                                 chunk_size: int) -> tuple[bytearray, int]:
+        handle = stream.handle
+        identity = handle.identity  # one reply, one version
+        reply = bytearray(size)
+        n = 0
+        chunk_end = offset
+        while n < size:
+            start, data, _ = await self.chunk_at(stream, offset + n, chunk_size,
+                                                         False, offset + size)
+            if handle.identity != identity:
+                raise IdentityChanged(handle.identity)  # two versions must never meet
+            chunk_end = start + len(data)
+            piece = memoryview(data)[offset + n - start:min(offset + size, chunk_end) - start]
+            taken = len(piece)
+            reply[n:n + taken] = piece
+            piece.release()
+            n += taken
+            if not taken or chunk_end >= identity.size:
+                break
+        del reply[n:]
+        return reply, chunk_end

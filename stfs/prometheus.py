@@ -96,6 +96,13 @@ GAUGES: tuple[tuple[str, str, str, Scale], ...] = (
      "Recent growth rate of the daemon's resident set.", _same),
     ("cgroup_memory_limit_bytes", "cgroup_memory_limit_bytes",
      "Memory limit of the daemon's cgroup, when there is one.", _same),
+    ("memory_limit_requested_bytes", "memory_limit_requested_bytes",
+     "--memory-limit as asked; memory_limit_bytes is the budget in use (fitted to the cgroup).",
+     _same),
+    ("cgroup_memory_usage_bytes", "cgroup_memory_usage_bytes",
+     "Memory the daemon's cgroup is charged for, page cache included.", _same),
+    ("cgroup_memory_working_set_bytes", "cgroup_memory_working_set_bytes",
+     "The cgroup's usage less the page cache the kernel can reclaim.", _same),
     ("rss_bytes", "rss_bytes", "Resident set size of the daemon.", _same),
     ("open_fds", "open_fds", "File descriptors open in the daemon.", _same),
     ("uptime_s", "uptime_seconds", "Seconds since the daemon started setting up the mount.",
@@ -221,7 +228,72 @@ def families(stats: Stats) -> Iterator[Metric]:
     for key, name, kind, help_text in BACKING_FD_METRICS:
         yield from one(kind, name, help_text, fds.get(key))
 
+    for key, name, help_text in MEMORY_COUNTERS:
+        yield from one("counter", name, help_text, stats.get(key))
+    source = stats.get("memory_limit_source")
+    if isinstance(source, str):
+        yield from labelled("memory_limit_source_info",
+                            "Where the budget in use comes from (always 1).", "source",
+                            [(source, 1)])
+    yield from _concurrency(mountpoint, _object(stats, "concurrency"))
     yield from _histogram(mountpoint, stats.get("read_latency_seconds"))
+
+
+MEMORY_COUNTERS: tuple[tuple[str, str, str], ...] = (
+    ("source_pages_dropped_bytes", "source_pages_dropped_bytes_total",
+     "SOURCE page cache dropped near the cgroup's limit (bytes the chunk cache held)."),
+    ("heap_trims", "heap_trims_total", "Times freed heap memory was given back to the system."),
+    ("budget_refits", "budget_refits_total", "Times the budget was fitted to the cgroup again."),
+)
+
+# concurrency key -> (metric name without prefix, kind, help text, scale)
+CONCURRENCY_METRICS: tuple[tuple[str, str, str, str, Scale], ...] = (
+    ("baseline_latency_ms", "store_baseline_latency_seconds", "gauge",
+     "The store's learned latency with no queue (windowed minimum of interval medians).",
+     lambda ms: ms / 1000.0),
+    ("latency_ms", "store_latency_seconds", "gauge",
+     "Median backing-read latency of the last interval.", lambda ms: ms / 1000.0),
+    ("latency_ratio", "store_latency_ratio", "gauge",
+     "Latency over the baseline; queueing shows as a ratio rising with concurrency.", _same),
+    ("throughput_bps", "store_throughput_bytes_per_second", "gauge",
+     "Bytes per second the store delivered in the last interval.", _same),
+    ("target", "store_concurrency_target", "gauge",
+     "Concurrent backing reads the congestion controller grants the store.", _same),
+    ("ceiling", "store_concurrency_ceiling", "gauge",
+     "Most the controller ever grants (--max-streams).", _same),
+    ("in_flight_reads", "store_in_flight_reads", "gauge",
+     "Backing reads in flight at the last completed read.", _same),
+    ("in_flight_bytes", "store_in_flight_bytes", "gauge", "Bytes of backing reads in flight.",
+     _same),
+    ("errors", "store_errors_total", "counter",
+     "Transient backing-read errors and timeouts the controller backed off for.", _same),
+    ("backoffs", "store_backoffs_total", "counter",
+     "Times the controller lowered the target for queueing or errors.", _same),
+)
+
+
+def _concurrency(mountpoint: str, figures: Stats) -> Iterator[Metric]:
+    """The congestion controller of SOURCE's store (``concurrency``), labelled by store."""
+    store = str(figures.get("source", ""))
+    for key, name, kind, help_text, scale in CONCURRENCY_METRICS:
+        number = _number(figures.get(key))
+        if number is None:
+            continue
+        family: CounterMetricFamily | GaugeMetricFamily
+        if kind == "counter":
+            family = CounterMetricFamily(PREFIX + name, help_text,
+                                         labels=["mountpoint", "store"])
+        else:
+            family = GaugeMetricFamily(PREFIX + name, help_text, labels=["mountpoint", "store"])
+        family.add_metric([mountpoint, store], scale(number))
+        yield family
+    reason = figures.get("reason")
+    if isinstance(reason, str):
+        family = GaugeMetricFamily(PREFIX + "store_concurrency_reason_info",
+                                   "Why the concurrency cap is where it is (always 1).",
+                                   labels=["mountpoint", "store", "reason"])
+        family.add_metric([mountpoint, store, reason], 1)
+        yield family
 
 
 def _histogram(mountpoint: str, hist: Any) -> Iterator[Metric]:

@@ -38,9 +38,10 @@ Control protocol (unix stream socket, JSON lines: one request line, one reply li
     rules, restarts their call counters and the random generator (``random.Random(seed)``).
     A bad rule is ``{"ok": false, "error": "..."}`` and leaves the old rules in place.
 ``{"cmd": "stats"}`` -> ``{"ok": true, "ops": {op: count}, "injected": {kind: count},
-    "reads": n, "read_bytes": n, "read_delay_s": S, "open_files": n, "open_dirs": n,
-    "rules": [{"calls": n, "injected": n}, ...]}``
-``{"cmd": "reset_stats"}``                -> ``{"ok": true}`` (ops, injected, reads, read_bytes)
+    "reads": n, "read_bytes": n, "read_delay_s": S, "peak_reads_in_flight": n,
+    "open_files": n, "open_dirs": n, "rules": [{"calls": n, "injected": n}, ...]}``
+``{"cmd": "reset_stats"}``                -> ``{"ok": true}`` (ops, injected, reads, read_bytes,
+    peak_reads_in_flight)
 ``{"cmd": "read_delay", "seconds": S}``  -> ``{"ok": true, "read_delay_s": S}``: every read
     request from now on takes S seconds more (0 turns it off; 0..3600), on top of any rule.
 ``{"cmd": "events", "since": SEQ}``       -> ``{"ok": true, "events": [[seq, t, op, path, kind],
@@ -226,6 +227,8 @@ class Faults:
         self.injected: collections.Counter[str] = collections.Counter()
         self.reads = 0
         self.read_bytes = 0
+        self.reads_in_flight = 0
+        self.peak_reads_in_flight = 0
         self.events: collections.deque[list[Any]] = collections.deque(maxlen=EVENTS_KEPT)
         self.next_seq = 0
 
@@ -249,6 +252,7 @@ class Faults:
         self.injected.clear()
         self.reads = 0
         self.read_bytes = 0
+        self.peak_reads_in_flight = self.reads_in_flight
 
     def decide(self, op: str, path: str) -> Decision:
         self.ops[op] += 1
@@ -298,6 +302,7 @@ class Faults:
     def stats(self) -> dict[str, Any]:
         return {"ops": dict(self.ops), "injected": dict(self.injected), "reads": self.reads,
                 "read_bytes": self.read_bytes, "read_delay_s": self.read_delay_s,
+                "peak_reads_in_flight": self.peak_reads_in_flight,
                 "rules": [{"calls": r.calls, "injected": r.injected} for r in self.rules]}
 
 
@@ -587,11 +592,17 @@ def serve(backing: str, mountpoint: str, control: str, seed: int, allow_other: b
             async with gate.enter(path):
                 decision = faults.decide("read", path)
                 delay = decision.delay_s + faults.read_delay_s
-                if delay:
-                    await trio.sleep(delay)
-                if decision.errno is not None:
-                    raise pyfuse3.FUSEError(decision.errno)
-                data = await trio.to_thread.run_sync(os.pread, fd, size, off)
+                faults.reads_in_flight += 1
+                faults.peak_reads_in_flight = max(faults.peak_reads_in_flight,
+                                                  faults.reads_in_flight)
+                try:
+                    if delay:
+                        await trio.sleep(delay)
+                    if decision.errno is not None:
+                        raise pyfuse3.FUSEError(decision.errno)
+                    data = await trio.to_thread.run_sync(os.pread, fd, size, off)
+                finally:
+                    faults.reads_in_flight -= 1
             if decision.corrupt:
                 data = faults.corrupt(data)
             faults.reads += 1

@@ -27,6 +27,7 @@ def full_snapshot() -> dict[str, Any]:
         hist.observe(seconds)
     numbers = {key: 1 for key, _, _ in prometheus.COUNTERS}
     numbers.update({key: 2 for key, _, _, _ in prometheus.GAUGES})
+    numbers.update({key: 3 for key, _, _ in prometheus.MEMORY_COUNTERS})
     return {
         **numbers, "version": 1, "pid": 7, "source": "/src", "mountpoint": "/m",
         "handles": [], "learned_throughput_bps": [1000], "metrics_port": None,
@@ -37,6 +38,12 @@ def full_snapshot() -> dict[str, Any]:
                       "sweeps": 3, "swept": 0, "emergency_cleanups": 0},
         "backing_fds": {"open": 1, "limit": 64, "reopens": 0},
         "read_latency_seconds": hist.as_dict(),
+        "memory_limit_source": "cgroup v1 /box",
+        "concurrency": {"source": "/src", "baseline_latency_ms": 100.0, "latency_ms": 102.0,
+                        "latency_ratio": 1.02, "throughput_bps": 5e7, "target": 10, "cap": 10,
+                        "ceiling": 10, "reason": "holding: at the ceiling (10)",
+                        "in_flight_reads": 8, "in_flight_bytes": 8 << 20, "errors": 0,
+                        "backoffs": 1},
     }
 
 
@@ -142,3 +149,16 @@ def test_the_collector_takes_a_fresh_snapshot_on_every_scrape() -> None:
 
 def test_the_content_type_is_the_one_of_the_text_format_written() -> None:
     assert prometheus.CONTENT_TYPE == "text/plain; version=0.0.4; charset=utf-8"
+
+
+def test_the_store_controller_is_exported_with_its_store_label() -> None:
+    got = families(prometheus.render(full_snapshot()))
+    baseline = got["stfs_store_baseline_latency_seconds"].samples[0]
+    assert baseline.labels == {"mountpoint": "/m", "store": "/src"}
+    assert baseline.value == pytest.approx(0.1)
+    assert got["stfs_store_concurrency_target"].samples[0].value == 10
+    assert got["stfs_store_backoffs"].samples[0].value == 1            # a counter's family name
+    reason = got["stfs_store_concurrency_reason_info"].samples[0]
+    assert reason.labels["reason"] == "holding: at the ceiling (10)" and reason.value == 1
+    without = {k: v for k, v in full_snapshot().items() if k != "concurrency"}
+    assert "stfs_store_concurrency_target" not in families(prometheus.render(without))

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from stfs import mount, prometheus, stats_cmd
+from stfs import daemon, prometheus, stats_cmd
 from stfs.config import human_bytes
 from tests.conftest import STFS, Mount, run_stfs
 
@@ -434,7 +434,7 @@ def test_json_still_prints_one_object(mounted: Mount) -> None:
 def test_human_bytes_is_the_one_formatter(value: object, shown: str) -> None:
     assert human_bytes(value) == shown
     assert vars(stats_cmd)["human_bytes"] is human_bytes  # the views use the one formatter
-    assert vars(mount)["human_bytes"] is human_bytes  # and so does systemd's STATUS= line
+    assert vars(daemon)["human_bytes"] is human_bytes  # and so does systemd's STATUS= line
 
 
 def test_stats_command_needs_neither_the_mount_module_nor_fuse() -> None:

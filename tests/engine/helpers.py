@@ -18,6 +18,7 @@ from stfs.checksums import ChecksumStore
 from stfs.engine import EngineConfig, ReadEngine
 from stfs.handles import HandleTable, OpenFile
 from stfs.metrics import Counters
+from stfs.streams import Stream
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -155,6 +156,13 @@ async def settle(engine: ReadEngine) -> None:
     await wait_until(lambda: engine.budget.speculative_bytes == 0
                      and "readahead" not in engine.resources.counts())
     await trio.testing.wait_all_tasks_blocked()
+
+
+def opened(engine: ReadEngine, handle: OpenFile) -> Stream:
+    """Open *handle* in *engine* and give its stream (as a first read would make it)."""
+    engine.open(handle)
+    stream, _ = engine.streams.of(handle)
+    return stream
 
 
 def fd_count() -> int:

@@ -7,20 +7,12 @@ from __future__ import annotations
 import pytest
 import trio
 
-from stfs.engine import ReadEngine
-from stfs.handles import OpenFile
 from stfs.streams import Stream
 from stfs.versions import IdentityChanged
 from tests.engine.fakes import FakeBacking
-from tests.engine.helpers import KIB, MIB, Source, make_engine, run
+from tests.engine.helpers import KIB, MIB, Source, make_engine, opened, run
 
 CHUNK = 256 * KIB
-
-
-def opened(engine: ReadEngine, handle: OpenFile) -> Stream:
-    engine.open(handle)
-    stream, _ = engine.streams.of(handle)
-    return stream
 
 
 def test_concurrent_requests_for_one_chunk_share_one_backing_read(src: Source) -> None:

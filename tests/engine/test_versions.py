@@ -10,18 +10,10 @@ import errno
 import pytest
 
 from stfs.engine import ReadEngine
-from stfs.handles import OpenFile
-from stfs.streams import Stream
 from stfs.versions import IdentityChanged
-from tests.engine.helpers import KIB, MIB, Source, make_engine, run
+from tests.engine.helpers import KIB, MIB, Source, make_engine, opened, run
 
 CHUNK = 64 * KIB
-
-
-def opened(engine: ReadEngine, handle: OpenFile) -> Stream:
-    engine.open(handle)
-    stream, _ = engine.streams.of(handle)
-    return stream
 
 
 def guard_engine(src: Source) -> ReadEngine:

@@ -16,7 +16,7 @@ from stfs.config import MountConfig
 from stfs.engine import ReadEngine
 from stfs.inodes import ROOT_NODEID
 from stfs.metrics import Counters
-from stfs.mount import engine_config
+from stfs.daemon import engine_config
 from stfs.view import View
 
 MIB = 1024 * 1024

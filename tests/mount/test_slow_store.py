@@ -1,0 +1,55 @@
+"""stfs over a slow store (faultfs with a per-request read delay): one
+sequential reader keeps several backing reads in flight, within the memory
+budget, and every byte is right."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Mount
+from tests.faultfs import FaultFS, faultfs_mount
+
+MIB = 1024 * 1024
+DELAY_S = 0.05
+
+
+@pytest.fixture
+def slow_store(tmp_path: Path) -> Iterator[FaultFS]:
+    """faultfs taking DELAY_S per read request (requested before ``mounter``, so
+    stfs on top of it is unmounted first)."""
+    with faultfs_mount(tmp_path) as fs:
+        fs.set_read_delay(DELAY_S)
+        yield fs
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        while block := f.read(MIB):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@pytest.mark.parametrize("limit", ["50M", "16M"])
+def test_one_sequential_reader_keeps_several_reads_in_flight_within_the_budget(
+        slow_store: FaultFS, mounter, limit: str) -> None:  # type: ignore[no-untyped-def]
+    data = os.urandom(24 * MIB)
+    (slow_store.backing / "big").write_bytes(data)
+    mount: Mount = mounter(slow_store.mountpoint, "--memory-limit", limit)
+    slow_store.reset_stats()
+    assert sha256_of(mount.mountpoint / "big") == hashlib.sha256(data).hexdigest()
+    store = slow_store.stats()
+    stats = mount.stats()
+    # The reader reads one request at a time; the store saw several at once.
+    assert store["peak_reads_in_flight"] >= 3, store
+    assert stats["readahead_chunks"] > 0
+    assert int(stats["peak_held_bytes"]) <= int(stats["memory_limit_bytes"])  # type: ignore[call-overload]
+    assert stats["errors"] == 0
+    concurrency = stats["concurrency"]
+    assert isinstance(concurrency, dict)
+    assert concurrency["backoffs"] == 0                 # steady latency is not congestion
