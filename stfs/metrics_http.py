@@ -14,9 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import trio
-from prometheus_client.exposition import generate_latest
 
-from stfs import prometheus
 from stfs.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -42,6 +40,12 @@ def parse_listen(text: str) -> tuple[str, int]:
 async def serve(host: str, port: int, stats: Callable[[], dict[str, Any]], *,
                 task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve /metrics until cancelled; reports the bound port through task_status."""
+    # Imported here: prometheus_client costs the daemon's idle RSS some 2 MiB,
+    # which only a mount with --metrics-listen needs to pay.
+    from prometheus_client.exposition import generate_latest
+
+    from stfs import prometheus
+
     registry = prometheus.registry_for(stats)
 
     async def handle(stream: trio.SocketStream) -> None:
