@@ -13,10 +13,10 @@ import trio
 
 from stfs.backing import Backing
 from stfs.config import MountConfig
+from stfs.daemon import engine_config
 from stfs.engine import ReadEngine
 from stfs.inodes import ROOT_NODEID
 from stfs.metrics import Counters
-from stfs.daemon import engine_config
 from stfs.view import View
 
 MIB = 1024 * 1024
