@@ -33,6 +33,10 @@ PAGE = 4 * KIB
 STREAMING_TRIGGER = 1 * MIB
 """Files smaller than this are read whole in one backing read and cached whole."""
 
+SLOW_READ_S = 0.01
+"""A stream whose chunk reads take this long (a network store) grows its
+read-ahead window four times per request instead of two."""
+
 LOW_THROUGHPUT_BPS = 5 * MIB
 """Below this average throughput the seeds try larger chunks (x1.2)."""
 
@@ -160,7 +164,7 @@ class StreamState:
 
     def observe(self, offset: int, size: int, base_chunk: int, cap_chunk: int,
                 max_window_chunks: int | Callable[[], int],
-                random_chunk: int | None = None) -> bool:
+                random_chunk: int | None = None, window_growth: int = 2) -> bool:
         """Account one request; returns whether it continues a sequential stream.
 
         Requests of one stream can arrive slightly out of order (the kernel keeps
@@ -179,7 +183,8 @@ class StreamState:
                 self.chunk_size = min(grown, cap_chunk)
                 bound = (max_window_chunks if isinstance(max_window_chunks, int)
                          else max_window_chunks())  # worked out only when it is needed
-                self.readahead_chunks = min(max(1, self.readahead_chunks * 2), bound)
+                self.readahead_chunks = min(max(1, self.readahead_chunks * window_growth),
+                                            bound)
         elif not sequential:
             self.sequential_reads = 0
             self.seeks += 1
@@ -244,7 +249,11 @@ class RequestPlanner:
             base = self.base_chunk(file_size, memory_use_pct, tracker.throughputs())
             random_chunk = self.random_chunk(offset, size)
         cap = self.sizer.cap(memory_use_pct)
-        sequential = state.observe(offset, size, base, cap, max_window_chunks, random_chunk)
+        latency_s = tracker.latency_s()
+        # Each step of a slow store's window costs a round trip: grow it faster.
+        growth = 4 if latency_s is not None and latency_s >= SLOW_READ_S else 2
+        sequential = state.observe(offset, size, base, cap, max_window_chunks, random_chunk,
+                                   growth)
         if sequential:
             # Never split a request over smaller chunks (a stream's first requests):
             # the pieces would be read one after another, a round trip each.

@@ -371,3 +371,18 @@ def test_plan_reads_a_small_file_whole_and_never_sequentially() -> None:
     state = StreamState(chunk_size=1 * MIB)
     assert planner().plan(state, 700 * KIB, 0, 4 * KIB, 0.0, ChunkPerformanceTracker(),
                           8) == (1 * MIB, False)
+
+
+def test_a_slow_stores_window_grows_four_times_per_request() -> None:
+    def windows(latency_s: float) -> list[int]:
+        p, tracker = planner(), ChunkPerformanceTracker()
+        tracker.record(1 * MIB, latency_s)
+        state = StreamState(chunk_size=256 * KIB)
+        trace = []
+        for offset in range(0, 5 * MIB, MIB):
+            p.plan(state, 200 * MIB, offset, MIB, 0.0, tracker, 64)
+            trace.append(state.readahead_chunks)
+        return trace
+
+    assert windows(0.001) == [0, 1, 2, 4, 8]          # a local disk: doubling
+    assert windows(0.1) == [0, 1, 4, 16, 64]          # 100 ms a read: four times
