@@ -19,7 +19,6 @@ MIB = 1024 * 1024
 UNLIMITED_V1 = "9223372036854771712"
 
 
-
 def remove_group(path: Path) -> None:
     """rmdir a test's cgroup, waiting out the kernel's lag after its last task left."""
     for _ in range(50):
