@@ -105,15 +105,12 @@ class ReadEngine:
                  store_name: str = "") -> None:
         self.config = config
         self.counters = counters
-        self.max_streams = config.max_streams
-        self.memory_limit = config.memory_limit
         self.resources = ResourceRegistry()
         self.descriptors = DescriptorTable(config.descriptor_limit, opener)
         self.budget = MemoryBudget(config.memory_limit)
         self.pool = BufferPool(min(POOL_MAX_BYTES, config.memory_limit // 4))
         self.cache = ChunkCache(config.cache_limit, self.budget, self.pool)
         self.budget.set_reclaimer(self._reclaim)
-        self.cache_capacity_bytes = config.cache_limit
         self.planner = RequestPlanner(AdaptiveChunkSizer(config.min_chunk, config.max_chunk))
         self.congestion = CongestionController(config.max_streams, name=store_name,
                                                now=time.monotonic())
@@ -197,6 +194,15 @@ class ReadEngine:
 
     # -- pressure (steered by pressure.PressureController) ----------------------
 
+    @property
+    def max_streams(self) -> int:
+        return self.config.max_streams
+
+    @property
+    def memory_limit(self) -> int:
+        """The budget in use (``set_memory_limit`` fits it to a memory cgroup)."""
+        return self.config.memory_limit
+
     def backing_reads_in_flight(self) -> int:
         return self.reads.in_flight()
 
@@ -230,9 +236,9 @@ class ReadEngine:
         self.monitor_memory_pct = memory_use_pct
         self.reads.set_cap(cap)
         self.readahead.set_enabled(level < Level.HEAVY)
-        floor = min(self.cache_capacity_bytes, 2 * self.config.max_chunk)
+        floor = min(self.config.cache_limit, 2 * self.config.max_chunk)
         self.cache.floor_bytes = floor if level >= Level.CRITICAL else 0
-        capacity = max(floor, int(self.cache_capacity_bytes * CACHE_SHARE[level]))
+        capacity = max(floor, int(self.config.cache_limit * CACHE_SHARE[level]))
         if capacity != self.cache.capacity_bytes:
             self.cache.capacity_bytes = capacity
             self.cache.shrink_to(capacity)
@@ -392,8 +398,6 @@ class ReadEngine:
         drain as reads finish, and new reservations wait meanwhile."""
         self.config = dataclasses.replace(self.config, memory_limit=limit,
                                           cache_limit=cache_limit)
-        self.memory_limit = limit
-        self.cache_capacity_bytes = cache_limit
         self.readahead.cache_limit = cache_limit
         self.pool.set_max_free_bytes(min(POOL_MAX_BYTES, limit // 4))
         self.read_around.window_bytes = min(

@@ -295,8 +295,11 @@ class PressureTarget(Protocol):
     the reads waiting for the cap now.
     """
 
-    max_streams: int
-    memory_limit: int
+    @property
+    def max_streams(self) -> int: ...
+
+    @property
+    def memory_limit(self) -> int: ...
 
     def backing_reads_in_flight(self) -> int: ...
 
