@@ -5,8 +5,8 @@ is the concurrency cap (pressure and congestion control set it), so the
 event loop never waits on a device; bytes SOURCE already has in its page
 cache are copied on the event loop with ``RWF_NOWAIT``, which cannot wait on
 a disk (local block devices only). Read-ahead also passes a second limiter
-that leaves one read of the cap to each active stream (and at least half of
-it), so demand reads always find room.
+that leaves ``DEMAND_RESERVE`` reads of the cap to demand reads, so a reader
+whose next chunk was not read ahead (or a random reader) finds room at once.
 
 Errors are retried by class (``stfs.retry``): speculative reads never,
 permission and missing-file errors never, ESTALE and EBADF after reopening
@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import errno
 import logging
+import math
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -45,8 +46,18 @@ from stfs.streams import Stream
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+DEMAND_RESERVE = 2
+"""Reads of the cap that read-ahead leaves free for demand reads. Not one per
+stream: read-ahead that keeps up with its readers spares them demand reads,
+and 8 readers of a 100 ms store read 40 MB/s leaving one read each of 10, 45
+leaving two in all."""
 LATENCY_SAMPLES = 2048
 RECENT_READS = 4096
+
+
+def speculative_share(cap: int) -> int:
+    """Reads of *cap* that read-ahead may hold at once."""
+    return max(1, cap - DEMAND_RESERVE)
 
 
 class BackingReader(Protocol):
@@ -125,9 +136,11 @@ class BackingReads:
         self._shed_memory = shed_memory
         self.congestion = congestion
         self._limiter = trio.CapacityLimiter(max_streams)
-        self._speculative_limiter = trio.CapacityLimiter(max(1, max_streams // 2))
+        """The cap, held by the task for as long as its thread runs."""
+        self._threads = trio.CapacityLimiter(math.inf)
+        """Threads for reads: as many as hold the cap (``_limiter`` bounds them)."""
+        self._speculative_limiter = trio.CapacityLimiter(speculative_share(max_streams))
         self.cap = max_streams
-        self._streams = 0
         self.reads = 0
         self.inline_reads = 0
         self.sizes: collections.Counter[int] = collections.Counter()
@@ -142,20 +155,7 @@ class BackingReads:
         if cap != self.cap:
             self.cap = cap
             self._limiter.total_tokens = cap
-            self._share_speculative()
-
-    def set_active_streams(self, streams: int) -> None:
-        """*streams* handles are reading: read-ahead leaves one read to each."""
-        self._streams = streams
-        self._share_speculative()
-
-    def _share_speculative(self) -> None:
-        # Read-ahead may take all but one read per active stream, and at least
-        # half the cap: one sequential reader of a slow store keeps most of the
-        # cap busy, many readers still find room for their demand reads.
-        tokens = max(1, self.cap // 2, self.cap - self._streams)
-        if tokens != self._speculative_limiter.total_tokens:
-            self._speculative_limiter.total_tokens = tokens
+            self._speculative_limiter.total_tokens = speculative_share(cap)
 
     def in_flight(self) -> int:
         return int(self._limiter.borrowed_tokens)
@@ -177,10 +177,13 @@ class BackingReads:
     async def read_chunk(self, stream: Stream, buf: bytearray, start: int, *,
                          speculative: bool,
                          resume: Callable[[], Awaitable[None]] | None = None,
+                         after: trio.Event | None = None,
+                         on_slot: Callable[[], None] | None = None,
                          ) -> tuple[ChunkData, FileIdentity]:
         """Fill *buf* from *start* of *stream*'s file: (data, the identity it is of).
 
-        *resume* runs before a demand read is retried (it proves the file unchanged).
+        *resume*, *after*, *on_slot*: see ``run`` (a copy from the page cache
+        takes no read slot).
         """
         handle = stream.handle
         began = time.monotonic()
@@ -198,7 +201,8 @@ class BackingReads:
             expected = handle.identity
             data, identity, seconds = await self.run(
                 stream, lambda fd: self._timed_pread(fd, buf, start, expected),
-                speculative=speculative, resume=resume)
+                speculative=speculative, resume=resume, after=after,
+                on_slot=on_slot)
         if not speculative:  # what the reader meets now
             stream.source_cached = cached is not None
         size = len(buf)
@@ -232,9 +236,13 @@ class BackingReads:
             self.descriptors.unpin(handle)
 
     async def run(self, stream: Stream, op: Callable[[int], T], *, speculative: bool = False,
-                  resume: Callable[[], Awaitable[None]] | None = None) -> T:
+                  resume: Callable[[], Awaitable[None]] | None = None,
+                  after: trio.Event | None = None,
+                  on_slot: Callable[[], None] | None = None) -> T:
         """Run blocking *op(fd)* on *stream*'s descriptor in a worker thread,
-        retrying by the error's policy (*resume* runs before each retry).
+        retrying by the error's policy (*resume* runs before each retry). The
+        read takes its slot under the cap once *after* is set (read-ahead goes
+        in file order), then calls *on_slot*.
 
         Speculative work is never retried: a failure just ends it, and the
         reader's own demand read retries.
@@ -244,12 +252,16 @@ class BackingReads:
         deadline = trio.current_time() + settings.deadline_s
         extra = self._speculative_limiter if speculative else contextlib.nullcontext()
         attempt = 0
+        if after is not None:
+            await after.wait()
         while True:
             try:
                 fd = await self.descriptors.pin(handle)
                 try:
-                    async with extra:
-                        result = await trio.to_thread.run_sync(op, fd, limiter=self._limiter)
+                    async with extra, self._limiter:
+                        if on_slot is not None:
+                            on_slot()
+                        result = await trio.to_thread.run_sync(op, fd, limiter=self._threads)
                 finally:
                     self.descriptors.unpin(handle)
                 if attempt:

@@ -37,6 +37,12 @@ SLOW_READ_S = 0.01
 """A stream whose chunk reads take this long (a network store) grows its
 read-ahead window four times per request instead of two."""
 
+EAGER_REQUEST = 256 * KIB
+"""A stream whose first request starts the file and is at least this big (the
+kernel's first read-ahead for a reader asking 128 KiB or more) is sequential
+from that request on: waiting for a second one would cost a slow store a
+round trip with nothing read ahead."""
+
 LOW_THROUGHPUT_BPS = 5 * MIB
 """Below this average throughput the seeds try larger chunks (x1.2)."""
 
@@ -176,7 +182,8 @@ class StreamState:
         sequential = self.is_sequential(offset, size)
         if sequential and offset + size > self.next_offset:
             self.sequential_reads += 1
-            if self.sequential_reads >= 2:
+            eager = self.sequential_reads == 1 and offset == 0 and size >= EAGER_REQUEST
+            if self.sequential_reads >= 2 or eager:
                 # Grow, and never stay below the kernel's request size: a request
                 # inside one chunk is answered without assembling pieces.
                 grown = max(self.chunk_size * 2, power_of_two_ceil(size))

@@ -124,7 +124,7 @@ class ReadEngine:
                                   max_chunk=config.max_chunk, handles_of=handles_of)
         self.fetcher = Fetcher(self.reads, self.guard, self.cache, self.budget, self.pool,
                                counters)
-        self.streams = StreamTable(self._new_stream, on_count=self.reads.set_active_streams)
+        self.streams = StreamTable(self._new_stream)
         self.read_around = ReadAround(
             kernel_store if config.read_around_bytes > 0 else None, kernel_invalidate,
             self.budget, read_around_window(config.read_around_bytes, config.memory_limit))
@@ -331,6 +331,14 @@ class ReadEngine:
             stream.cancel_readahead()
         stream.sequential = sequential
         end = offset + size
+        if sequential and end < file_size and not self.reads.is_local(handle):
+            # Before this request's chunk arrives: on a network store the reads of
+            # the chunks after it should overlap its read, not follow it. (A local
+            # device answers soon, and its page cache may hold the chunk: then
+            # read-ahead waits, see ``Stream.source_cached``.)
+            covered_to = self.fetcher.covered_to(handle.identity, offset, chunk_size)
+            self.readahead.schedule(
+                stream, offset + chunk_size if covered_to is None else covered_to, chunk_size)
         start, data, fresh = await self.fetcher.chunk_at(stream, offset, chunk_size,
                                                          sequential, end)
         if new_chunk and not fresh:

@@ -13,6 +13,7 @@ bytes of two versions never meet.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import NamedTuple
 
 import trio
@@ -126,11 +127,12 @@ class Fetcher:
         return None
 
     async def fetch(self, stream: Stream, start: int, chunk_size: int,
-                    speculative: bool) -> ChunkData | None:
+                    speculative: bool, after: trio.Event | None = None,
+                    on_slot: Callable[[], None] | None = None) -> ChunkData | None:
         """Read one chunk from SOURCE into the cache (single flight per chunk).
 
         Speculative (read-ahead): None when the chunk is covered already or the
-        budget has no room for it."""
+        budget has no room for it. *after*, *on_slot*: see ``BackingReads.run``."""
         handle = stream.handle
         identity = handle.identity
         if speculative:
@@ -149,7 +151,8 @@ class Fetcher:
             resume = (None if speculative
                       else functools.partial(self.guard.verify_resume, stream, buf))
             data, identity_now = await self.reads.read_chunk(
-                stream, buf, start, speculative=speculative, resume=resume)
+                stream, buf, start, speculative=speculative, resume=resume, after=after,
+                on_slot=on_slot)
             del buf, resume  # the pool reuses a buffer only when it is the sole owner
             if identity_now != identity:
                 handle.seen_identity = identity_now

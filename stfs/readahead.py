@@ -7,9 +7,12 @@
   product (its chunk reads' latency times the rate its reader consumes, with
   room to grow) and by a share of the chunk cache per stream: a slow store
   gets several chunk reads in flight for one reader, a slow reader no more
-  than it uses. Each
-  prefetch is a task in the engine's nursery, registered as a speculative
-  resource of its handle; a seek, a release or heavy pressure cancels it.
+  than it uses. Each prefetch is a task in the engine's nursery, registered
+  as a speculative resource of its handle; a seek, a release or heavy
+  pressure cancels it. A stream's prefetches take their read slots in file
+  order (each once the one scheduled before it holds a slot; tasks started
+  together run in any order): the chunk the reader needs next is never left
+  waiting behind ones it needs later.
   While a stream's demand reads find SOURCE's page cache holding the bytes,
   read-ahead waits: those copies are as quick as a cache hit.
 * Read-around: a random read of a file on a local block device offers the
@@ -116,30 +119,40 @@ class ReadAhead:
                 chunk_start = covered_to
                 continue
             stream.readahead_bytes += chunk_size
-            self._nursery.start_soon(self._prefetch, stream, chunk_start, chunk_size)
+            slot = trio.Event()
+            self._nursery.start_soon(self._prefetch, stream, chunk_start, chunk_size,
+                                     stream.readahead_slot, slot)
+            stream.readahead_slot = slot
             chunk_start += chunk_size
 
-    async def _prefetch(self, stream: Stream, start: int, chunk_size: int) -> None:
+    async def _prefetch(self, stream: Stream, start: int, chunk_size: int,
+                        after: trio.Event | None, slot: trio.Event) -> None:
+        """Read one chunk ahead: its read takes a read slot once the prefetch
+        scheduled before it (*after*) holds one, then sets *slot*."""
         handle = stream.handle
-        if self.streams.get(handle.fh) is not stream:  # released before this task ran
-            stream.readahead_bytes -= chunk_size
-            return
-        scope = trio.CancelScope()
-        stream.readahead_scopes.add(scope)
-        tracked = self.resources.register(handle.fh, "readahead", Priority.SPECULATIVE,
-                                          scope.cancel, chunk_size)
         try:
-            with scope:
-                if await self.fetcher.fetch(stream, start, chunk_size, speculative=True):
-                    self.chunks += 1
-        except (OSError, IdentityChanged) as exc:
-            log.debug("read-ahead of %r at %d stopped: %r", handle.path, start, exc)
-        except Exception:  # a background task: never take the mount down
-            log.exception("read-ahead of %s at %d failed", os.fsdecode(handle.path), start)
+            if self.streams.get(handle.fh) is not stream:  # released before this task ran
+                stream.readahead_bytes -= chunk_size
+                return
+            scope = trio.CancelScope()
+            stream.readahead_scopes.add(scope)
+            tracked = self.resources.register(handle.fh, "readahead", Priority.SPECULATIVE,
+                                              scope.cancel, chunk_size)
+            try:
+                with scope:
+                    if await self.fetcher.fetch(stream, start, chunk_size, speculative=True,
+                                                after=after, on_slot=slot.set):
+                        self.chunks += 1
+            except (OSError, IdentityChanged) as exc:
+                log.debug("read-ahead of %r at %d stopped: %r", handle.path, start, exc)
+            except Exception:  # a background task: never take the mount down
+                log.exception("read-ahead of %s at %d failed", os.fsdecode(handle.path), start)
+            finally:
+                self.resources.forget(tracked)
+                stream.readahead_scopes.discard(scope)
+                stream.readahead_bytes -= chunk_size
         finally:
-            self.resources.forget(tracked)
-            stream.readahead_scopes.discard(scope)
-            stream.readahead_bytes -= chunk_size
+            slot.set()
 
     # -- read-around ------------------------------------------------------------
 

@@ -36,6 +36,9 @@ class Stream:
     readahead_scopes: set[trio.CancelScope] = dataclasses.field(default_factory=set)
     readahead_bytes: int = 0
     """Bytes of read-ahead scheduled for this stream and not yet landed."""
+    readahead_slot: trio.Event | None = None
+    """Set once the latest read-ahead scheduled holds its read slot (or ended):
+    the next one waits for it, so a stream's read-ahead reads in file order."""
     chunk_seen: tuple[int, int] = (0, 0)
     """The chunk the last request was served from: requests inside it skip the
     identity check made before serving a new chunk."""
@@ -75,11 +78,8 @@ class Stream:
 class StreamTable:
     """Streams by file handle number: made at a handle's first read, dropped at release."""
 
-    def __init__(self, make: Callable[[OpenFile], Stream],
-                 on_count: Callable[[int], None] = lambda _n: None) -> None:
-        """*on_count* hears the number of streams whenever it changes."""
+    def __init__(self, make: Callable[[OpenFile], Stream]) -> None:
         self._make = make
-        self._on_count = on_count
         self._streams: dict[int, Stream] = {}
 
     def __len__(self) -> int:
@@ -100,7 +100,6 @@ class StreamTable:
         if stream is not None:
             return stream, False
         stream = self._streams[handle.fh] = self._make(handle)
-        self._on_count(len(self._streams))
         return stream, True
 
     def drop(self, fh: int) -> bool:
@@ -108,7 +107,6 @@ class StreamTable:
         stream = self._streams.pop(fh, None)
         if stream is None:
             return False
-        self._on_count(len(self._streams))
         stream.cancel_readahead()
         stream.verifier.reset()  # gives back what its reorder buffer reserved
         return True

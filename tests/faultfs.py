@@ -39,9 +39,11 @@ Control protocol (unix stream socket, JSON lines: one request line, one reply li
     A bad rule is ``{"ok": false, "error": "..."}`` and leaves the old rules in place.
 ``{"cmd": "stats"}`` -> ``{"ok": true, "ops": {op: count}, "injected": {kind: count},
     "reads": n, "read_bytes": n, "read_delay_s": S, "peak_reads_in_flight": n,
-    "open_files": n, "open_dirs": n, "rules": [{"calls": n, "injected": n}, ...]}``
+    "read_seconds": S (the reads' durations summed: over a span of time, its growth
+    divided by the span is the mean number of reads in flight), "open_files": n,
+    "open_dirs": n, "rules": [{"calls": n, "injected": n}, ...]}``
 ``{"cmd": "reset_stats"}``                -> ``{"ok": true}`` (ops, injected, reads, read_bytes,
-    peak_reads_in_flight)
+    read_seconds, peak_reads_in_flight)
 ``{"cmd": "read_delay", "seconds": S}``  -> ``{"ok": true, "read_delay_s": S}``: every read
     request from now on takes S seconds more (0 turns it off; 0..3600), on top of any rule.
 ``{"cmd": "events", "since": SEQ}``       -> ``{"ok": true, "events": [[seq, t, op, path, kind],
@@ -67,6 +69,7 @@ A rule is a JSON object::
      "probability": 0.1,   # chance per matching call; default 1
      "nth": [0, 3],        # only these matching calls (0-based, counted per rule)
      "count": 5,           # at most this many injections by this rule
+     "offset": 0,          # reads only: only requests whose bytes include this offset
      "delay_s": 0.2}       # "slow": the delay (default 0.2 s); errors: a delay before
                            # the error reply
 
@@ -156,10 +159,12 @@ class Rule:
     nth: frozenset[int] | None = None
     count: int | None = None
     delay_s: float | None = None
+    offset: int | None = None
     calls: int = 0
     injected: int = 0
 
-    KEYS = frozenset({"op", "path", "kind", "probability", "nth", "count", "delay_s"})
+    KEYS = frozenset({"op", "path", "kind", "probability", "nth", "count", "delay_s",
+                      "offset"})
 
     @classmethod
     def parse(cls, raw: object) -> Rule:
@@ -197,9 +202,16 @@ class Rule:
             delay = float(delay)
             if not 0.0 <= delay <= MAX_DELAY_S:
                 raise ValueError("delay_s is within 0..3600")
-        return cls(op, path, kinds, probability, nth, count, delay)
+        offset = raw.get("offset")
+        if offset is not None and (not isinstance(offset, int) or offset < 0):
+            raise ValueError("offset is a non-negative integer")
+        return cls(op, path, kinds, probability, nth, count, delay, offset)
 
-    def matches(self, op: str, path: str) -> bool:
+    def matches(self, op: str, path: str, span: tuple[int, int] | None = None) -> bool:
+        """Whether a call of *op* on *path* counts (*span*: a read's offset and size)."""
+        if self.offset is not None and (
+                span is None or not span[0] <= self.offset < span[0] + span[1]):
+            return False
         return (self.op == "*" or self.op == op) and fnmatch.fnmatchcase(path, self.path)
 
 
@@ -229,6 +241,7 @@ class Faults:
         self.read_bytes = 0
         self.reads_in_flight = 0
         self.peak_reads_in_flight = 0
+        self.read_seconds = 0.0
         self.events: collections.deque[list[Any]] = collections.deque(maxlen=EVENTS_KEPT)
         self.next_seq = 0
 
@@ -252,13 +265,14 @@ class Faults:
         self.injected.clear()
         self.reads = 0
         self.read_bytes = 0
+        self.read_seconds = 0.0
         self.peak_reads_in_flight = self.reads_in_flight
 
-    def decide(self, op: str, path: str) -> Decision:
+    def decide(self, op: str, path: str, span: tuple[int, int] | None = None) -> Decision:
         self.ops[op] += 1
         decision = Decision()
         for rule in self.rules:
-            if not rule.matches(op, path):
+            if not rule.matches(op, path, span):
                 continue
             index = rule.calls
             rule.calls += 1
@@ -303,6 +317,7 @@ class Faults:
         return {"ops": dict(self.ops), "injected": dict(self.injected), "reads": self.reads,
                 "read_bytes": self.read_bytes, "read_delay_s": self.read_delay_s,
                 "peak_reads_in_flight": self.peak_reads_in_flight,
+                "read_seconds": self.read_seconds,
                 "rules": [{"calls": r.calls, "injected": r.injected} for r in self.rules]}
 
 
@@ -590,11 +605,12 @@ def serve(backing: str, mountpoint: str, control: str, seed: int, allow_other: b
         async def read(self, fh: int, off: int, size: int) -> bytes:
             fd, _, path = self.files[fh]
             async with gate.enter(path):
-                decision = faults.decide("read", path)
+                decision = faults.decide("read", path, (off, size))
                 delay = decision.delay_s + faults.read_delay_s
                 faults.reads_in_flight += 1
                 faults.peak_reads_in_flight = max(faults.peak_reads_in_flight,
                                                   faults.reads_in_flight)
+                began = time.monotonic()
                 try:
                     if delay:
                         await trio.sleep(delay)
@@ -603,6 +619,7 @@ def serve(backing: str, mountpoint: str, control: str, seed: int, allow_other: b
                     data = await trio.to_thread.run_sync(os.pread, fd, size, off)
                 finally:
                     faults.reads_in_flight -= 1
+                    faults.read_seconds += time.monotonic() - began
             if decision.corrupt:
                 data = faults.corrupt(data)
             faults.reads += 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 
 from stfs.chunking import (
+    EAGER_REQUEST,
     PAGE,
     AdaptiveChunkSizer,
     ChunkPerformanceTracker,
@@ -384,5 +385,19 @@ def test_a_slow_stores_window_grows_four_times_per_request() -> None:
             trace.append(state.readahead_chunks)
         return trace
 
-    assert windows(0.001) == [0, 1, 2, 4, 8]          # a local disk: doubling
-    assert windows(0.1) == [0, 1, 4, 16, 64]          # 100 ms a read: four times
+    # A first request of 1 MiB at offset 0 starts the window at once (EAGER_REQUEST).
+    assert windows(0.001) == [1, 2, 4, 8, 16]         # a local disk: doubling
+    assert windows(0.1) == [1, 4, 16, 64, 64]         # 100 ms a read: four times
+
+
+def test_only_a_big_first_request_at_the_start_opens_the_window_at_once() -> None:
+    def first_window(offset: int, size: int) -> int:
+        state = StreamState(chunk_size=256 * KIB, next_offset=offset)
+        planner().plan(state, 200 * MIB, offset, size, 0.0, ChunkPerformanceTracker(), 64)
+        return state.readahead_chunks
+
+    assert first_window(0, EAGER_REQUEST) == 1
+    assert first_window(0, 1 * MIB) == 1
+    assert first_window(0, 128 * KIB) == 0          # a small first read: wait for the second
+    assert first_window(0, 4 * KIB) == 0            # file(1), a database's header
+    assert first_window(64 * MIB, 1 * MIB) == 0     # a first read elsewhere in the file

@@ -111,3 +111,39 @@ def test_disabling_and_dropping_cancel_queued_read_ahead(src: Source) -> None:
     run(engine, body)
     assert engine.budget.speculative_bytes == 0 and not engine.resources.counts().get(
         "readahead")
+
+
+def test_read_ahead_takes_read_slots_in_file_order(src: Source) -> None:
+    """Tasks started together run in any order (trio shuffles them); read-ahead
+    must still read the chunk the reader needs next first."""
+    src.write("f", 8 * MIB)
+    fake = FakeBacking(delay_s=0.002)
+    engine = make_engine(src, reader=fake, max_streams=2)      # read-ahead: one at a time
+
+    async def body() -> None:
+        stream = streaming(engine, src, 6)
+        for batch in range(6):  # each batch a new draw of trio's order
+            engine.readahead.schedule(stream, batch * 6 * CHUNK, CHUNK)
+            await wait_until(lambda: stream.readahead_bytes == 0)
+
+    run(engine, body)
+    assert fake.offsets == list(range(0, 36 * CHUNK, CHUNK))
+
+
+def test_a_request_schedules_read_ahead_before_its_own_chunk_arrives(src: Source) -> None:
+    """On a network store the next chunks' reads overlap the current one's."""
+    src.write("f", 8 * MIB)
+    fake = FakeBacking(local=False)
+    fake.arm()
+    engine = make_engine(src, reader=fake, max_streams=8)
+
+    async def body() -> None:
+        handle = src.open("f")
+        engine.open(handle)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(engine.read, handle, 0, 1 * MIB)   # a first big read
+            await wait_until(lambda: fake.held >= 2)              # its chunk and the next
+            assert sorted(fake.offsets)[:2] == [0, 1 * MIB]
+            fake.release()
+
+    run(engine, body)

@@ -104,10 +104,24 @@ def test_rules_match_op_path_and_count(faultfs: FaultFS) -> None:
     assert (faultfs.mountpoint / "small.txt").read_text() == "hello, faultfs\n"
 
 
+def test_an_offset_rule_hits_only_reads_that_include_the_offset(faultfs: FaultFS) -> None:
+    faultfs.set_rules([{"op": "read", "path": "big.bin", "kind": "EIO", "offset": MIB,
+                        "nth": [1]}])
+    fd = os.open(faultfs.mountpoint / "big.bin", os.O_RDONLY)
+    try:
+        got = [pread_errno(fd, offset) for offset in
+               (0, MIB, 2 * MIB, MIB - BLOCK // 2, MIB + BLOCK, MIB)]
+    finally:
+        os.close(fd)
+    # Reads including byte MIB: the 2nd, 4th (straddling it) and 6th; the 2nd of them fails.
+    assert got == [None, None, None, errno.EIO, None, None]
+    assert faultfs.stats()["rules"] == [{"calls": 3, "injected": 1}]
+
+
 def test_bad_rules_are_refused(faultfs: FaultFS) -> None:
     faultfs.set_rules([{"op": "read", "kind": "EIO", "nth": [0]}])
     for bad in ({"op": "write"}, {"kind": "ENOTANERRNO"}, {"probability": 2},
-                {"nth": "0"}, {"colour": "red"}):
+                {"nth": "0"}, {"offset": -1}, {"colour": "red"}):
         with pytest.raises(ValueError):
             faultfs.set_rules([bad])
     assert faultfs.stats()["rules"] == [{"calls": 0, "injected": 0}]  # the old rules stay
