@@ -170,7 +170,8 @@ class StreamState:
 
     def observe(self, offset: int, size: int, base_chunk: int, cap_chunk: int,
                 max_window_chunks: int | Callable[[], int],
-                random_chunk: int | None = None, window_growth: int = 2) -> bool:
+                random_chunk: int | None = None, window_growth: int = 2,
+                eager: bool = True) -> bool:
         """Account one request; returns whether it continues a sequential stream.
 
         Requests of one stream can arrive slightly out of order (the kernel keeps
@@ -178,11 +179,14 @@ class StreamState:
         the expected offset. A first seek falls back to the base size; a stream
         that keeps seeking (random access) uses *random_chunk* (its request size),
         since a 256K chunk per 4K read would read 64 times what is asked.
+        *eager*: a big first request at offset 0 may open the window at once
+        (``EAGER_REQUEST``).
         """
         sequential = self.is_sequential(offset, size)
         if sequential and offset + size > self.next_offset:
             self.sequential_reads += 1
-            eager = self.sequential_reads == 1 and offset == 0 and size >= EAGER_REQUEST
+            eager = (eager and self.sequential_reads == 1 and offset == 0
+                     and size >= EAGER_REQUEST)
             if self.sequential_reads >= 2 or eager:
                 # Grow, and never stay below the kernel's request size: a request
                 # inside one chunk is answered without assembling pieces.
@@ -246,9 +250,11 @@ class RequestPlanner:
 
     def plan(self, state: StreamState, file_size: int, offset: int, size: int,
              memory_use_pct: float, tracker: ChunkPerformanceTracker,
-             max_window_chunks: int | Callable[[], int]) -> tuple[int, bool]:
+             max_window_chunks: int | Callable[[], int], *,
+             eager: bool = True) -> tuple[int, bool]:
         """Account a request in *state*: (chunk size to read it with, whether it
-        continues a sequential stream). *tracker*: the stream's recent reads."""
+        continues a sequential stream). *tracker*: the stream's recent reads;
+        *eager*: see ``StreamState.observe``."""
         if self.is_small(file_size):
             return self.whole_file_chunk(file_size), False
         base = random_chunk = 0  # only a seek needs them; skip the arithmetic otherwise
@@ -260,7 +266,7 @@ class RequestPlanner:
         # Each step of a slow store's window costs a round trip: grow it faster.
         growth = 4 if latency_s is not None and latency_s >= SLOW_READ_S else 2
         sequential = state.observe(offset, size, base, cap, max_window_chunks, random_chunk,
-                                   growth)
+                                   growth, eager)
         if sequential:
             # Never split a request over smaller chunks (a stream's first requests):
             # the pieces would be read one after another, a round trip each.

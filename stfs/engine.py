@@ -167,6 +167,9 @@ class ReadEngine:
 
     async def release(self, handle: OpenFile) -> None:
         """Free everything *handle* holds, speculative work first, descriptor last."""
+        stream = self.streams.get(handle.fh)
+        if stream is not None:
+            self.readahead.abandon(stream)
         await self.resources.free_owner(handle.fh)
         self.streams.drop(handle.fh)
 
@@ -292,6 +295,7 @@ class ReadEngine:
         finally:
             counters.active_reads -= 1
         self.guard.note_served(stream)
+        self.readahead.note_served(stream, offset, offset + len(data))
         identity = handle.identity
         small = self.planner.is_small(identity.size)
         if offset != stream.next_offset:
@@ -326,9 +330,11 @@ class ReadEngine:
             return b""  # the kernel asks past the end only when it knows a new size
         chunk_size, sequential = self.planner.plan(
             stream.state, file_size, offset, size, self.memory_use_pct(), stream.tracker,
-            functools.partial(self.readahead.max_window_chunks, stream, stream.state.chunk_size))
+            functools.partial(self.readahead.max_window_chunks, stream, stream.state.chunk_size),
+            eager=self.readahead.earns_in_full())
         if not sequential:
             stream.cancel_readahead()
+            self.readahead.abandon(stream)
         stream.sequential = sequential
         end = offset + size
         if sequential and end < file_size and not self.reads.is_local(handle):

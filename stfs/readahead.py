@@ -15,6 +15,13 @@
   waiting behind ones it needs later.
   While a stream's demand reads find SOURCE's page cache holding the bytes,
   read-ahead waits: those copies are as quick as a cache hit.
+* What read-ahead earns: each chunk scheduled is *used* when a reply
+  includes its bytes, *wasted* when its stream seeks or is released first.
+  Below ``EARNED_FULL`` of the latest ``EARNED_OUTCOMES`` used, windows shrink
+  in proportion (never below one chunk, so the figure can recover) and a
+  stream no longer starts read-ahead at its first request: programs that
+  read a file's head and seek elsewhere stop paying a slow store for chunks
+  they never read.
 * Read-around: a random read of a file on a local block device offers the
   window around it to ``ReadAround``, which pushes it into the kernel's page
   cache for the mount when SOURCE has it cached.
@@ -22,6 +29,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import math
@@ -44,6 +52,12 @@ BDP_HEADROOM = 2
 itself limits the reader, its measured rate (and so the product) grows with it."""
 MIN_WINDOW_CHUNKS = 4
 """The window never shrinks below this for the product's sake."""
+EARNED_OUTCOMES = 64
+"""Read-ahead chunks (used or wasted) the earned share is taken over."""
+EARNED_MIN = 16
+"""Outcomes needed before the share counts (until then read-ahead earns in full)."""
+EARNED_FULL = 0.5
+"""The share of chunks used at and above which windows are not cut."""
 
 
 def bdp_chunks(stream: Stream, chunk_size: int) -> int | None:
@@ -61,6 +75,12 @@ class ReadAheadStatistics:
     enabled: bool
     chunks: int
     """Chunks read ahead that landed in the cache."""
+    used: int
+    """Chunks read ahead whose bytes a reply then included."""
+    wasted: int
+    """Chunks read ahead (or being read) when their stream seeked or closed."""
+    earned: float
+    """The share of the latest outcomes that were used (1.0 before there are enough)."""
     read_around_pushes: int
     read_around_bytes: int
 
@@ -77,6 +97,9 @@ class ReadAhead:
         self.cache_limit = cache_limit
         self.enabled = True
         self.chunks = 0
+        self.used = 0
+        self.wasted = 0
+        self._outcomes: collections.deque[bool] = collections.deque(maxlen=EARNED_OUTCOMES)
         self._nursery: trio.Nursery | None = None
 
     def attach(self, nursery: trio.Nursery | None) -> None:
@@ -99,7 +122,40 @@ class ReadAhead:
         bdp = bdp_chunks(stream, chunk_size)
         if bdp is not None:
             window = min(window, max(MIN_WINDOW_CHUNKS, BDP_HEADROOM * bdp))
+        earned = self.earned()
+        if earned < EARNED_FULL:
+            window = min(window, max(1, int(window * earned / EARNED_FULL)))
         return max(0, window)
+
+    # -- what read-ahead earns ----------------------------------------------------
+
+    def earned(self) -> float:
+        """The share of the latest read-ahead chunks that replies used."""
+        if len(self._outcomes) < EARNED_MIN:
+            return 1.0
+        return sum(self._outcomes) / len(self._outcomes)
+
+    def earns_in_full(self) -> bool:
+        """Whether read-ahead may start at a stream's first request."""
+        return self.earned() >= EARNED_FULL
+
+    def note_served(self, stream: Stream, offset: int, end: int) -> None:
+        """A reply covered [offset, end) of *stream*: chunks read ahead there were used."""
+        ahead = stream.readahead_chunks
+        if not ahead:
+            return
+        for start, size in list(ahead.items()):
+            if start < end and offset < start + size:
+                del ahead[start]
+                self.used += 1
+                self._outcomes.append(True)
+
+    def abandon(self, stream: Stream) -> None:
+        """*stream* seeked or closed: what it read ahead and did not use was wasted."""
+        ahead = stream.readahead_chunks
+        self.wasted += len(ahead)
+        self._outcomes.extend(False for _ in ahead)
+        ahead.clear()
 
     # -- read-ahead -------------------------------------------------------------
 
@@ -119,6 +175,7 @@ class ReadAhead:
                 chunk_start = covered_to
                 continue
             stream.readahead_bytes += chunk_size
+            stream.readahead_chunks[chunk_start] = chunk_size
             slot = trio.Event()
             self._nursery.start_soon(self._prefetch, stream, chunk_start, chunk_size,
                                      stream.readahead_slot, slot)
@@ -143,9 +200,13 @@ class ReadAhead:
                     if await self.fetcher.fetch(stream, start, chunk_size, speculative=True,
                                                 after=after, on_slot=slot.set):
                         self.chunks += 1
+                    else:  # covered already, or no room: nothing of it to judge
+                        stream.readahead_chunks.pop(start, None)
             except (OSError, IdentityChanged) as exc:
+                stream.readahead_chunks.pop(start, None)
                 log.debug("read-ahead of %r at %d stopped: %r", handle.path, start, exc)
             except Exception:  # a background task: never take the mount down
+                stream.readahead_chunks.pop(start, None)
                 log.exception("read-ahead of %s at %d failed", os.fsdecode(handle.path), start)
             finally:
                 self.resources.forget(tracked)
@@ -172,5 +233,6 @@ class ReadAhead:
                                self.read_around.window(offset, identity, whole_file_chunk))
 
     def statistics(self) -> ReadAheadStatistics:
-        return ReadAheadStatistics(self.enabled, self.chunks, self.read_around.pushes,
+        return ReadAheadStatistics(self.enabled, self.chunks, self.used, self.wasted,
+                                   self.earned(), self.read_around.pushes,
                                    self.read_around.pushed_bytes)

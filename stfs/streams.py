@@ -36,6 +36,8 @@ class Stream:
     readahead_scopes: set[trio.CancelScope] = dataclasses.field(default_factory=set)
     readahead_bytes: int = 0
     """Bytes of read-ahead scheduled for this stream and not yet landed."""
+    readahead_chunks: dict[int, int] = dataclasses.field(default_factory=dict)
+    """Chunks (start: size) read ahead, or being read, that no reply has used yet."""
     readahead_slot: trio.Event | None = None
     """Set once the latest read-ahead scheduled holds its read slot (or ended):
     the next one waits for it, so a stream's read-ahead reads in file order."""

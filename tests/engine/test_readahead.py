@@ -9,10 +9,20 @@ import trio
 import trio.testing
 
 from stfs.engine import ReadEngine
-from stfs.readahead import MAX_READAHEAD_BYTES, bdp_chunks
+from stfs.readahead import EARNED_FULL, EARNED_OUTCOMES, MAX_READAHEAD_BYTES, bdp_chunks
 from stfs.streams import RATE_SAMPLES, Stream
 from tests.engine.fakes import FakeBacking
-from tests.engine.helpers import KIB, MIB, Source, make_engine, run, wait_until
+from tests.engine.helpers import (
+    KIB,
+    MIB,
+    Source,
+    make_engine,
+    opened,
+    read_to_size,
+    run,
+    settle,
+    wait_until,
+)
 
 CHUNK = 128 * KIB
 
@@ -145,5 +155,53 @@ def test_a_request_schedules_read_ahead_before_its_own_chunk_arrives(src: Source
             await wait_until(lambda: fake.held >= 2)              # its chunk and the next
             assert sorted(fake.offsets)[:2] == [0, 1 * MIB]
             fake.release()
+
+    run(engine, body)
+
+
+def test_what_read_ahead_earns_is_counted_and_cuts_windows_when_low(src: Source) -> None:
+    """Chunks read ahead are used by replies or wasted by a seek or a close. When
+    programs keep reading a file's head and leaving, windows shrink and a first
+    request no longer starts read-ahead; whole-file readers earn it back."""
+    fake = FakeBacking(local=False)                # a network store: read-ahead starts early
+    engine = make_engine(src, reader=fake)
+    ahead = engine.readahead
+    files = iter(range(1000))
+
+    async def read(whole: bool) -> None:
+        name = f"f{next(files)}"                   # a new file: nothing of it cached
+        data = src.write(name, 8 * MIB)
+        handle = src.open(name)
+        engine.open(handle)
+        if whole:
+            assert await read_to_size(engine, handle, MIB) == data
+        else:
+            for offset in (0, MIB, 2 * MIB):
+                assert bytes(await engine.read(handle, offset, MIB)) == \
+                    data[offset:offset + MIB]
+        await settle(engine)
+        await engine.release(handle)
+
+    async def body() -> None:
+        await read(whole=True)
+        assert ahead.wasted == 0 and ahead.used > 0 and ahead.earned() == 1.0
+        used = ahead.used
+        while len(ahead._outcomes) < EARNED_OUTCOMES or ahead.earns_in_full():
+            await read(whole=False)
+        assert ahead.wasted > 0 and ahead.statistics().earned < EARNED_FULL
+        # A first big request at offset 0 reads nothing ahead now...
+        src.write("g", 8 * MIB)
+        handle = src.open("g")
+        stream = opened(engine, handle)
+        calls = len(fake.calls)
+        await engine.read(handle, 0, MIB)
+        await settle(engine)
+        assert stream.state.readahead_chunks == 0 and len(fake.calls) == calls + 1
+        # ...and a sequential stream's window is cut (at least one chunk stays).
+        assert 1 <= ahead.max_window_chunks(stream, MIB) < MAX_READAHEAD_BYTES // MIB
+        await engine.release(handle)
+        while not ahead.earns_in_full():
+            await read(whole=True)
+        assert ahead.used > used
 
     run(engine, body)
