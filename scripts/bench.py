@@ -556,25 +556,34 @@ def slow_sizes(delay_ms: float, quick: bool) -> SlowSizes:
     return SlowSizes(16 * MIB, 4 * MIB, 30) if quick else SlowSizes(64 * MIB, 8 * MIB, 100)
 
 
-def make_slow_data(root: Path, delays: list[float]) -> Path:
-    """BACKING of the slow store: a big file, a file per reader, a file read at random;
-    at the full run's sizes, so that quick runs (which read prefixes) reuse it."""
+def big_name(sizes: SlowSizes) -> str:
+    return f"big-{sizes.big_bytes // MIB}M.bin"
+
+
+def readers_dir(sizes: SlowSizes) -> str:
+    return f"readers-{sizes.reader_bytes // MIB}M"
+
+
+def make_slow_data(root: Path, delays: list[float], quick: bool) -> Path:
+    """BACKING of the slow store: for each delay's sizes a big file and a file per
+    reader, each read whole (as cp or sha256sum read them: nothing is read past
+    what the workload reads), and a file read at random. Kept between runs."""
     backing = root / "slow-source"
-    need = [slow_sizes(d, False) for d in delays]
-    big = max(n.big_bytes for n in need)
-    reader = max(n.reader_bytes for n in need)
-    manifest = root / "slow-manifest.json"
-    wanted = {"big": big, "reader": reader, "readers": SLOW_READERS, "random": SLOW_RANDOM_FILE}
-    if manifest.exists() and json.loads(manifest.read_text()) == wanted and backing.is_dir():
-        return backing
-    shutil.rmtree(backing, ignore_errors=True)
-    (backing / "readers").mkdir(parents=True)
-    print(f"bench: generating slow-store data in {backing}", file=sys.stderr)
-    write_random(backing / "big.bin", big)
-    for i in range(SLOW_READERS):
-        write_random(backing / "readers" / f"r{i}.bin", reader)
-    write_random(backing / "rand.bin", SLOW_RANDOM_FILE)
-    manifest.write_text(json.dumps(wanted))
+    print(f"bench: slow-store data in {backing}", file=sys.stderr)
+    for sizes in {slow_sizes(d, quick) for d in delays}:
+        big = backing / big_name(sizes)
+        if not big.exists() or big.stat().st_size != sizes.big_bytes:
+            big.parent.mkdir(parents=True, exist_ok=True)
+            write_random(big, sizes.big_bytes)
+        readers = backing / readers_dir(sizes)
+        readers.mkdir(parents=True, exist_ok=True)
+        for i in range(SLOW_READERS):
+            path = readers / f"r{i}.bin"
+            if not path.exists() or path.stat().st_size != sizes.reader_bytes:
+                write_random(path, sizes.reader_bytes)
+    rand = backing / "rand.bin"
+    if not rand.exists() or rand.stat().st_size != SLOW_RANDOM_FILE:
+        write_random(rand, SLOW_RANDOM_FILE)
     return backing
 
 
@@ -614,14 +623,16 @@ class SlowWorkloads:
         return time.monotonic() + self.time_limit
 
     def one_reader(self, t: Target) -> dict[str, float]:
-        deadline = self._cold(t, "big.bin")
+        name = big_name(self.sizes)
+        deadline = self._cold(t, name)
         began = time.perf_counter()
-        n = read_prefix(t.mountpoint / "big.bin", self.sizes.big_bytes, deadline)
+        n = read_prefix(t.mountpoint / name, self.sizes.big_bytes, deadline)
         return {"MB/s": n / (time.perf_counter() - began) / 1e6, "MiB": n / MIB}
 
     def readers8(self, t: Target) -> dict[str, float]:
-        deadline = self._cold(t, "readers")
-        paths = [t.mountpoint / "readers" / f"r{i}.bin" for i in range(SLOW_READERS)]
+        name = readers_dir(self.sizes)
+        deadline = self._cold(t, name)
+        paths = [t.mountpoint / name / f"r{i}.bin" for i in range(SLOW_READERS)]
         began = time.perf_counter()
         with concurrent.futures.ThreadPoolExecutor(len(paths)) as pool:
             done = list(pool.map(lambda p: read_prefix(p, self.sizes.reader_bytes, deadline),
@@ -665,7 +676,7 @@ def slow_scenario(root: Path, args: argparse.Namespace) -> dict[str, object]:
 
     quick = bool(args.quick)
     runs = args.runs or (1 if quick else 3)
-    backing = make_slow_data(root, args.delays)
+    backing = make_slow_data(root, args.delays, quick)
     mnt = root / "mnt"
     store_mnt = mnt / "slow-store"
     store_mnt.mkdir(parents=True, exist_ok=True)
