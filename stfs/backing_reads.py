@@ -40,6 +40,7 @@ from stfs.congestion import CongestionController
 from stfs.descriptors import DescriptorTable, FileReplacedError
 from stfs.handles import OpenFile
 from stfs.metrics import Counters, percentiles
+from stfs.random_reads import WideChunks
 from stfs.retry import DEFAULT_SETTINGS, REOPEN_ERRNOS, RetrySettings, sheds_memory
 from stfs.streams import Stream
 
@@ -149,6 +150,8 @@ class BackingReads:
             maxlen=RECENT_READS)
         self.tracker = ChunkPerformanceTracker()
         """Recent chunk reads of every stream (the chunk sizer's global view)."""
+        self.wide_chunks = WideChunks()
+        """What reads of each size cost in worker threads: how much a random read fetches."""
 
     def set_cap(self, cap: int) -> None:
         """Allow *cap* concurrent backing reads."""
@@ -206,9 +209,11 @@ class BackingReads:
         if not speculative:  # what the reader meets now
             stream.source_cached = cached is not None
         size = len(buf)
-        if cached is None and self.congestion is not None:
+        if cached is None:
             # Inline copies from the page cache say nothing about the store.
-            self.congestion.record(time.monotonic(), size, seconds, self.in_flight() + 1)
+            self.wide_chunks.record_read(size, seconds)
+            if self.congestion is not None:
+                self.congestion.record(time.monotonic(), size, seconds, self.in_flight() + 1)
         self.reads += 1
         self.inline_reads += cached is not None
         self.sizes[size] += 1

@@ -251,16 +251,20 @@ class RequestPlanner:
     def plan(self, state: StreamState, file_size: int, offset: int, size: int,
              memory_use_pct: float, tracker: ChunkPerformanceTracker,
              max_window_chunks: int | Callable[[], int], *,
-             eager: bool = True) -> tuple[int, bool]:
+             eager: bool = True,
+             widen: Callable[[int, int], int] | None = None) -> tuple[int, bool]:
         """Account a request in *state*: (chunk size to read it with, whether it
         continues a sequential stream). *tracker*: the stream's recent reads;
-        *eager*: see ``StreamState.observe``."""
+        *eager*: see ``StreamState.observe``; *widen(narrow, base)*: the chunk a
+        random read fetches (``random_reads.WideChunks.chunk``), else narrow."""
         if self.is_small(file_size):
             return self.whole_file_chunk(file_size), False
         base = random_chunk = 0  # only a seek needs them; skip the arithmetic otherwise
         if not state.is_sequential(offset, size):
             base = self.base_chunk(file_size, memory_use_pct, tracker.throughputs())
             random_chunk = self.random_chunk(offset, size)
+            if widen is not None:
+                random_chunk = widen(random_chunk, base)
         cap = self.sizer.cap(memory_use_pct)
         latency_s = tracker.latency_s()
         # Each step of a slow store's window costs a round trip: grow it faster.

@@ -331,7 +331,8 @@ class ReadEngine:
         chunk_size, sequential = self.planner.plan(
             stream.state, file_size, offset, size, self.memory_use_pct(), stream.tracker,
             functools.partial(self.readahead.max_window_chunks, stream, stream.state.chunk_size),
-            eager=self.readahead.earns_in_full())
+            eager=self.readahead.earns_in_full(),
+            widen=None if self.reads.is_local(handle) else self.reads.wide_chunks.chunk)
         if not sequential:
             stream.cancel_readahead()
             self.readahead.abandon(stream)
@@ -347,6 +348,8 @@ class ReadEngine:
                 stream, offset + chunk_size if covered_to is None else covered_to, chunk_size)
         start, data, fresh = await self.fetcher.chunk_at(stream, offset, chunk_size,
                                                          sequential, end)
+        if not sequential:
+            self.reads.wide_chunks.record_random(hit=not fresh)
         if new_chunk and not fresh:
             # Bytes from the cache (or another request's read): is the file still
             # that version? A chunk read just now was checked as it was read.

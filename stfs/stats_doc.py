@@ -64,6 +64,8 @@ def stats_document(*, source: str, mountpoint: str, view: View, engine: ReadEngi
         "readahead_used": ahead.used,
         "readahead_wasted": ahead.wasted,
         "readahead_earned": round(ahead.earned, 3),
+        "random_widened": engine.reads.wide_chunks.widened,
+        "random_hit_ratio": round(engine.reads.wide_chunks.hit_rate(), 3),
         "readahead_refused": budget.refused_speculative,
         "read_around_pushes": ahead.read_around_pushes,
         "read_around_bytes": ahead.read_around_bytes,
