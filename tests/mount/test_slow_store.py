@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -53,3 +54,24 @@ def test_one_sequential_reader_keeps_several_reads_in_flight_within_the_budget(
     concurrency = stats["concurrency"]
     assert isinstance(concurrency, dict)
     assert concurrency["backoffs"] == 0                 # steady latency is not congestion
+
+
+def test_random_reads_fetch_wider_chunks_and_are_answered_from_the_cache(
+        slow_store: FaultFS, mounter) -> None:  # type: ignore[no-untyped-def]
+    data = os.urandom(4 * MIB)
+    (slow_store.backing / "db").write_bytes(data)
+    mount: Mount = mounter(slow_store.mountpoint)
+    rng = random.Random(3)
+    fd = os.open(mount.mountpoint / "db", os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        for _ in range(60):
+            offset = rng.randrange(len(data) // 4096) * 4096
+            assert os.pread(fd, 4096, offset) == data[offset:offset + 4096]
+    finally:
+        os.close(fd)
+    stats = mount.stats()
+    # 60 random requests over 64 chunks of 64K (the base chunk): some hit earlier ones.
+    assert int(stats["random_widened"]) > 0, stats      # type: ignore[call-overload]
+    assert int(stats["cache_hits"]) > 0                 # type: ignore[call-overload]
+    assert stats["errors"] == 0
