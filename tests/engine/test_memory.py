@@ -4,6 +4,7 @@ controls, and the keeper's reaction (fake group readings, no FUSE)."""
 from __future__ import annotations
 
 import ctypes.util
+import dataclasses
 import os
 import select
 from collections.abc import Iterable
@@ -17,7 +18,13 @@ from stfs.backing import FileIdentity
 from stfs.cgroup import GroupReading, Limit, MemoryGroup, Usage
 from stfs.engine import EngineConfig, ReadEngine
 from stfs.handles import OpenFile
-from stfs.memory import OUT_OF_BUDGET_BYTES, BudgetFit, MemoryKeeper, fit_budget
+from stfs.memory import (
+    IN_FLIGHT_CACHE_BYTES,
+    OUT_OF_BUDGET_BYTES,
+    BudgetFit,
+    MemoryKeeper,
+    fit_budget,
+)
 from stfs.metrics import Counters
 from stfs.pressure import Level, MemoryMonitor, MemorySnapshot, PressureController
 from tests.engine.test_engine import Source, read_all, run
@@ -42,7 +49,8 @@ def test_without_a_group_limit_the_option_is_the_budget() -> None:
     assert fit_budget(50 * MIB, 37 * MIB, 4 * MIB, no_limit, 1, 1).source == "option"
 
 
-def test_the_budget_is_what_the_group_leaves_after_idle_others_slack_and_margin() -> None:
+def test_the_budget_is_what_the_group_leaves_after_idle_others_slack_in_flight_and_margin(
+        ) -> None:
     # 80 MiB group; its working set is the daemon's 21 MiB of anonymous memory,
     # 3 MiB of others (another process, kernel memory) and 2 MiB of mapped pages;
     # 30 MiB of clean page cache do not count.
@@ -51,10 +59,21 @@ def test_the_budget_is_what_the_group_leaves_after_idle_others_slack_and_margin(
                      idle_anon=21 * MIB, margin=MARGIN)
     others = 56 * MIB - 30 * MIB - 21 * MIB
     assert fit.others == others
-    assert fit.limit == 80 * MIB - others - 21 * MIB - OUT_OF_BUDGET_BYTES - MARGIN
+    assert fit.limit == (80 * MIB - others - 21 * MIB - OUT_OF_BUDGET_BYTES
+                         - IN_FLIGHT_CACHE_BYTES - MARGIN)
+    assert fit.limit == 25 * MIB
     assert fit.lowered and fit.source == "cgroup v1 /g/memory.limit_in_bytes"
     assert fit.cache_limit == 36 * MIB * fit.limit // (50 * MIB)   # the cache keeps its share
-    assert "leaves 33.0 MiB after 21.0 MiB idle, 5.0 MiB used by others" in fit.why()
+    assert ("leaves 25.0 MiB after 21.0 MiB idle, 5.0 MiB used by others in the group, "
+            "16.0 MiB outside the budget, 8.0 MiB for page cache in flight and a 5.0 MiB "
+            "margin") in fit.why()
+    # At the full budget the daemon's anonymous memory (idle + budget + 16 MiB)
+    # leaves the group room for the page cache that requests in flight lock,
+    # which the kernel cannot reclaim: readers' pages of the mount waiting for
+    # their replies (at most KERNEL_IN_FLIGHT_BYTES) and SOURCE pages under read.
+    full = 21 * MIB + fit.limit + OUT_OF_BUDGET_BYTES
+    assert 80 * MIB - others - full - MARGIN == IN_FLIGHT_CACHE_BYTES
+    assert IN_FLIGHT_CACHE_BYTES >= memory.KERNEL_IN_FLIGHT_BYTES
     # The daemon holding data now (own anonymous memory above idle) changes nothing.
     busy = reading(80 * MIB, total=56 * MIB + 10 * MIB, file=32 * MIB, mapped=2 * MIB)
     assert fit_budget(50 * MIB, 36 * MIB, 4 * MIB, busy, own_anon=31 * MIB,
@@ -66,12 +85,13 @@ def test_the_budget_is_what_the_group_leaves_after_idle_others_slack_and_margin(
 
 
 def test_a_group_too_small_to_serve_is_flagged_and_the_floor_kept() -> None:
-    fit = fit_budget(50 * MIB, 36 * MIB, 4 * MIB, reading(44 * MIB, 21 * MIB), 21 * MIB,
+    fit = fit_budget(50 * MIB, 36 * MIB, 4 * MIB, reading(52 * MIB, 21 * MIB), 21 * MIB,
                      21 * MIB, margin=MARGIN)
-    assert fit.fits == 44 * MIB - 21 * MIB - OUT_OF_BUDGET_BYTES - MARGIN   # 2 MiB
+    assert fit.fits == (52 * MIB - 21 * MIB - OUT_OF_BUDGET_BYTES - IN_FLIGHT_CACHE_BYTES
+                        - MARGIN) == 2 * MIB
     assert fit.too_small and fit.limit == 4 * MIB
     # A request below the floor is the user's choice: it only has to fit.
-    own = fit_budget(2 * MIB, MIB, 4 * MIB, reading(44 * MIB, 21 * MIB), 21 * MIB, 21 * MIB,
+    own = fit_budget(2 * MIB, MIB, 4 * MIB, reading(52 * MIB, 21 * MIB), 21 * MIB, 21 * MIB,
                      margin=MARGIN)
     assert not own.too_small and own.limit == 2 * MIB
 
@@ -234,6 +254,39 @@ def test_near_the_limit_the_keeper_pauses_read_around_and_drops_source_pages(
     calm, engine, _ = make_keeper(reading(100 * MIB, 50 * MIB), spans)
     trio.run(calm.step)
     assert not calm.near_limit and engine.paused == 0 and calm.source_dropped_bytes == 0
+
+
+def test_chunks_shed_in_a_tick_are_trimmed_from_the_heap_in_the_same_step(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    trims: list[int] = []
+    monkeypatch.setattr(memory, "trim_heap", lambda: trims.append(1) or True)
+
+    class Shedding(FakeEngine):
+        held = 26 * MIB
+
+        def held_bytes(self) -> int:
+            return self.held
+
+        def apply_pressure(self, level: Level, cap: int, memory_use_pct: float) -> None:
+            self.held = 6 * MIB                       # the level shed 20 MiB of cache
+
+    class Resident(FakeMonitor):
+        def sample(self, held_bytes: int, unevictable_bytes: int) -> MemorySnapshot:
+            snap = super().sample(held_bytes, unevictable_bytes)
+            self.snapshots[-1] = snap = dataclasses.replace(snap, rss_bytes=60 * MIB)
+            return snap
+
+    group = reading(200 * MIB, 60 * MIB)
+    start = fit_budget(50 * MIB, 36 * MIB, 4 * MIB, group, 21 * MIB, 21 * MIB)
+    engine, monitor = Shedding(start.limit), Resident(group)
+    keeper = MemoryKeeper(engine, PressureController(engine, monitor, idle_rss=30 * MIB), None,
+                          start, 21 * MIB, 1.0, lambda: [], lambda: None)
+    keeper.own_anon = lambda: 21 * MIB
+    # Sampled before the shed: RSS 60 = idle 30 + held 26 + 4 MiB of heap slack,
+    # within the trim threshold; after it the 20 MiB shed are free heap.
+    assert not memory.should_trim(60 * MIB, 30 * MIB, 26 * MIB)
+    trio.run(keeper.step)
+    assert trims == [1] and keeper.trims == 1
 
 
 @pytest.mark.parametrize(("kind", "urgent"), [("oom", True), ("pressure", False),
