@@ -44,6 +44,7 @@ from stfs.handles import HandleTable
 from stfs.metrics import Counters
 from stfs.state import StateStore
 from stfs.stats_doc import stats_document
+from stfs.versions import RECHECK_S
 from stfs.view import View
 
 log = logging.getLogger("stfs")
@@ -109,7 +110,8 @@ def engine_config(config: MountConfig, nofile_soft: int = 1024) -> EngineConfig:
                         max_chunk=config.max_chunk,
                         descriptor_limit=config.max_open_fds or descriptors.default_limit(
                             nofile_soft),
-                        retry=config.retry, read_around_bytes=config.read_around)
+                        retry=config.retry, read_around_bytes=config.read_around,
+                        recheck_s=min(RECHECK_S, config.attr_timeout))
 
 
 class Daemon:

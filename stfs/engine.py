@@ -78,6 +78,10 @@ class EngineConfig:
     retry: RetrySettings = DEFAULT_SETTINGS
     read_around_bytes: int = WINDOW_BYTES
     """Window pushed into the kernel page cache around a random read (0: off)."""
+    recheck_s: float = 0.0
+    """A handle whose file's identity was confirmed this recently serves a new
+    chunk without an fstat first (``VersionGuard.check_due``); the daemon uses
+    ``RECHECK_S`` or the attribute timeout if shorter, 0 checks every chunk."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,7 +125,8 @@ class ReadEngine:
                                   shed_memory=self._shed_for_memory_error,
                                   congestion=self.congestion)
         self.guard = VersionGuard(self.reads, self.budget, self.pool, counters,
-                                  max_chunk=config.max_chunk, handles_of=handles_of)
+                                  max_chunk=config.max_chunk, handles_of=handles_of,
+                                  recheck_s=config.recheck_s)
         self.fetcher = Fetcher(self.reads, self.guard, self.cache, self.budget, self.pool,
                                counters)
         self.streams = StreamTable(self._new_stream)
@@ -350,7 +355,7 @@ class ReadEngine:
                                                          sequential, end)
         if not sequential:
             self.reads.wide_chunks.record_random(hit=not fresh)
-        if new_chunk and not fresh:
+        if new_chunk and not fresh and self.guard.check_due(stream):
             # Bytes from the cache (or another request's read): is the file still
             # that version? A chunk read just now was checked as it was read.
             await self.guard.check(stream)

@@ -41,11 +41,13 @@ class Chunk(NamedTuple):
 class Flight:
     """One backing read in progress; readers of bytes inside it wait for it."""
 
-    __slots__ = ("data", "done", "error", "size", "start")
+    __slots__ = ("data", "done", "error", "size", "speculative", "start")
 
-    def __init__(self, start: int, size: int) -> None:
+    def __init__(self, start: int, size: int, speculative: bool) -> None:
         self.start = start
         self.size = size
+        self.speculative = speculative
+        """A read-ahead's read: tried once, so its error is not the reader's."""
         self.done = trio.Event()
         self.data: ChunkData | None = None
         self.error: BaseException | None = None
@@ -91,6 +93,8 @@ class Fetcher:
                 break
             await flight.done.wait()
             if flight.error is not None:
+                if flight.speculative:
+                    continue  # read-ahead is never retried: read it on demand, with retries
                 raise flight.error
             # Landed in the cache (or was cancelled): look again.
             landed: ChunkData | None = flight.data
@@ -142,7 +146,7 @@ class Fetcher:
                 return None
         else:
             await self.budget.reserve(chunk_size)
-        flight = Flight(start, chunk_size)
+        flight = Flight(start, chunk_size, speculative)
         flights = self._flights.setdefault(identity, [])
         flights.append(flight)
         cached = False
@@ -157,6 +161,7 @@ class Fetcher:
             if identity_now != identity:
                 handle.seen_identity = identity_now
                 raise IdentityChanged(identity_now)
+            self.guard.confirmed(stream)
             flight.data = data
             self.cache.insert((identity, start), data, chunk_size, handle.fh)
             cached = True

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 from collections.abc import Callable, Iterator
 
 import trio
@@ -49,6 +50,9 @@ class Stream:
     """Whether the latest request continued a sequential run."""
     next_offset: int = 0
     """Where the latest reply ended: a request elsewhere is a seek."""
+    confirmed_at: float = -math.inf
+    """When (monotonic) a fstat or a backing read of this stream last found the
+    file still the handle's version."""
     noted: FileIdentity | None = None
     """The version this stream last reported as served through the mount."""
     source_cached: bool = False

@@ -4,8 +4,12 @@ A handle serves one version of its file, its ``identity`` (device, inode,
 size, mtime_ns, ctime_ns). The rules:
 
 * Before serving bytes from a chunk it has not served from yet, a handle
-  fstat's its descriptor; every backing read fstat's before and after too.
-  A different identity means the file changed (``IdentityChanged``).
+  fstat's its descriptor, unless an fstat or a backing read of it found the
+  file unchanged less than ``RECHECK_S`` ago (and within the attribute
+  timeout): a stream fed by read-ahead would otherwise pay a round trip to
+  the store for each chunk, and a WAN store's fstat costs what a read does.
+  Every backing read fstat's after the read too. A different identity means
+  the file changed (``IdentityChanged``).
 * A handle that was served bytes of the old version keeps going on the new
   one only if re-reading what it answers for (the current pass's last
   checkpointed chunk and every chunk since, and its last reads elsewhere)
@@ -29,6 +33,7 @@ import collections
 import errno
 import logging
 import os
+import time
 from collections.abc import Callable, Iterable
 
 from stfs import lru
@@ -43,6 +48,8 @@ from stfs.streams import Stream
 
 log = logging.getLogger(__name__)
 
+RECHECK_S = 0.25
+"""How long a confirmed identity spares the fstat before a new chunk."""
 SERVED_IDENTITIES = 4096
 """Versions remembered as served through the mount (their pages may be cached)."""
 
@@ -60,17 +67,27 @@ class VersionGuard:
 
     def __init__(self, reads: BackingReads, budget: MemoryBudget, pool: BufferPool,
                  counters: Counters, *, max_chunk: int,
-                 handles_of: Callable[[int], Iterable[OpenFile]] = lambda _nodeid: ()) -> None:
+                 handles_of: Callable[[int], Iterable[OpenFile]] = lambda _nodeid: (),
+                 recheck_s: float = RECHECK_S) -> None:
         self.reads = reads
         self.budget = budget
         self.pool = pool
         self.counters = counters
         self.max_chunk = max_chunk
+        self.recheck_s = recheck_s
         self.handles_of = handles_of
         """The open handles of a node id, which share its kernel page cache."""
         self._served: collections.OrderedDict[FileIdentity, None] = collections.OrderedDict()
         """Versions recently served through the mount: the kernel's page cache may
         hold their pages, and serve them to any handle without asking stfs."""
+
+    def check_due(self, stream: Stream) -> bool:
+        """Whether serving a new chunk needs an fstat first (see the module docstring)."""
+        return time.monotonic() - stream.confirmed_at >= self.recheck_s
+
+    def confirmed(self, stream: Stream) -> None:
+        """A backing read of *stream* found the file still its handle's version."""
+        stream.confirmed_at = time.monotonic()
 
     async def check(self, stream: Stream) -> None:
         """fstat the open descriptor before serving a new chunk: a file changed
@@ -92,6 +109,7 @@ class VersionGuard:
         now = FileIdentity.of(st)
         if now != handle.identity:
             raise IdentityChanged(now)
+        self.confirmed(stream)
 
     def note_served(self, stream: Stream) -> None:
         """Bytes of the stream's version went to the kernel (its page cache may keep them)."""

@@ -4,6 +4,9 @@ disable and on drop."""
 
 from __future__ import annotations
 
+import errno
+import threading
+
 import pytest
 import trio
 import trio.testing
@@ -205,3 +208,31 @@ def test_what_read_ahead_earns_is_counted_and_cuts_windows_when_low(src: Source)
         assert ahead.used > used
 
     run(engine, body)
+
+
+def test_a_reader_waiting_on_a_failed_read_ahead_reads_for_itself(src: Source) -> None:
+    """Read-ahead is tried once: its transient error must not reach the reader
+    whose request waited for it; that request reads the chunk again, with retries."""
+    data = src.write("f", 4 * MIB)
+    gate = threading.Event()
+    fake = FakeBacking(errnos=[errno.EIO], before=lambda _index: gate.wait(5), local=False)
+    engine = make_engine(src, reader=fake)
+
+    async def body() -> bytes:
+        stream = streaming(engine, src, 1)
+        engine.readahead.schedule(stream, 0, CHUNK)            # the read that will fail
+        await wait_until(lambda: len(fake.calls) == 1)
+        async with trio.open_nursery() as nursery:
+            got: list[bytes] = []
+
+            async def reader() -> None:
+                got.append(bytes(await engine.read(stream.handle, 0, CHUNK)))
+
+            nursery.start_soon(reader)
+            await wait_until(lambda: engine.counters.active_reads == 1)
+            await trio.sleep(0.05)                              # waiting on the flight
+            gate.set()
+        return got[0]
+
+    assert run(engine, body) == data[:CHUNK]
+    assert engine.counters.errors == 0 and len(fake.calls) == 2

@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 
 import pytest
+import trio
 
 from stfs.engine import ReadEngine
 from stfs.versions import IdentityChanged
@@ -33,6 +34,34 @@ def test_check_passes_an_unchanged_file_and_raises_on_a_change(src: Source) -> N
         assert caught.value.identity == src.identity("f")
 
     run(engine, body)
+
+
+def test_a_recent_confirmation_spares_the_fstat_before_a_new_chunk(src: Source) -> None:
+    """Within recheck_s of a check (or a backing read that found the file
+    unchanged) a new chunk is served without an fstat; then it checks again."""
+    old = src.write("f", 2 * MIB, seed=1)
+    engine = make_engine(src, min_chunk=CHUNK, max_chunk=CHUNK, recheck_s=0.3)
+
+    async def body() -> None:
+        handle = src.open("f")
+        stream = opened(engine, handle)
+        assert engine.guard.check_due(stream)
+        await engine.read(handle, 0, CHUNK)                 # read: confirmed now
+        assert not engine.guard.check_due(stream)
+        await engine.read(handle, 4 * CHUNK, CHUNK)
+        src.rewrite_in_place("f", seed=2)
+        # Within the window chunk 0, cached, is served again without a check...
+        assert bytes(await engine.read(handle, 0, CHUNK)) == old[:CHUNK]
+        await trio.sleep(0.3)
+        assert engine.guard.check_due(stream)
+        # ...after it, the next new chunk checks and finds the change (EIO: this
+        # handle was served bytes that differ now).
+        with pytest.raises(OSError) as caught:
+            await engine.read(handle, 4 * CHUNK, CHUNK)
+        assert caught.value.errno == errno.EIO
+
+    run(engine, body)
+    assert engine.counters.changed_files == 1
 
 
 def test_a_stream_that_served_nothing_takes_the_new_version(src: Source) -> None:

@@ -88,7 +88,7 @@ def test_transient_faults_are_retried_and_the_copy_is_exact(faulty, mounter) -> 
     # The first read is the reader's own and is retried; later faults may hit a
     # read-ahead instead, which is dropped and read again on demand, unretried.
     assert stats["retries"] >= 1 and stats["recoveries"] >= 1, stats
-    assert stats["errors"] == 0
+    assert stats["errors"] == 0, mount.log()
     assert stats["interrupted_streams"] == 1 and stats["failed_streams"] == 0
     assert stats["recovered_streams"] == 1
     assert "retry 1 of 2 (file_system policy)" in mount.log()
