@@ -17,6 +17,7 @@ goes back to the system is ``memory``'s policy.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 
 # References to a buffer inside ``give``: the caller's variable, the parameter
 # and getrefcount's own argument. Anything above that is a holder elsewhere.
@@ -26,10 +27,13 @@ _SOLE_OWNER_REFS = 3
 class BufferPool:
     """Free lists of bytearrays by size."""
 
-    def __init__(self, max_free_bytes: int) -> None:
+    def __init__(self, max_free_bytes: int,
+                 on_drop: Callable[[int], None] = lambda _n: None) -> None:
+        """*on_drop(size)*: a buffer offered back was not kept (freed to the heap)."""
         self.max_free_bytes = max_free_bytes
         self.free_bytes = 0
         self._free: dict[int, list[bytearray]] = {}
+        self._on_drop = on_drop
         self.reused = 0
         self.allocated = 0
 
@@ -50,6 +54,7 @@ class BufferPool:
         size = len(buf)
         if (size & (size - 1) or self.free_bytes + size > self.max_free_bytes
                 or sys.getrefcount(buf) > _SOLE_OWNER_REFS):
+            self._on_drop(size)
             return
         self._free.setdefault(size, []).append(buf)
         self.free_bytes += size

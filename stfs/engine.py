@@ -44,6 +44,7 @@ from stfs.congestion import CongestionController
 from stfs.descriptors import DEFAULT_LIMIT, DescriptorTable, Opener
 from stfs.fetcher import Fetcher
 from stfs.handles import OpenFile
+from stfs.memory import HeapTrimmer
 from stfs.metrics import Counters, Histogram
 from stfs.pressure import CACHE_SHARE, Level
 from stfs.readahead import ReadAhead
@@ -112,7 +113,9 @@ class ReadEngine:
         self.resources = ResourceRegistry()
         self.descriptors = DescriptorTable(config.descriptor_limit, opener)
         self.budget = MemoryBudget(config.memory_limit)
-        self.pool = BufferPool(min(POOL_MAX_BYTES, config.memory_limit // 4))
+        self.trimmer = HeapTrimmer()
+        self.pool = BufferPool(min(POOL_MAX_BYTES, config.memory_limit // 4),
+                               on_drop=self.trimmer.dropped_buffer)
         self.cache = ChunkCache(config.cache_limit, self.budget, self.pool)
         self.budget.set_reclaimer(self._reclaim)
         self.planner = RequestPlanner(AdaptiveChunkSizer(config.min_chunk, config.max_chunk))
@@ -152,12 +155,14 @@ class ReadEngine:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 self.readahead.attach(nursery)
+                self.trimmer.attach(nursery)
                 self.checksums.attach(nursery)
                 task_status.started()
                 await trio.sleep_forever()
         finally:
             self.readahead.attach(None)
             self.checksums.attach(None)
+            self.trimmer.attach(None)
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(self.read_around.stop)
 

@@ -66,6 +66,12 @@ log = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
 MALLOC_ARENAS = 2
+TRIM_AFTER_DROPPED_BYTES = 8 * MIB
+"""Chunk buffers freed to the heap (the buffer pool full) after which the heap
+is trimmed at once rather than at the keeper's next tick: a fast reader frees
+that much in tens of milliseconds, and freed buffers stay resident until
+trimmed. Measured, 8 readers of a 5 ms store at --memory-limit 16M: RSS
+peaked at 62-66 MiB without, 58-60 with, at the same speed."""
 HEAP_TRIM_SLACK_BYTES = 4 * MIB
 """Free heap beyond this (RSS over idle + held data) is given back to the OS."""
 OUT_OF_BUDGET_BYTES = RSS_SLACK_BYTES
@@ -118,6 +124,37 @@ def trim_heap() -> bool:
     """Give free heap pages back to the OS (blocking: a worker thread). Returns
     whether anything was released."""
     return _libc is not None and bool(_libc.malloc_trim(0))
+
+
+class HeapTrimmer:
+    """Trims the heap in a worker thread once ``TRIM_AFTER_DROPPED_BYTES`` of
+    chunk buffers were freed to it (one trim at a time)."""
+
+    def __init__(self, after_bytes: int = TRIM_AFTER_DROPPED_BYTES) -> None:
+        self.after_bytes = after_bytes
+        self.dropped = 0
+        self.trims = 0
+        self._running = False
+        self._nursery: trio.Nursery | None = None
+
+    def attach(self, nursery: trio.Nursery | None) -> None:
+        """Where trims run (None: nowhere, nothing is trimmed)."""
+        self._nursery = nursery
+
+    def dropped_buffer(self, size: int) -> None:
+        """A buffer of *size* bytes went back to the heap."""
+        self.dropped += size
+        if self.dropped >= self.after_bytes and not self._running and self._nursery:
+            self.dropped = 0
+            self._running = True
+            self._nursery.start_soon(self._trim)
+
+    async def _trim(self) -> None:
+        try:
+            if await trio.to_thread.run_sync(trim_heap):
+                self.trims += 1
+        finally:
+            self._running = False
 
 
 def should_trim(rss: int, idle_rss: int, held: int) -> bool:

@@ -52,6 +52,7 @@ def stats_document(*, source: str, mountpoint: str, view: View, engine: ReadEngi
         "cache_misses": c.cache_misses,
         "memory_limit_bytes": budget.limit_bytes,
         **memory,
+        "heap_trims": int(memory.get("heap_trims") or 0) + engine.trimmer.trims,
         "held_bytes": budget.held_bytes,
         "peak_held_bytes": budget.peak_held_bytes,
         "open_handles": handles.open_files,

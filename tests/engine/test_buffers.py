@@ -36,3 +36,16 @@ def test_a_lower_bound_lets_idle_buffers_go_largest_first() -> None:
     assert pool.take(65536) is not None and pool.reused == 1
     pool.give(bytearray(1024 * 1024))                  # over the new bound: not kept
     assert pool.free_bytes == 65536
+
+
+def test_a_buffer_the_pool_does_not_keep_is_reported_dropped() -> None:
+    dropped: list[int] = []
+    pool = BufferPool(8192, on_drop=dropped.append)
+    pool.give(bytearray(4096))                 # kept
+    held = bytearray(4096)
+    keeper = [held]                            # someone else still refers to it
+    pool.give(held)
+    pool.give(bytearray(4096))                 # kept: the bound is reached
+    pool.give(bytearray(4096))                 # over the bound
+    pool.give(bytearray(3000))                 # not a power of two
+    assert dropped == [4096, 4096, 3000] and keeper

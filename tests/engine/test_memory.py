@@ -358,3 +358,26 @@ def test_the_engine_shrinks_to_a_new_budget_and_reads_go_on(src: Source) -> None
             await engine.release(handle)
 
     run(engine, body, timeout=60)
+
+
+def test_the_heap_is_trimmed_once_enough_buffers_were_dropped(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    monkeypatch.setattr(memory, "trim_heap", lambda: calls.append(1) or True)
+    trimmer = memory.HeapTrimmer(after_bytes=4 * MIB)
+
+    async def main() -> None:
+        trimmer.dropped_buffer(8 * MIB)                     # not attached: nothing runs
+        async with trio.open_nursery() as nursery:
+            trimmer.attach(nursery)
+            trimmer.dropped = 0
+            for _ in range(3):
+                trimmer.dropped_buffer(MIB)
+            await trio.sleep(0.05)
+            assert calls == []                              # 3 MiB: not yet
+            trimmer.dropped_buffer(MIB)
+            await trio.sleep(0.05)
+            assert calls == [1] and trimmer.trims == 1 and trimmer.dropped == 0
+            trimmer.attach(None)
+
+    trio.run(main)
