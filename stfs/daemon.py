@@ -327,6 +327,7 @@ class Daemon:
             self.engine, self.pressure, self.group, self.fit, idle_anon,
             self.config.monitor_interval, self._source_spans,
             lambda: self.engine.read_around.pause(True), self._tune_kernel)
+        self.engine.trimmer.needed = self.keeper.heap_over_slack
         log.debug("idle: RSS %d bytes, %d anonymous (%d estimated at the budget fit)",
                   idle_rss, idle_anon, self.fit.idle)
         await self.keeper.refit(monitor.read_group(), idle_anon, initial=True)  # idle measured now

@@ -365,6 +365,8 @@ def test_the_heap_is_trimmed_once_enough_buffers_were_dropped(
     calls: list[int] = []
     monkeypatch.setattr(memory, "trim_heap", lambda: calls.append(1) or True)
     trimmer = memory.HeapTrimmer(after_bytes=4 * MIB)
+    over = [False]
+    trimmer.needed = lambda: over[0]
 
     async def main() -> None:
         trimmer.dropped_buffer(8 * MIB)                     # not attached: nothing runs
@@ -376,6 +378,11 @@ def test_the_heap_is_trimmed_once_enough_buffers_were_dropped(
             await trio.sleep(0.05)
             assert calls == []                              # 3 MiB: not yet
             trimmer.dropped_buffer(MIB)
+            await trio.sleep(0.05)
+            assert calls == []                              # 4 MiB, but RSS is not over
+            over[0] = True
+            for _ in range(4):
+                trimmer.dropped_buffer(MIB)
             await trio.sleep(0.05)
             assert calls == [1] and trimmer.trims == 1 and trimmer.dropped == 0
             trimmer.attach(None)
