@@ -100,6 +100,8 @@ class ReadAhead:
         self.used = 0
         self.wasted = 0
         self._outcomes: collections.deque[bool] = collections.deque(maxlen=EARNED_OUTCOMES)
+        self._outcomes_used = 0
+        """How many of ``_outcomes`` are True (asked on every request)."""
         self._nursery: trio.Nursery | None = None
 
     def attach(self, nursery: trio.Nursery | None) -> None:
@@ -133,7 +135,14 @@ class ReadAhead:
         """The share of the latest read-ahead chunks that replies used."""
         if len(self._outcomes) < EARNED_MIN:
             return 1.0
-        return sum(self._outcomes) / len(self._outcomes)
+        return self._outcomes_used / len(self._outcomes)
+
+    def _outcome(self, used: bool) -> None:
+        outcomes = self._outcomes
+        if len(outcomes) == outcomes.maxlen:
+            self._outcomes_used -= outcomes[0]
+        outcomes.append(used)
+        self._outcomes_used += used
 
     def earns_in_full(self) -> bool:
         """Whether read-ahead may start at a stream's first request."""
@@ -148,13 +157,14 @@ class ReadAhead:
             if start < end and offset < start + size:
                 del ahead[start]
                 self.used += 1
-                self._outcomes.append(True)
+                self._outcome(True)
 
     def abandon(self, stream: Stream) -> None:
         """*stream* seeked or closed: what it read ahead and did not use was wasted."""
         ahead = stream.readahead_chunks
         self.wasted += len(ahead)
-        self._outcomes.extend(False for _ in ahead)
+        for _ in ahead:
+            self._outcome(False)
         ahead.clear()
 
     # -- read-ahead -------------------------------------------------------------
