@@ -19,6 +19,7 @@ import ctypes
 import errno
 import os
 import stat
+from collections.abc import Callable
 from typing import NamedTuple, Protocol
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -216,7 +217,9 @@ class Backing:
 
 
 def pread_identified(fd: int, buf: bytearray, offset: int,
-                     expected: FileIdentity | None = None) -> tuple[bytearray, FileIdentity]:
+                     expected: FileIdentity | None = None,
+                     read_done: Callable[[], None] | None = None,
+                     ) -> tuple[bytearray, FileIdentity]:
     """Fill *buf* from *offset* (shorter only at end of file) and say which
     version of the file the bytes belong to.
 
@@ -224,16 +227,23 @@ def pread_identified(fd: int, buf: bytearray, offset: int,
     means the file was written during the read, so it is read again (the bytes
     of one version never come labelled with another). With the *expected*
     identity, one fstat after the read does when it matches: any write since
-    that identity was seen would have moved the file's ctime.
+    that identity was seen would have moved the file's ctime. *read_done()* is
+    called once, when the first read has filled *buf*.
     """
     if expected is not None:
         n = _preadv_full(fd, buf, offset, 0)
+        if read_done is not None:
+            read_done()
+            read_done = None
         if FileIdentity.of(os.fstat(fd)) == expected:
             del buf[n:]
             return buf, expected
     before = FileIdentity.of(os.fstat(fd))
     for _ in range(3):
         n = _preadv_full(fd, buf, offset, 0)
+        if read_done is not None:
+            read_done()
+            read_done = None
         after = FileIdentity.of(os.fstat(fd))
         if after == before:
             break

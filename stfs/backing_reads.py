@@ -1,12 +1,14 @@
 """Backing reads: every read of SOURCE's bytes for the read path.
 
-A read runs in a worker thread behind a ``trio.CapacityLimiter`` whose size
-is the concurrency cap (pressure and congestion control set it), so the
-event loop never waits on a device; bytes SOURCE already has in its page
-cache are copied on the event loop with ``RWF_NOWAIT``, which cannot wait on
-a disk (local block devices only). Read-ahead also passes a second limiter
-that leaves ``DEMAND_RESERVE`` reads of the cap to demand reads, so a reader
-whose next chunk was not read ahead (or a random reader) finds room at once.
+A read runs in a worker thread under the concurrency cap (pressure and
+congestion control set it; ``stfs.read_slots`` keeps the slots busy), so
+the event loop never waits on a device; bytes SOURCE already has in its
+page cache are copied on the event loop with ``RWF_NOWAIT``, which cannot
+wait on a disk (local block devices only). Demand reads take a free slot
+before read-ahead, and while other streams are open read-ahead leaves
+``DEMAND_RESERVE`` slots of the cap to demand reads, so another stream's
+reader (a random one too) finds room at once; a lone stream's own demand
+reads are the chunks its read-ahead would read next, so it may use them all.
 
 Errors are retried by class (``stfs.retry``): speculative reads never,
 permission and missing-file errors never, ESTALE and EBADF after reopening
@@ -21,11 +23,10 @@ daemon, fakes in tests.
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import errno
+import functools
 import logging
-import math
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -41,6 +42,7 @@ from stfs.descriptors import DescriptorTable, FileReplacedError
 from stfs.handles import OpenFile
 from stfs.metrics import Counters, percentiles
 from stfs.random_reads import WideChunks
+from stfs.read_slots import ReadSlots, Release
 from stfs.retry import DEFAULT_SETTINGS, REOPEN_ERRNOS, RetrySettings, sheds_memory
 from stfs.streams import Stream
 
@@ -48,17 +50,20 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 DEMAND_RESERVE = 2
-"""Reads of the cap that read-ahead leaves free for demand reads. Not one per
-stream: read-ahead that keeps up with its readers spares them demand reads,
-and 8 readers of a 100 ms store read 40 MB/s leaving one read each of 10, 45
-leaving two in all."""
+"""Reads of the cap that read-ahead leaves free for demand reads while other
+streams are open. Not one per stream: read-ahead that keeps up with its
+readers spares them demand reads, and 8 readers of a 100 ms store read 40
+MB/s leaving one read each of 10, 45 leaving two in all."""
 LATENCY_SAMPLES = 2048
 RECENT_READS = 4096
 
 
-def speculative_share(cap: int) -> int:
-    """Reads of *cap* that read-ahead may hold at once."""
-    return max(1, cap - DEMAND_RESERVE)
+def speculative_share(cap: int, streams: int | None = None) -> int:
+    """Reads of *cap* that read-ahead may hold at once with *streams* open (None:
+    as many as the reserve is for): all of them for a lone stream, whose own
+    demand reads are the read-ahead it waits for (promoted ahead of the rest)."""
+    reserve = DEMAND_RESERVE if streams is None else min(DEMAND_RESERVE, max(0, streams - 1))
+    return max(1, cap - reserve)
 
 
 class BackingReader(Protocol):
@@ -66,9 +71,11 @@ class BackingReader(Protocol):
     (fstat before and after) the bytes belong to."""
 
     def pread(self, fd: int, buf: bytearray, offset: int,
-              expected: FileIdentity | None = None) -> tuple[ChunkData, FileIdentity]:
+              expected: FileIdentity | None = None,
+              read_done: Callable[[], None] | None = None) -> tuple[ChunkData, FileIdentity]:
         """Fill *buf* from *offset* (short only at end of file); *expected*: the
-        identity the caller holds, which spares an fstat when it still holds."""
+        identity the caller holds, which spares an fstat when it still holds;
+        *read_done()*: called once the bytes are in, before the fstat after them."""
 
     def pread_if_cached(self, fd: int, buf: bytearray,
                         offset: int) -> tuple[ChunkData, FileIdentity] | None:
@@ -86,8 +93,9 @@ class SourceReader:
     """The daemon's ``BackingReader``: ``stfs.backing``'s reads."""
 
     def pread(self, fd: int, buf: bytearray, offset: int,
-              expected: FileIdentity | None = None) -> tuple[ChunkData, FileIdentity]:
-        return backing.pread_identified(fd, buf, offset, expected)
+              expected: FileIdentity | None = None,
+              read_done: Callable[[], None] | None = None) -> tuple[ChunkData, FileIdentity]:
+        return backing.pread_identified(fd, buf, offset, expected, read_done)
 
     def pread_if_cached(self, fd: int, buf: bytearray,
                         offset: int) -> tuple[ChunkData, FileIdentity] | None:
@@ -109,6 +117,9 @@ class BackingReadStatistics:
     """Of those, copied from SOURCE's page cache on the event loop."""
     in_flight: int
     """Reads running in worker threads now."""
+    read_seconds: float
+    """Time spent in worker-thread reads, summed: its growth over a span divided
+    by the span is the mean number of reads in flight at the store."""
     cap: int
     """Concurrent backing reads allowed now."""
     chunk_sizes: dict[int, int]
@@ -136,14 +147,13 @@ class BackingReads:
         self.inline_cached_reads = inline_cached_reads
         self._shed_memory = shed_memory
         self.congestion = congestion
-        self._limiter = trio.CapacityLimiter(max_streams)
-        """The cap, held by the task for as long as its thread runs."""
-        self._threads = trio.CapacityLimiter(math.inf)
-        """Threads for reads: as many as hold the cap (``_limiter`` bounds them)."""
-        self._speculative_limiter = trio.CapacityLimiter(speculative_share(max_streams))
+        self.slots = ReadSlots(max_streams, speculative_share(max_streams))
         self.cap = max_streams
+        self.streams: int | None = None
+        """Streams open (read-ahead's share of the cap depends on it)."""
         self.reads = 0
         self.inline_reads = 0
+        self.read_seconds = 0.0
         self.sizes: collections.Counter[int] = collections.Counter()
         self._latencies_s: collections.deque[float] = collections.deque(maxlen=LATENCY_SAMPLES)
         self._recent: collections.deque[tuple[float, int, float]] = collections.deque(
@@ -157,16 +167,20 @@ class BackingReads:
         """Allow *cap* concurrent backing reads."""
         if cap != self.cap:
             self.cap = cap
-            self._limiter.total_tokens = cap
-            self._speculative_limiter.total_tokens = speculative_share(cap)
+            self.slots.set_cap(cap, speculative_share(cap, self.streams))
+
+    def set_streams(self, streams: int) -> None:
+        """*streams* are open now."""
+        if streams != self.streams:
+            self.streams = streams
+            self.slots.set_cap(self.cap, speculative_share(self.cap, streams))
 
     def in_flight(self) -> int:
-        return int(self._limiter.borrowed_tokens)
+        return self.slots.running
 
     def waiting(self) -> int:
         """Reads waiting for the cap now (read-ahead waits for its share of it)."""
-        return int(self._limiter.statistics().tasks_waiting
-                   + self._speculative_limiter.statistics().tasks_waiting)
+        return self.slots.waiting()
 
     def recent(self, since: float) -> list[tuple[int, float]]:
         """(size, seconds) of the reads that ended at or after *since* (monotonic)."""
@@ -181,11 +195,11 @@ class BackingReads:
                          speculative: bool,
                          resume: Callable[[], Awaitable[None]] | None = None,
                          after: trio.Event | None = None,
-                         on_slot: Callable[[], None] | None = None,
+                         on_queued: Callable[[Callable[[], None]], None] | None = None,
                          ) -> tuple[ChunkData, FileIdentity]:
         """Fill *buf* from *start* of *stream*'s file: (data, the identity it is of).
 
-        *resume*, *after*, *on_slot*: see ``run`` (a copy from the page cache
+        *resume*, *after*, *on_queued*: see ``run`` (a copy from the page cache
         takes no read slot).
         """
         handle = stream.handle
@@ -203,15 +217,16 @@ class BackingReads:
         else:
             expected = handle.identity
             data, identity, seconds = await self.run(
-                stream, lambda fd: self._timed_pread(fd, buf, start, expected),
+                stream, lambda fd, release: self._timed_pread(fd, buf, start, expected, release),
                 speculative=speculative, resume=resume, after=after,
-                on_slot=on_slot)
+                on_queued=on_queued)
         if not speculative:  # what the reader meets now
             stream.source_cached = cached is not None
         size = len(buf)
         if cached is None:
             # Inline copies from the page cache say nothing about the store.
             self.wide_chunks.record_read(size, seconds)
+            self.read_seconds += seconds
             if self.congestion is not None:
                 self.congestion.record(time.monotonic(), size, seconds, self.in_flight() + 1)
         self.reads += 1
@@ -223,12 +238,20 @@ class BackingReads:
         self.tracker.record(size, seconds)
         return data, identity
 
-    def _timed_pread(self, fd: int, buf: bytearray, offset: int,
-                     expected: FileIdentity) -> tuple[ChunkData, FileIdentity, float]:
-        """The read as the device served it, without time queued for a thread."""
+    def _timed_pread(self, fd: int, buf: bytearray, offset: int, expected: FileIdentity,
+                     release: Release) -> tuple[ChunkData, FileIdentity, float]:
+        """The read as the device served it, without time queued for a thread or
+        the fstat after it (which runs with the slot given back)."""
         began = time.monotonic()
-        data, identity = self.reader.pread(fd, buf, offset, expected)
-        return data, identity, time.monotonic() - began
+        ended = 0.0
+
+        def read_done() -> None:
+            nonlocal ended
+            ended = time.monotonic()
+            release()
+
+        data, identity = self.reader.pread(fd, buf, offset, expected, read_done)
+        return data, identity, (ended or time.monotonic()) - began
 
     async def fstat(self, stream: Stream) -> os.stat_result:
         """fstat of *stream*'s descriptor in a worker thread (a network file
@@ -236,18 +259,20 @@ class BackingReads:
         handle = stream.handle
         fd = await self.descriptors.pin(handle)
         try:
-            return await trio.to_thread.run_sync(os.fstat, fd, limiter=self._limiter)
+            return await self.slots.run(lambda _release: os.fstat(fd))
         finally:
             self.descriptors.unpin(handle)
 
-    async def run(self, stream: Stream, op: Callable[[int], T], *, speculative: bool = False,
+    async def run(self, stream: Stream, op: Callable[[int, Release], T], *,
+                  speculative: bool = False,
                   resume: Callable[[], Awaitable[None]] | None = None,
                   after: trio.Event | None = None,
-                  on_slot: Callable[[], None] | None = None) -> T:
-        """Run blocking *op(fd)* on *stream*'s descriptor in a worker thread,
+                  on_queued: Callable[[Callable[[], None]], None] | None = None) -> T:
+        """Run blocking *op(fd, release)* on *stream*'s descriptor in a read slot
+        (``release()`` gives the slot back before *op* ends),
         retrying by the error's policy (*resume* runs before each retry). The
         read takes its slot under the cap once *after* is set (read-ahead goes
-        in file order), then calls *on_slot*.
+        in file order), then calls *on_queued*.
 
         Speculative work is never retried: a failure just ends it, and the
         reader's own demand read retries.
@@ -255,7 +280,6 @@ class BackingReads:
         handle = stream.handle
         settings = self.retry
         deadline = trio.current_time() + settings.deadline_s
-        extra = self._speculative_limiter if speculative else contextlib.nullcontext()
         attempt = 0
         if after is not None:
             await after.wait()
@@ -263,10 +287,8 @@ class BackingReads:
             try:
                 fd = await self.descriptors.pin(handle)
                 try:
-                    async with extra, self._limiter:
-                        if on_slot is not None:
-                            on_slot()
-                        result = await trio.to_thread.run_sync(op, fd, limiter=self._threads)
+                    result = await self.slots.run(functools.partial(op, fd),
+                                                  speculative=speculative, on_queued=on_queued)
                 finally:
                     self.descriptors.unpin(handle)
                 if attempt:
@@ -307,6 +329,7 @@ class BackingReads:
     def statistics(self) -> BackingReadStatistics:
         return BackingReadStatistics(
             reads=self.reads, inline_reads=self.inline_reads, in_flight=self.in_flight(),
+            read_seconds=self.read_seconds,
             cap=self.cap, chunk_sizes=dict(sorted(self.sizes.items())),
             latency_ms={k: 1000 * v for k, v in percentiles(self._latencies_s).items()},
             learned_throughput_bps=self.tracker.throughputs())

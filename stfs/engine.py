@@ -117,7 +117,7 @@ class ReadEngine:
         self.pool = BufferPool(min(POOL_MAX_BYTES, config.memory_limit // 4),
                                on_drop=self.trimmer.dropped_buffer)
         self.cache = ChunkCache(config.cache_limit, self.budget, self.pool)
-        self.budget.set_reclaimer(self._reclaim)
+        self.budget.set_reclaimer(self._reclaim, speculative=self.cache.reclaim_scanned)
         self.planner = RequestPlanner(AdaptiveChunkSizer(config.min_chunk, config.max_chunk))
         self.congestion = CongestionController(config.max_streams, name=store_name,
                                                now=time.monotonic())
@@ -132,7 +132,7 @@ class ReadEngine:
                                   recheck_s=config.recheck_s)
         self.fetcher = Fetcher(self.reads, self.guard, self.cache, self.budget, self.pool,
                                counters)
-        self.streams = StreamTable(self._new_stream)
+        self.streams = StreamTable(self._new_stream, on_count=self.reads.set_streams)
         self.read_around = ReadAround(
             kernel_store if config.read_around_bytes > 0 else None, kernel_invalidate,
             self.budget, read_around_window(config.read_around_bytes, config.memory_limit))

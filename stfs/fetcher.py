@@ -41,13 +41,15 @@ class Chunk(NamedTuple):
 class Flight:
     """One backing read in progress; readers of bytes inside it wait for it."""
 
-    __slots__ = ("data", "done", "error", "size", "speculative", "start")
+    __slots__ = ("data", "done", "error", "promote", "size", "speculative", "start")
 
     def __init__(self, start: int, size: int, speculative: bool) -> None:
         self.start = start
         self.size = size
         self.speculative = speculative
         """A read-ahead's read: tried once, so its error is not the reader's."""
+        self.promote: Callable[[], None] | None = None
+        """Makes a read-ahead still queued for a slot a demand read (a reader waits)."""
         self.done = trio.Event()
         self.data: ChunkData | None = None
         self.error: BaseException | None = None
@@ -91,6 +93,8 @@ class Fetcher:
             flight = self.flight_at(identity, offset)
             if flight is None:
                 break
+            if flight.promote is not None:
+                flight.promote()
             await flight.done.wait()
             if flight.error is not None:
                 if flight.speculative:
@@ -132,11 +136,11 @@ class Fetcher:
 
     async def fetch(self, stream: Stream, start: int, chunk_size: int,
                     speculative: bool, after: trio.Event | None = None,
-                    on_slot: Callable[[], None] | None = None) -> ChunkData | None:
+                    on_queued: Callable[[], None] | None = None) -> ChunkData | None:
         """Read one chunk from SOURCE into the cache (single flight per chunk).
 
         Speculative (read-ahead): None when the chunk is covered already or the
-        budget has no room for it. *after*, *on_slot*: see ``BackingReads.run``."""
+        budget has no room for it. *after*, *on_queued*: see ``BackingReads.run``."""
         handle = stream.handle
         identity = handle.identity
         if speculative:
@@ -154,9 +158,15 @@ class Fetcher:
             buf = self.pool.take(chunk_size)
             resume = (None if speculative
                       else functools.partial(self.guard.verify_resume, stream, buf))
+
+            def queued(promote: Callable[[], None]) -> None:
+                flight.promote = promote
+                if on_queued is not None:
+                    on_queued()
+
             data, identity_now = await self.reads.read_chunk(
                 stream, buf, start, speculative=speculative, resume=resume, after=after,
-                on_slot=on_slot)
+                on_queued=queued)
             del buf, resume  # the pool reuses a buffer only when it is the sole owner
             if identity_now != identity:
                 handle.seen_identity = identity_now
@@ -174,6 +184,7 @@ class Fetcher:
                 self.budget.speculative_done(chunk_size)
             if not cached:
                 self.budget.release(chunk_size)
+            flight.promote = None  # it holds the read's job (and so its buffer)
             flights.remove(flight)
             if not flights:
                 del self._flights[identity]

@@ -60,6 +60,9 @@ COUNTERS: tuple[tuple[str, str, str], ...] = (
      "Whole-file reads whose checksum differed from the one recorded for the same identity."),
     ("errors", "errors_total", "Reads that failed with an error returned to the reader."),
     ("backing_reads", "backing_reads_total", "Reads issued to the backing file system."),
+    ("backing_read_seconds", "backing_read_seconds_total",
+     "Time in backing reads run in worker threads, summed (its rate is the mean reads "
+     "in flight)."),
     ("inline_reads", "inline_reads_total",
      "Backing reads of bytes already in the page cache, copied on the event loop (RWF_NOWAIT)."),
     ("readahead_chunks", "readahead_chunks_total", "Chunks fetched ahead of the reader."),

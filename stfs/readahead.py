@@ -9,10 +9,11 @@
   gets several chunk reads in flight for one reader, a slow reader no more
   than it uses. Each prefetch is a task in the engine's nursery, registered
   as a speculative resource of its handle; a seek, a release or heavy
-  pressure cancels it. A stream's prefetches take their read slots in file
-  order (each once the one scheduled before it holds a slot; tasks started
+  pressure cancels it. A stream's prefetches queue for read slots in file
+  order (each once the one scheduled before it is queued; tasks started
   together run in any order): the chunk the reader needs next is never left
-  waiting behind ones it needs later.
+  waiting behind ones it needs later. A reader that comes to wait for a
+  prefetch still queued makes it a demand read (``Flight.promote``).
   While a stream's demand reads find SOURCE's page cache holding the bytes,
   read-ahead waits: those copies are as quick as a cache hit.
 * What read-ahead earns: each chunk scheduled is *used* when a reply
@@ -194,8 +195,8 @@ class ReadAhead:
 
     async def _prefetch(self, stream: Stream, start: int, chunk_size: int,
                         after: trio.Event | None, slot: trio.Event) -> None:
-        """Read one chunk ahead: its read takes a read slot once the prefetch
-        scheduled before it (*after*) holds one, then sets *slot*."""
+        """Read one chunk ahead: its read queues for a read slot once the
+        prefetch scheduled before it (*after*) is queued, then sets *slot*."""
         handle = stream.handle
         try:
             if self.streams.get(handle.fh) is not stream:  # released before this task ran
@@ -208,7 +209,7 @@ class ReadAhead:
             try:
                 with scope:
                     if await self.fetcher.fetch(stream, start, chunk_size, speculative=True,
-                                                after=after, on_slot=slot.set):
+                                                after=after, on_queued=slot.set):
                         self.chunks += 1
                     else:  # covered already, or no room: nothing of it to judge
                         stream.readahead_chunks.pop(start, None)

@@ -61,6 +61,7 @@ def stats_document(*, source: str, mountpoint: str, view: View, engine: ReadEngi
         "active_reads": c.active_reads,
         "backing_reads": reads.reads,
         "inline_reads": reads.inline_reads,
+        "backing_read_seconds": round(reads.read_seconds, 3),
         "readahead_chunks": ahead.chunks,
         "readahead_used": ahead.used,
         "readahead_wasted": ahead.wasted,

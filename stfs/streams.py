@@ -84,8 +84,11 @@ class Stream:
 class StreamTable:
     """Streams by file handle number: made at a handle's first read, dropped at release."""
 
-    def __init__(self, make: Callable[[OpenFile], Stream]) -> None:
+    def __init__(self, make: Callable[[OpenFile], Stream],
+                 on_count: Callable[[int], None] = lambda _n: None) -> None:
+        """*on_count(n)*: there are *n* streams now (after each one made or dropped)."""
         self._make = make
+        self._on_count = on_count
         self._streams: dict[int, Stream] = {}
 
     def __len__(self) -> int:
@@ -106,6 +109,7 @@ class StreamTable:
         if stream is not None:
             return stream, False
         stream = self._streams[handle.fh] = self._make(handle)
+        self._on_count(len(self._streams))
         return stream, True
 
     def drop(self, fh: int) -> bool:
@@ -115,6 +119,7 @@ class StreamTable:
             return False
         stream.cancel_readahead()
         stream.verifier.reset()  # gives back what its reorder buffer reserved
+        self._on_count(len(self._streams))
         return True
 
     def cancel_readahead(self) -> None:

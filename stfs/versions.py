@@ -231,8 +231,8 @@ class VersionGuard:
         """Re-read one served chunk (with retries) and compare its digest."""
         reader = self.reads.reader
         digest, got, read_under = await self.reads.run(
-            stream, lambda fd: reader.pread_digest(fd, scratch, piece.start, piece.end,
-                                                   piece.hasher()))
+            stream, lambda fd, _release: reader.pread_digest(fd, scratch, piece.start,
+                                                             piece.end, piece.hasher()))
         if read_under != identity:
             stream.handle.seen_identity = read_under
             return "it changed again while being checked"

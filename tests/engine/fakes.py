@@ -81,12 +81,26 @@ class FakeBacking(SourceReader):
         self._gate.wait(HOLD_TIMEOUT_S)
 
     def pread(self, fd: int, buf: bytearray, offset: int,
-              expected: FileIdentity | None = None) -> tuple[ChunkData, FileIdentity]:
+              expected: FileIdentity | None = None,
+              read_done: Callable[[], None] | None = None) -> tuple[ChunkData, FileIdentity]:
+        """In flight (``in_flight``, ``peak``) until the bytes are in: the fstat
+        after them runs with the read slot given back."""
         with self._lock:
             index = len(self.calls)
             self.calls.append((offset, len(buf)))
             self.in_flight += 1
             self.peak = max(self.peak, self.in_flight)
+        landed = False
+
+        def done() -> None:
+            nonlocal landed
+            if not landed:
+                landed = True
+                with self._lock:
+                    self.in_flight -= 1
+            if read_done is not None:
+                read_done()
+
         try:
             if index < len(self.errnos) and self.errnos[index] is not None:
                 if self.before is not None:
@@ -96,15 +110,17 @@ class FakeBacking(SourceReader):
                 self._wait()
             if self.delay_s:
                 time.sleep(self.delay_s)
-            data, identity = super().pread(fd, buf, offset, expected)
+            data, identity = super().pread(fd, buf, offset, expected, done)
             if self.corrupt is not None:
                 self.corrupt(offset, data)
             if self.hold_after(offset, index + 1):
                 self._wait()
             return data, identity
         finally:
-            with self._lock:
-                self.in_flight -= 1
+            if not landed:
+                landed = True
+                with self._lock:
+                    self.in_flight -= 1
 
     def pread_if_cached(self, fd: int, buf: bytearray,
                         offset: int) -> tuple[ChunkData, FileIdentity] | None:

@@ -268,3 +268,31 @@ def test_pread_identified_with_the_expected_identity_needs_it_to_still_hold(
         assert bytes(data) == b"b" * 4096           # labelled with the version it is of
     finally:
         os.close(fd)
+
+
+@pytest.mark.parametrize("known", [True, False])
+def test_read_done_is_called_once_the_bytes_are_in_before_the_fstat_after_them(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, known: bool) -> None:
+    """The read slot is given back at ``read_done``: the fstat that labels the
+    bytes is a round trip of its own on a network store, not a read of bytes."""
+    path = tmp_path / "f"
+    path.write_bytes(bytes(range(256)) * 64)
+    events: list[str] = []
+    real_fstat = os.fstat
+
+    def fstat(fd: int) -> os.stat_result:
+        events.append("fstat")
+        return real_fstat(fd)
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        expected = stfs.backing.FileIdentity.of(os.fstat(fd)) if known else None
+        monkeypatch.setattr(stfs.backing.os, "fstat", fstat)
+        buf, identity = stfs.backing.pread_identified(
+            fd, bytearray(4096), 4096, expected, read_done=lambda: events.append("done"))
+    finally:
+        monkeypatch.undo()
+        os.close(fd)
+    assert bytes(buf) == (bytes(range(256)) * 64)[4096:8192]
+    assert identity == stfs.backing.FileIdentity.of(os.stat(path))
+    assert events == (["done", "fstat"] if known else ["fstat", "done", "fstat"])

@@ -100,7 +100,7 @@ def test_disabling_and_dropping_cancel_queued_read_ahead(src: Source) -> None:
     src.write("f", 8 * MIB)
     fake = FakeBacking()
     fake.arm()
-    engine = make_engine(src, reader=fake, max_streams=2)      # read-ahead: one at a time
+    engine = make_engine(src, reader=fake, max_streams=1)      # one read at a time
 
     async def body() -> None:
         stream = streaming(engine, src, 4)
@@ -126,12 +126,70 @@ def test_disabling_and_dropping_cancel_queued_read_ahead(src: Source) -> None:
         "readahead")
 
 
+def test_a_lone_stream_reads_ahead_in_every_slot_and_leaves_some_once_others_open(
+        src: Source) -> None:
+    """Read-ahead keeps a slot free for each other stream's demand reads (up to
+    DEMAND_RESERVE); a lone stream's demand reads are its own read-ahead,
+    promoted, so it needs none."""
+    src.write("f", 8 * MIB)
+    fake = FakeBacking()
+    fake.arm()
+    engine = make_engine(src, reader=fake, max_streams=4)
+
+    async def body() -> None:
+        alone = streaming(engine, src, 8)
+        engine.readahead.schedule(alone, 0, CHUNK)
+        await wait_until(lambda: fake.held == 4)      # held: reads that came to the gate
+        fake.release()
+        await wait_until(lambda: alone.readahead_bytes == 0)
+        fake.arm()
+        streaming(engine, src, 0)                     # two more streams open
+        streaming(engine, src, 0)
+        engine.readahead.schedule(alone, 8 * CHUNK, CHUNK)
+        await wait_until(lambda: fake.held == 4 + 2)
+        await trio.sleep(0.05)
+        assert fake.held == 4 + 2 and engine.reads.waiting() == 6
+        fake.release()
+
+    run(engine, body)
+    assert fake.peak == 4
+
+
+def test_a_reader_waiting_for_read_ahead_still_queued_makes_it_a_demand_read(
+        src: Source) -> None:
+    src.write("f", 8 * MIB)
+    src.write("g", 8 * MIB)
+    fake = FakeBacking()
+    fake.arm()
+    engine = make_engine(src, reader=fake, max_streams=1)      # one read at a time
+
+    async def body() -> None:
+        other = streaming(engine, src, 3)
+        engine.readahead.schedule(other, 0, CHUNK)             # f: one held, two queued
+        await wait_until(lambda: fake.held == 1 and engine.reads.waiting() == 2)
+        handle = src.open("g")
+        engine.open(handle)
+        reader, _ = engine.streams.of(handle)
+        reader.state.readahead_chunks = 1
+        engine.readahead.schedule(reader, 0, 2 * CHUNK)        # g: queued last
+        await wait_until(lambda: engine.reads.waiting() == 3)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(engine.read, handle, 0, CHUNK)  # waits for g's chunk
+            await trio.testing.wait_all_tasks_blocked()
+            fake.release()
+
+    run(engine, body)
+    # g's chunk (its size tells it apart) was read right after f's first, before
+    # f's two queued ahead of it (which may not have run when the engine closed).
+    assert fake.calls[:2] == [(0, CHUNK), (0, 2 * CHUNK)]
+
+
 def test_read_ahead_takes_read_slots_in_file_order(src: Source) -> None:
     """Tasks started together run in any order (trio shuffles them); read-ahead
     must still read the chunk the reader needs next first."""
     src.write("f", 8 * MIB)
     fake = FakeBacking(delay_s=0.002)
-    engine = make_engine(src, reader=fake, max_streams=2)      # read-ahead: one at a time
+    engine = make_engine(src, reader=fake, max_streams=1)      # one read at a time
 
     async def body() -> None:
         stream = streaming(engine, src, 6)
