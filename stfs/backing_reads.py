@@ -136,7 +136,8 @@ class BackingReads:
                  *, max_streams: int, retry: RetrySettings = DEFAULT_SETTINGS,
                  inline_cached_reads: bool = True,
                  shed_memory: Callable[[], None] = lambda: None,
-                 congestion: CongestionController | None = None) -> None:
+                 congestion: CongestionController | None = None,
+                 wide_chunks: WideChunks | None = None) -> None:
         """*congestion* hears every read done in a worker thread (with the reads
         in flight then) and every transient error, to tell a store's latency from
         its congestion."""
@@ -160,7 +161,7 @@ class BackingReads:
             maxlen=RECENT_READS)
         self.tracker = ChunkPerformanceTracker()
         """Recent chunk reads of every stream (the chunk sizer's global view)."""
-        self.wide_chunks = WideChunks()
+        self.wide_chunks = wide_chunks or WideChunks()
         """What reads of each size cost in worker threads: how much a random read fetches."""
 
     def set_cap(self, cap: int) -> None:

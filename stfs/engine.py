@@ -47,6 +47,7 @@ from stfs.handles import OpenFile
 from stfs.memory import HeapTrimmer
 from stfs.metrics import Counters, Histogram
 from stfs.pressure import CACHE_SHARE, Level
+from stfs.random_reads import WideChunks
 from stfs.readahead import ReadAhead
 from stfs.readaround import WINDOW_BYTES, KernelInvalidate, KernelStore, ReadAround
 from stfs.recovery import StreamVerifier
@@ -126,7 +127,8 @@ class ReadEngine:
                                   max_streams=config.max_streams, retry=config.retry,
                                   inline_cached_reads=config.inline_cached_reads,
                                   shed_memory=self._shed_for_memory_error,
-                                  congestion=self.congestion)
+                                  congestion=self.congestion,
+                                  wide_chunks=WideChunks(lambda: self.cache.capacity_bytes))
         self.guard = VersionGuard(self.reads, self.budget, self.pool, counters,
                                   max_chunk=config.max_chunk, handles_of=handles_of,
                                   recheck_s=config.recheck_s)
@@ -359,7 +361,7 @@ class ReadEngine:
         start, data, fresh = await self.fetcher.chunk_at(stream, offset, chunk_size,
                                                          sequential, end)
         if not sequential:
-            self.reads.wide_chunks.record_random(hit=not fresh)
+            self.reads.wide_chunks.record_random(not fresh, handle.identity, offset)
         if new_chunk and not fresh and self.guard.check_due(stream):
             # Bytes from the cache (or another request's read): is the file still
             # that version? A chunk read just now was checked as it was read.

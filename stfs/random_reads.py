@@ -15,7 +15,12 @@ two), over the latest ``SAMPLES`` worker-thread reads of each size:
   ``wide x (1 - hit rate) <= narrow x (1 + TOLERANCE)``: what a random read
   then costs on average is no more than reading just the request;
 * the hit rate: the share of the latest ``HITS_KEPT`` random requests answered
-  without a backing read (counted from ``HITS_MIN`` on, 0 before).
+  without a backing read, or that fell in a wide chunk a recent random request
+  also fell in (counted from ``HITS_MIN`` on, 0 before). The second part is
+  what reading wide would have earned while reading narrow: as many recent
+  wide chunks as the chunk cache holds are remembered, so a request inside
+  one would likely have found it cached. Counting only real hits, a policy
+  that once chose narrow would never see a reason to widen again.
 
 Until both sizes have been timed, random reads fetch the wide chunk (a
 stream's first seek reads its base chunk anyway), then the request's size:
@@ -29,6 +34,7 @@ from __future__ import annotations
 
 import collections
 import statistics
+from collections.abc import Callable, Hashable
 
 from stfs.congestion import size_class
 
@@ -46,9 +52,16 @@ HITS_MIN = 32
 class WideChunks:
     """The chunk a random read fetches (see the module docstring)."""
 
-    def __init__(self) -> None:
+    def __init__(self, cache_capacity: Callable[[], int] = lambda: 0) -> None:
+        """*cache_capacity()*: the chunk cache's capacity now, in bytes."""
         self._times: dict[int, collections.deque[float]] = {}
         self._hits: collections.deque[bool] = collections.deque(maxlen=HITS_KEPT)
+        self._cache_capacity = cache_capacity
+        self._wide = 0
+        """The wide size last asked about: the regions' size."""
+        self._regions: collections.OrderedDict[tuple[Hashable, int, int], None] = \
+            collections.OrderedDict()
+        """(file, wide size, index) of the wide chunks random requests fell in lately."""
         self.widened = 0
         """Random requests planned with a wide chunk."""
 
@@ -59,8 +72,18 @@ class WideChunks:
             times = self._times[size_class(size)] = collections.deque(maxlen=SAMPLES)
         times.append(seconds)
 
-    def record_random(self, hit: bool) -> None:
-        """A random request was answered from the cache (*hit*) or read."""
+    def record_random(self, hit: bool, file: Hashable = None, offset: int = 0) -> None:
+        """A random request at *offset* of *file* was answered from the cache
+        (*hit*) or read."""
+        if self._wide and file is not None:
+            region = (file, self._wide, offset // self._wide)
+            seen = region in self._regions
+            self._regions[region] = None
+            self._regions.move_to_end(region)
+            keep = max(1, self._cache_capacity() // self._wide)
+            while len(self._regions) > keep:
+                self._regions.popitem(last=False)
+            hit = hit or seen
         self._hits.append(hit)
 
     def cost_s(self, size: int) -> float | None:
@@ -80,6 +103,7 @@ class WideChunks:
         *narrow* (the request's chunk), else *narrow*."""
         if wide <= narrow:
             return narrow
+        self._wide = wide
         narrow_s, wide_s = self.cost_s(narrow), self.cost_s(wide)
         if narrow_s is not None and (
                 wide_s is not None

@@ -45,6 +45,24 @@ def test_wide_only_while_it_costs_no_more_on_average() -> None:
     assert disk.chunk(NARROW, WIDE) == WIDE
 
 
+def test_what_wide_chunks_would_earn_is_counted_while_reading_narrow() -> None:
+    """Requests that keep falling in wide chunks recent requests fell in would
+    find them cached: that alone turns a narrow policy wide."""
+    policy = WideChunks(cache_capacity=lambda: 8 * WIDE)
+    timed(policy, NARROW, 0.0050)
+    timed(policy, WIDE, 0.0056)                         # wide costs 12 % more per read
+    assert policy.chunk(NARROW, WIDE) == NARROW
+    rng = random.Random(3)
+    for i in range(HITS_MIN):                           # each in a wide chunk of its own
+        policy.record_random(False, "f", i * WIDE + rng.randrange(WIDE))
+    for i in range(HITS_MIN):                           # the same offsets of another file
+        policy.record_random(False, "g", i * WIDE)
+    assert policy.hit_rate() == 0.0 and policy.chunk(NARROW, WIDE) == NARROW
+    for _ in range(2 * HITS_MIN):                       # within 4 of them: the cache holds 8
+        policy.record_random(False, "f", rng.randrange(4 * WIDE))
+    assert policy.hit_rate() > 0.4 and policy.chunk(NARROW, WIDE) == WIDE
+
+
 def random_pass(src: Source, local: bool) -> tuple[dict[int, int], int, int]:
     data = src.write("f", 16 * MIB)
     fake = FakeBacking(delay_s=0.002, local=local)
