@@ -118,7 +118,8 @@ GAUGES: tuple[tuple[str, str, str, Scale], ...] = (
      _same),
     ("cache_hit_ratio", "cache_hit_ratio", "Cache hits over all chunk lookups (0-1).", _same),
     ("random_hit_ratio", "random_hit_ratio",
-     "Share of the latest random requests answered without a backing read (0-1).", _same),
+     "Share of the latest random requests answered without a backing read, or that "
+     "would be with wide chunks (0-1).", _same),
     ("readahead_earned", "readahead_earned_ratio",
      "Share of the latest read-ahead chunks that replies used (0-1); below 0.5 windows shrink.",
      _same),
