@@ -42,6 +42,10 @@ EAGER_REQUEST = 256 * KIB
 kernel's first read-ahead for a reader asking 128 KiB or more) is sequential
 from that request on: waiting for a second one would cost a slow store a
 round trip with nothing read ahead."""
+EAGER_WINDOW = 4
+"""The read-ahead window such a first request opens, in chunks (within the
+window bound): the reads that fill a slow store's pipeline start together
+instead of doubling one round trip at a time."""
 
 LOW_THROUGHPUT_BPS = 5 * MIB
 """Below this average throughput the seeds try larger chunks (x1.2)."""
@@ -194,8 +198,9 @@ class StreamState:
                 self.chunk_size = min(grown, cap_chunk)
                 bound = (max_window_chunks if isinstance(max_window_chunks, int)
                          else max_window_chunks())  # worked out only when it is needed
-                self.readahead_chunks = min(max(1, self.readahead_chunks * window_growth),
-                                            bound)
+                opened = EAGER_WINDOW if eager else 1
+                self.readahead_chunks = min(
+                    max(opened, self.readahead_chunks * window_growth), bound)
         elif not sequential:
             self.sequential_reads = 0
             self.seeks += 1

@@ -40,7 +40,7 @@ Release = Callable[[], None]
 
 
 class _Job(Generic[T]):
-    __slots__ = ("fn", "released", "speculative", "started", "task", "token")
+    __slots__ = ("dropped", "fn", "released", "speculative", "started", "task", "token")
 
     def __init__(self, fn: Callable[[Release], T], speculative: bool) -> None:
         self.fn = fn
@@ -48,6 +48,8 @@ class _Job(Generic[T]):
         self.task = trio.lowlevel.current_task()
         self.token = trio.lowlevel.current_trio_token()
         self.started = False
+        self.dropped = False
+        """Cancelled while queued: out of the queue for good."""
         self.released = False
 
 
@@ -99,8 +101,13 @@ class ReadSlots:
         await trio.lowlevel.checkpoint_if_cancelled()
         job: _Job[T] = _Job(fn, speculative)
         with self._cond:
-            (self._speculative if speculative else self._demand).append(job)
-            self._spawn_locked()
+            queue = self._speculative if speculative else self._demand
+            queue.append(job)
+            try:
+                self._spawn_locked()
+            except BaseException:  # no thread to be had: this read never runs
+                queue.remove(job)
+                raise
             self._cond.notify()
         if on_queued is not None:
             on_queued(functools.partial(self._promote, job))
@@ -110,6 +117,7 @@ class ReadSlots:
                 if job.started:
                     return trio.lowlevel.Abort.FAILED  # its buffer is being written: wait
                 (self._speculative if job.speculative else self._demand).remove(job)
+                job.dropped = True
             return trio.lowlevel.Abort.SUCCEEDED
 
         result: T = await trio.lowlevel.wait_task_rescheduled(abort)  # the outcome, unwrapped
@@ -117,7 +125,7 @@ class ReadSlots:
 
     def _promote(self, job: _Job[Any]) -> None:
         with self._cond:
-            if job.started or not job.speculative:
+            if job.started or job.dropped or not job.speculative:
                 return
             self._speculative.remove(job)
             job.speculative = False

@@ -12,6 +12,7 @@ import pytest
 
 from stfs.chunking import (
     EAGER_REQUEST,
+    EAGER_WINDOW,
     PAGE,
     AdaptiveChunkSizer,
     ChunkPerformanceTracker,
@@ -385,9 +386,10 @@ def test_a_slow_stores_window_grows_four_times_per_request() -> None:
             trace.append(state.readahead_chunks)
         return trace
 
-    # A first request of 1 MiB at offset 0 starts the window at once (EAGER_REQUEST).
-    assert windows(0.001) == [1, 2, 4, 8, 16]         # a local disk: doubling
-    assert windows(0.1) == [1, 4, 16, 64, 64]         # 100 ms a read: four times
+    # A first request of 1 MiB at offset 0 opens the window at once (EAGER_REQUEST,
+    # EAGER_WINDOW chunks).
+    assert windows(0.001) == [4, 8, 16, 32, 64]       # a local disk: doubling
+    assert windows(0.1) == [4, 16, 64, 64, 64]        # 100 ms a read: four times
 
 
 def test_only_a_big_first_request_at_the_start_opens_the_window_at_once() -> None:
@@ -396,8 +398,8 @@ def test_only_a_big_first_request_at_the_start_opens_the_window_at_once() -> Non
         planner().plan(state, 200 * MIB, offset, size, 0.0, ChunkPerformanceTracker(), 64)
         return state.readahead_chunks
 
-    assert first_window(0, EAGER_REQUEST) == 1
-    assert first_window(0, 1 * MIB) == 1
+    assert first_window(0, EAGER_REQUEST) == EAGER_WINDOW
+    assert first_window(0, 1 * MIB) == EAGER_WINDOW
     assert first_window(0, 128 * KIB) == 0          # a small first read: wait for the second
     assert first_window(0, 4 * KIB) == 0            # file(1), a database's header
     assert first_window(64 * MIB, 1 * MIB) == 0     # a first read elsewhere in the file

@@ -178,6 +178,30 @@ def test_a_cancelled_queued_read_never_runs_and_a_running_one_is_waited_for() ->
     assert slots.running == 0
 
 
+def test_promoting_a_read_cancelled_while_queued_does_nothing() -> None:
+    slots = ReadSlots(1, 1)
+    gates = Gates()
+    promotes: list[Callable[[], None]] = []
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await start_all(nursery, slots, gates, ["running"], {})
+            with trio.CancelScope() as scope:
+                async def queued() -> None:
+                    await slots.run(gates.job("queued"), speculative=True,
+                                    on_queued=promotes.append)
+                async with trio.open_nursery() as inner:
+                    inner.start_soon(queued)
+                    await wait_until(lambda: len(promotes) == 1)
+                    scope.cancel()
+            promotes[0]()                                 # a reader comes too late
+            assert slots.waiting() == 0
+            gates.open("running", "queued")
+
+    trio.run(main)
+    assert gates.started == ["running"]
+
+
 def test_an_error_in_a_read_is_raised_in_its_task() -> None:
     slots = ReadSlots(2, 2)
 
