@@ -12,9 +12,7 @@ they started), so no lock is needed.
   (it finishes and becomes evictable cache) or evictable cache already.
 * Speculative reservations (read-ahead) never wait: they are refused when
   they would eat into the share kept free for demand reads or when a demand
-  read is already waiting. They may free room only through the speculative
-  reclaimer (the cache's scan queue: chunks one stream has read through),
-  never from the cache's reused set.
+  read is already waiting.
 """
 
 from __future__ import annotations
@@ -42,14 +40,10 @@ class MemoryBudget:
         self.refused_speculative = 0
         self._lot = trio.lowlevel.ParkingLot()
         self._reclaimer: Reclaimer = lambda _n: 0
-        self._speculative_reclaimer: Reclaimer = lambda _n: 0
 
-    def set_reclaimer(self, reclaimer: Reclaimer,
-                      speculative: Reclaimer | None = None) -> None:
-        """Who to ask for room when a demand reservation does not fit (the cache),
-        and when a speculative one does not (*speculative*; else nobody)."""
+    def set_reclaimer(self, reclaimer: Reclaimer) -> None:
+        """Who to ask for room when a demand reservation does not fit (the cache)."""
         self._reclaimer = reclaimer
-        self._speculative_reclaimer = speculative or (lambda _n: 0)
 
     @property
     def free_bytes(self) -> int:
@@ -79,18 +73,14 @@ class MemoryBudget:
         return True
 
     def try_reserve_speculative(self, n: int) -> bool:
-        """Read-ahead: granted only within its share, from free room or what the
-        speculative reclaimer frees, and never ahead of a waiting reader."""
+        """Read-ahead: granted only within its share, only from free room (it never
+        evicts), and never ahead of a waiting reader."""
         if (self.waiting or self.speculative_bytes + n > self.speculative_limit_bytes
-                or not (self.try_reserve(n) or self._reclaim_speculative(n))):
+                or not self.try_reserve(n)):
             self.refused_speculative += 1
             return False
         self.speculative_bytes += n
         return True
-
-    def _reclaim_speculative(self, n: int) -> bool:
-        self._speculative_reclaimer(self.held_bytes + n - self.limit_bytes)
-        return self.try_reserve(n)
 
     def speculative_done(self, n: int) -> None:
         """A speculative reservation became ordinary held data (or was released)."""

@@ -139,23 +139,16 @@ class ChunkCache:
     def _evict_one(self) -> int | None:
         """Evict one chunk; its size (0 for an empty chunk), or None if none is left."""
         if self._a1in and (self.a1in_bytes > self.capacity_bytes * A1IN_SHARE or not self._am):
-            return self._evict_scanned()
-        if self._am:
+            key, entry = self._a1in.popitem(last=False)
+            self.a1in_bytes -= len(entry.data)
+            self._a1out[key] = None
+            if len(self._a1out) > self._ghost_limit:
+                self._a1out.popitem(last=False)
+        elif self._am:
             key, entry = self._am.popitem(last=False)
             self.am_bytes -= len(entry.data)
-            return self._drop(key, entry)
-        return None
-
-    def _evict_scanned(self) -> int:
-        """Evict the oldest chunk of ``A1in``, remembering its key in ``A1out``."""
-        key, entry = self._a1in.popitem(last=False)
-        self.a1in_bytes -= len(entry.data)
-        self._a1out[key] = None
-        if len(self._a1out) > self._ghost_limit:
-            self._a1out.popitem(last=False)
-        return self._drop(key, entry)
-
-    def _drop(self, key: ChunkKey, entry: _Entry) -> int:
+        else:
+            return None
         starts = self._starts[key[0]]
         starts.pop(bisect.bisect_left(starts, key[1]))
         if not starts:
@@ -182,16 +175,6 @@ class ChunkCache:
     def reclaim(self, n_bytes: int) -> int:
         """Free at least *n_bytes* if possible, never below the floor (budget reclaimer)."""
         return self.shrink_to(max(self.floor_bytes, self.cached_bytes - max(n_bytes, 0)))
-
-    def reclaim_scanned(self, n_bytes: int) -> int:
-        """Free at least *n_bytes* from ``A1in`` alone, oldest first, never below
-        the floor: room read-ahead may take. Chunks only the open that fetched
-        them has used (a stream's passing reads, mostly served already) go; the
-        set that opens reuse stays."""
-        freed = 0
-        while freed < n_bytes and self._a1in and self.cached_bytes > self.floor_bytes:
-            freed += self._evict_scanned()
-        return freed
 
     def clear(self) -> int:
         return self.shrink_to(0)

@@ -118,7 +118,7 @@ class ReadEngine:
         self.pool = BufferPool(min(POOL_MAX_BYTES, config.memory_limit // 4),
                                on_drop=self.trimmer.dropped_buffer)
         self.cache = ChunkCache(config.cache_limit, self.budget, self.pool)
-        self.budget.set_reclaimer(self._reclaim, speculative=self.cache.reclaim_scanned)
+        self.budget.set_reclaimer(self._reclaim)
         self.planner = RequestPlanner(AdaptiveChunkSizer(config.min_chunk, config.max_chunk))
         self.congestion = CongestionController(config.max_streams, name=store_name,
                                                now=time.monotonic())

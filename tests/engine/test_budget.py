@@ -195,7 +195,7 @@ def test_speculative_reservation_refused_when_the_budget_is_full() -> None:
     assert budget.try_reserve_speculative(100)
 
 
-def test_speculative_reservation_never_calls_the_demand_reclaimer() -> None:
+def test_speculative_reservation_never_calls_the_reclaimer() -> None:
     budget = MemoryBudget(1000)
     calls: list[int] = []
 
@@ -208,29 +208,6 @@ def test_speculative_reservation_never_calls_the_demand_reclaimer() -> None:
     assert budget.try_reserve(1000)
     assert not budget.try_reserve_speculative(10)
     assert calls == []
-
-
-def test_speculative_reservation_frees_room_only_through_its_own_reclaimer() -> None:
-    budget = MemoryBudget(1000)
-    demand: list[int] = []
-    scanned = [30]                                      # what the scan queue can give
-
-    def reclaim_demand(n: int) -> int:
-        demand.append(n)
-        return 0
-
-    def reclaim_scanned(n: int) -> int:
-        freed = min(n, scanned[0])
-        scanned[0] -= freed
-        budget.release(freed)
-        return freed
-
-    budget.set_reclaimer(reclaim_demand, speculative=reclaim_scanned)
-    assert budget.try_reserve(1000)
-    assert budget.try_reserve_speculative(20)           # 20 freed from the scan queue
-    assert not budget.try_reserve_speculative(20)       # only 10 more there
-    assert demand == [] and budget.held_bytes == 1000 - 10
-    assert budget.speculative_bytes == 20 and budget.refused_speculative == 1
 
 
 def test_speculative_reservation_refused_while_a_demand_reservation_waits() -> None:

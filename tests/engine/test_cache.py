@@ -347,31 +347,3 @@ def test_clear_releases_everything() -> None:
     assert budget.held_bytes == 0
     assert cache.lookup(FILE, 0, SECOND_OPEN) is None
     assert cache.lookup(BIG, 0, SCANNER) is None
-
-
-# -- room for read-ahead ---------------------------------------------------------
-
-def test_read_ahead_room_comes_from_the_scan_queue_only_oldest_first() -> None:
-    cache, budget = make(1 * MIB)
-    hot = put(cache, budget, FILE, 0, 128 * KIB, HOT_OWNER)
-    assert cache.lookup(FILE, 0, SECOND_OPEN) is not None          # reused: now in Am
-    for i in range(4):
-        put(cache, budget, BIG, i * 128 * KIB, 128 * KIB, SCANNER)
-    assert cache.reclaim_scanned(200 * KIB) == 256 * KIB             # whole chunks, oldest
-    assert cache.lookup(BIG, 0, SCANNER) is None
-    assert cache.lookup(BIG, 128 * KIB, SCANNER) is None
-    assert cache.lookup(BIG, 256 * KIB, SCANNER) is not None
-    assert cache.reclaim_scanned(10 * MIB) == 256 * KIB              # the scan queue, no more
-    found = cache.lookup(FILE, 0, HOT_OWNER)
-    assert found is not None and found[1] == hot                    # the reused set stays
-    check_accounting(cache, budget)
-
-
-def test_read_ahead_room_never_goes_below_the_floor() -> None:
-    cache, budget = make(1 * MIB)
-    for i in range(4):
-        put(cache, budget, BIG, i * 128 * KIB, 128 * KIB, SCANNER)
-    cache.floor_bytes = 384 * KIB
-    assert cache.reclaim_scanned(1 * MIB) == 128 * KIB
-    assert cache.cached_bytes == 384 * KIB
-    check_accounting(cache, budget)
