@@ -17,6 +17,7 @@ from typing import BinaryIO
 import pytest
 import xxhash
 
+from stfs.versions import RECHECK_S
 from tests.conftest import Mount
 from tests.faultfs import FaultFS, faultfs_mount
 from tests.pagecache import pinned
@@ -141,6 +142,9 @@ def test_a_file_rewritten_mid_read_fails_with_eio_and_never_mixes(faulty, mounte
         for _ in range(3):
             got += f.read(MIB)
         change(faulty, "moving", new, settle=False)
+        # Chunks read ahead of the old version may be served whole for RECHECK_S
+        # after the handle's last check (SEMANTICS.md); then the change is noticed.
+        time.sleep(RECHECK_S + 0.1)
         with pytest.raises(OSError) as caught:
             while chunk := f.read(MIB):
                 got += chunk
