@@ -116,7 +116,7 @@ class BackingReadStatistics:
     inline_reads: int
     """Of those, copied from SOURCE's page cache on the event loop."""
     in_flight: int
-    """Reads running in worker threads now."""
+    """Reads holding a read slot now."""
     read_seconds: float
     """Time spent in worker-thread reads, summed: its growth over a span divided
     by the span is the mean number of reads in flight at the store."""
@@ -150,7 +150,7 @@ class BackingReads:
         self.congestion = congestion
         self.slots = ReadSlots(max_streams, speculative_share(max_streams))
         self.cap = max_streams
-        self.streams: int | None = None
+        self.open_streams: int | None = None
         """Streams open (read-ahead's share of the cap depends on it)."""
         self.reads = 0
         self.inline_reads = 0
@@ -168,12 +168,12 @@ class BackingReads:
         """Allow *cap* concurrent backing reads."""
         if cap != self.cap:
             self.cap = cap
-            self.slots.set_cap(cap, speculative_share(cap, self.streams))
+            self.slots.set_cap(cap, speculative_share(cap, self.open_streams))
 
     def set_streams(self, streams: int) -> None:
         """*streams* are open now."""
-        if streams != self.streams:
-            self.streams = streams
+        if streams != self.open_streams:
+            self.open_streams = streams
             self.slots.set_cap(self.cap, speculative_share(self.cap, streams))
 
     def in_flight(self) -> int:
@@ -270,10 +270,10 @@ class BackingReads:
                   after: trio.Event | None = None,
                   on_queued: Callable[[Callable[[], None]], None] | None = None) -> T:
         """Run blocking *op(fd, release)* on *stream*'s descriptor in a read slot
-        (``release()`` gives the slot back before *op* ends),
-        retrying by the error's policy (*resume* runs before each retry). The
-        read takes its slot under the cap once *after* is set (read-ahead goes
-        in file order), then calls *on_queued*.
+        (``release()`` gives the slot back before *op* ends), retrying by the
+        error's policy (*resume* runs before each retry). The read queues for
+        its slot once *after* is set (read-ahead goes in file order), then calls
+        *on_queued(promote)* (see ``ReadSlots.run``).
 
         Speculative work is never retried: a failure just ends it, and the
         reader's own demand read retries.
