@@ -150,8 +150,9 @@ class ReadSlots:
             len(self._speculative), max(0, self.speculative_cap - self._running_speculative)))
         free = self._threads - self._running - self._finishing  # waiting, or about to look
         for _ in range(runnable - free):
-            self._threads += 1
+            # Counted once started: a thread that cannot start must not count.
             threading.Thread(target=self._work, name="stfs-read", daemon=True).start()
+            self._threads += 1
 
     def _release(self, job: _Job[Any]) -> None:
         with self._cond:
