@@ -22,6 +22,8 @@ import stat
 from collections.abc import Callable
 from typing import NamedTuple, Protocol
 
+from stfs.buffers import Buffer, shorten
+
 _libc = ctypes.CDLL(None, use_errno=True)
 
 _SYS_OPENAT2 = 437  # the same number on every architecture with the generic syscall table
@@ -38,7 +40,7 @@ class _OpenHow(ctypes.Structure):
     _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
 
 
-ChunkData = bytes | bytearray
+ChunkData = bytes | Buffer
 """File data as read: never modified after the read that produced it."""
 
 
@@ -216,10 +218,10 @@ class Backing:
         return fd, st
 
 
-def pread_identified(fd: int, buf: bytearray, offset: int,
+def pread_identified(fd: int, buf: Buffer, offset: int,
                      expected: FileIdentity | None = None,
                      read_done: Callable[[], None] | None = None,
-                     ) -> tuple[bytearray, FileIdentity]:
+                     ) -> tuple[Buffer, FileIdentity]:
     """Fill *buf* from *offset* (shorter only at end of file) and say which
     version of the file the bytes belong to.
 
@@ -236,8 +238,7 @@ def pread_identified(fd: int, buf: bytearray, offset: int,
             read_done()
             read_done = None
         if FileIdentity.of(os.fstat(fd)) == expected:
-            del buf[n:]
-            return buf, expected
+            return shorten(buf, n), expected
     before = FileIdentity.of(os.fstat(fd))
     for _ in range(3):
         n = _preadv_full(fd, buf, offset, 0)
@@ -248,11 +249,10 @@ def pread_identified(fd: int, buf: bytearray, offset: int,
         if after == before:
             break
         before = after
-    del buf[n:]
-    return buf, before
+    return shorten(buf, n), before
 
 
-def _preadv_full(fd: int, buf: bytearray, offset: int, flags: int) -> int:
+def _preadv_full(fd: int, buf: Buffer, offset: int, flags: int) -> int:
     view = memoryview(buf)
     try:
         got = 0
@@ -271,7 +271,7 @@ class Hasher(Protocol):
     def intdigest(self) -> int: ...
 
 
-def pread_digest(fd: int, scratch: bytearray, start: int, end: int,
+def pread_digest(fd: int, scratch: Buffer, start: int, end: int,
                  hasher: Hasher) -> tuple[int, int, FileIdentity]:
     """The digest *hasher* gives the bytes ``[start, end)`` (read through
     *scratch*, which is not resized), how many there were, and the identity
@@ -304,7 +304,7 @@ def is_local_block_device_id(dev: int) -> bool:
     return os.major(dev) != 0
 
 
-def pread_if_cached(fd: int, buf: bytearray, offset: int) -> tuple[bytearray, FileIdentity] | None:
+def pread_if_cached(fd: int, buf: Buffer, offset: int) -> tuple[Buffer, FileIdentity] | None:
     """Like ``pread_identified``, but only if every byte is in the page cache.
 
     Uses ``preadv2(RWF_NOWAIT)``, which fails with EAGAIN instead of waiting for
@@ -322,8 +322,7 @@ def pread_if_cached(fd: int, buf: bytearray, offset: int) -> tuple[bytearray, Fi
         return None  # a partial read: the rest is not cached
     if FileIdentity.of(os.fstat(fd)) != before:
         return None
-    del buf[n:]
-    return buf, before
+    return shorten(buf, n), before
 
 
 class _CachestatRange(ctypes.Structure):

@@ -36,6 +36,7 @@ import trio
 
 from stfs import backing
 from stfs.backing import ChunkData, FileIdentity, Hasher
+from stfs.buffers import Buffer
 from stfs.chunking import ChunkPerformanceTracker
 from stfs.congestion import CongestionController
 from stfs.descriptors import DescriptorTable, FileReplacedError
@@ -70,18 +71,18 @@ class BackingReader(Protocol):
     """Blocking reads of an open SOURCE descriptor, each with the identity
     (fstat before and after) the bytes belong to."""
 
-    def pread(self, fd: int, buf: bytearray, offset: int,
+    def pread(self, fd: int, buf: Buffer, offset: int,
               expected: FileIdentity | None = None,
               read_done: Callable[[], None] | None = None) -> tuple[ChunkData, FileIdentity]:
         """Fill *buf* from *offset* (short only at end of file); *expected*: the
         identity the caller holds, which spares an fstat when it still holds;
         *read_done()*: called once the bytes are in, before the fstat after them."""
 
-    def pread_if_cached(self, fd: int, buf: bytearray,
+    def pread_if_cached(self, fd: int, buf: Buffer,
                         offset: int) -> tuple[ChunkData, FileIdentity] | None:
         """Like ``pread`` if the bytes are all in the page cache, else None at once."""
 
-    def pread_digest(self, fd: int, scratch: bytearray, start: int, end: int,
+    def pread_digest(self, fd: int, scratch: Buffer, start: int, end: int,
                      hasher: Hasher) -> tuple[int, int, FileIdentity]:
         """Feed ``[start, end)`` into *hasher*: (digest, bytes read, identity)."""
 
@@ -92,16 +93,16 @@ class BackingReader(Protocol):
 class SourceReader:
     """The daemon's ``BackingReader``: ``stfs.backing``'s reads."""
 
-    def pread(self, fd: int, buf: bytearray, offset: int,
+    def pread(self, fd: int, buf: Buffer, offset: int,
               expected: FileIdentity | None = None,
               read_done: Callable[[], None] | None = None) -> tuple[ChunkData, FileIdentity]:
         return backing.pread_identified(fd, buf, offset, expected, read_done)
 
-    def pread_if_cached(self, fd: int, buf: bytearray,
+    def pread_if_cached(self, fd: int, buf: Buffer,
                         offset: int) -> tuple[ChunkData, FileIdentity] | None:
         return backing.pread_if_cached(fd, buf, offset)
 
-    def pread_digest(self, fd: int, scratch: bytearray, start: int, end: int,
+    def pread_digest(self, fd: int, scratch: Buffer, start: int, end: int,
                      hasher: Hasher) -> tuple[int, int, FileIdentity]:
         return backing.pread_digest(fd, scratch, start, end, hasher)
 
@@ -192,7 +193,7 @@ class BackingReads:
 
     # -- reads -------------------------------------------------------------------
 
-    async def read_chunk(self, stream: Stream, buf: bytearray, start: int, *,
+    async def read_chunk(self, stream: Stream, buf: Buffer, start: int, *,
                          speculative: bool,
                          resume: Callable[[], Awaitable[None]] | None = None,
                          after: trio.Event | None = None,
@@ -239,7 +240,7 @@ class BackingReads:
         self.tracker.record(size, seconds)
         return data, identity
 
-    def _timed_pread(self, fd: int, buf: bytearray, offset: int, expected: FileIdentity,
+    def _timed_pread(self, fd: int, buf: Buffer, offset: int, expected: FileIdentity,
                      release: Release) -> tuple[ChunkData, FileIdentity, float]:
         """The read as the device served it, without time queued for a thread or
         the fstat after it (which runs with the slot given back)."""

@@ -40,7 +40,7 @@ from stfs import lru
 from stfs.backing import FileIdentity
 from stfs.backing_reads import BackingReads
 from stfs.budget import MemoryBudget
-from stfs.buffers import BufferPool
+from stfs.buffers import Buffer, BufferPool
 from stfs.handles import OpenFile
 from stfs.metrics import Counters
 from stfs.recovery import Piece
@@ -160,7 +160,7 @@ class VersionGuard:
             handle.identity = identity
             stream.chunk_seen = (0, 0)
 
-    async def verify_resume(self, stream: Stream, scratch: bytearray) -> None:
+    async def verify_resume(self, stream: Stream, scratch: Buffer) -> None:
         """Before a demand read is retried: re-read the stream's last checkpointed
         chunk; EIO if the file changed while the read was failing."""
         pieces = stream.verifier.pieces_to_verify()
@@ -226,7 +226,7 @@ class VersionGuard:
             self.budget.release(scratch_size)
             self.pool.give(scratch)
 
-    async def _verify_piece(self, stream: Stream, piece: Piece, scratch: bytearray,
+    async def _verify_piece(self, stream: Stream, piece: Piece, scratch: Buffer,
                             identity: FileIdentity) -> str | None:
         """Re-read one served chunk (with retries) and compare its digest."""
         reader = self.reads.reader
