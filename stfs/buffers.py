@@ -13,14 +13,16 @@ budget, within the "small constant" of the RSS target); only power-of-two
 sizes are kept, since chunks come in those. When and how freed heap memory
 goes back to the system is ``memory``'s policy.
 
-Buffers of ``ALIGNED_FROM`` bytes and more are anonymous memory maps, so they
-start on a page boundary. The kernel builds a FUSE read from whole pages of
-the reader's buffer, at most ``max_pages`` of them: a 1 MiB buffer that does
-not start on a page spans 257 pages, and a SOURCE that is itself a FUSE
-``direct_io`` mount (network and cloud stores often are) then gets two
-requests for it, the second of a few bytes that costs a whole round trip.
-Maps are also populated when made (one call instead of a fault per page) and
-go back to the system as soon as they are dropped.
+Aligned buffers, for a SOURCE that is not a local block device, are
+anonymous memory maps from ``ALIGNED_FROM`` bytes, so they start on a page
+boundary. The kernel builds a FUSE ``direct_io`` read (network and cloud
+stores are often FUSE mounts that use it) from whole pages of the reader's
+buffer, at most ``max_pages`` of them: a 1 MiB buffer that does not start
+on a page spans 257 pages and costs two requests, the second of a few bytes
+that takes a whole round trip. On a local disk alignment buys nothing, and
+there heap buffers stay: freed heap memory is reused as it is, while a map
+goes back to the system when dropped and a new one is charged afresh (in a
+memory cgroup full of page cache, each charge is a reclaim).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ Buffer = bytearray | mmap.mmap
 """A chunk buffer: written by one read, then only read."""
 
 ALIGNED_FROM = 64 * 1024
-"""Buffers at least this big are page-aligned memory maps (see above)."""
+"""Aligned buffers at least this big are memory maps (see above)."""
 
 _MAP_FLAGS = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
 
@@ -50,21 +52,22 @@ class BufferPool:
         """*on_drop(size)*: a buffer offered back was not kept (freed to the heap)."""
         self.max_free_bytes = max_free_bytes
         self.free_bytes = 0
-        self._free: dict[int, list[Buffer]] = {}
+        self._free: dict[tuple[int, bool], list[Buffer]] = {}
+        """Idle buffers by (size, whether a map)."""
         self._on_drop = on_drop
         self.reused = 0
         self.allocated = 0
 
-    def take(self, size: int) -> Buffer:
-        """A buffer of exactly *size* bytes (contents undefined), page-aligned
-        from ``ALIGNED_FROM`` bytes."""
-        free = self._free.get(size)
+    def take(self, size: int, aligned: bool = False) -> Buffer:
+        """A buffer of exactly *size* bytes (contents undefined); *aligned*:
+        starting on a page from ``ALIGNED_FROM`` bytes (see above)."""
+        free = self._free.get((size, aligned and size >= ALIGNED_FROM))
         if free:
             self.free_bytes -= size
             self.reused += 1
             return free.pop()
         self.allocated += 1
-        return allocate(size)
+        return allocate(size, aligned)
 
     def give(self, buf: object) -> None:
         """Offer a buffer no longer cached; kept only if it is safe and fits."""
@@ -73,18 +76,18 @@ class BufferPool:
         size = len(buf)
         if (size & (size - 1) or self.free_bytes + size > self.max_free_bytes
                 or sys.getrefcount(buf) > _SOLE_OWNER_REFS
-                or isinstance(buf, mmap.mmap) != (size >= ALIGNED_FROM)):
+                or (isinstance(buf, mmap.mmap) and size < ALIGNED_FROM)):  # never taken
             if isinstance(buf, bytearray):
                 self._on_drop(size)  # back to the heap (a map goes back to the system)
             return
-        self._free.setdefault(size, []).append(buf)
+        self._free.setdefault((size, isinstance(buf, mmap.mmap)), []).append(buf)
         self.free_bytes += size
 
     def set_max_free_bytes(self, max_free_bytes: int) -> None:
         """A new bound (the memory budget changed); idle buffers beyond it go."""
         self.max_free_bytes = max_free_bytes
-        for size in sorted(self._free, reverse=True):
-            free = self._free[size]
+        for key in sorted(self._free, reverse=True):
+            size, free = key[0], self._free[key]
             while free and self.free_bytes > max_free_bytes:
                 free.pop()
                 self.free_bytes -= size
@@ -94,9 +97,9 @@ class BufferPool:
         self.free_bytes = 0
 
 
-def allocate(size: int) -> Buffer:
-    """A new buffer of *size* bytes: a page-aligned map from ``ALIGNED_FROM``."""
-    if size >= ALIGNED_FROM:
+def allocate(size: int, aligned: bool = False) -> Buffer:
+    """A new buffer of *size* bytes; *aligned*: a map from ``ALIGNED_FROM``."""
+    if aligned and size >= ALIGNED_FROM:
         return mmap.mmap(-1, size, flags=_MAP_FLAGS)
     return bytearray(size)
 

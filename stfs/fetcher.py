@@ -155,7 +155,7 @@ class Fetcher:
         flights.append(flight)
         cached = False
         try:
-            buf = self.pool.take(chunk_size)
+            buf = self.pool.take(chunk_size, aligned=not self.reads.is_local(handle))
             resume = (None if speculative
                       else functools.partial(self.guard.verify_resume, stream, buf))
 

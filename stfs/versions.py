@@ -215,7 +215,7 @@ class VersionGuard:
             return None
         scratch_size = min(max(p.end - p.start for p in pieces), self.max_chunk)
         await self.budget.reserve(scratch_size)
-        scratch = self.pool.take(scratch_size)
+        scratch = self.pool.take(scratch_size, aligned=not self.reads.is_local(stream.handle))
         try:
             for piece in pieces:
                 problem = await self._verify_piece(stream, piece, scratch, identity)

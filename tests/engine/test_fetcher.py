@@ -4,6 +4,9 @@ another identity."""
 
 from __future__ import annotations
 
+import ctypes
+import mmap
+
 import pytest
 import trio
 
@@ -89,3 +92,26 @@ def test_covered_to_counts_only_chunks_covering_the_whole_range(src: Source) -> 
                 covered(handle.identity, CHUNK, CHUNK)]
 
     assert run(engine, body) == [CHUNK, None, None]
+
+
+@pytest.mark.parametrize("local", [True, False])
+def test_chunks_of_a_network_source_land_in_page_aligned_buffers(src: Source,
+                                                                 local: bool) -> None:
+    # A FUSE direct_io SOURCE gets one request per MiB of an aligned buffer; on
+    # a local disk heap buffers stay (no map to make and reclaim per chunk).
+    data = src.write("f", 4 * MIB)
+    engine = make_engine(src, reader=FakeBacking(local=local))
+
+    async def body() -> list[object]:
+        stream = opened(engine, src.open("f"))
+        got = []
+        for offset in (0, MIB):
+            _, chunk, _ = await engine.fetcher.chunk_at(stream, offset, MIB, False, offset + 4096)
+            got.append(chunk)
+        return got
+
+    for i, chunk in enumerate(run(engine, body)):
+        assert bytes(chunk) == data[i * MIB:(i + 1) * MIB]
+        assert isinstance(chunk, mmap.mmap) != local
+        if not local:
+            assert ctypes.addressof(ctypes.c_char.from_buffer(chunk)) % mmap.PAGESIZE == 0
