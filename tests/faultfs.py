@@ -28,8 +28,9 @@ What stfs sees through it
   request take that much longer, like a network or cloud store. Requests are
   tasks that sleep, so concurrent requests are served in parallel, each
   taking the delay: eight readers at 100 ms get eight times what one gets.
-  The kernel may split an application's read into several requests (a 1 MiB
-  ``pread`` is two here, sent one after the other), each delayed.
+  The kernel splits an application's read into requests of at most 1 MiB of
+  whole pages, sent one after the other, each delayed: a 1 MiB ``pread``
+  into a buffer that does not start on a page (a ``bytes`` object's) is two.
 
 Control protocol (unix stream socket, JSON lines: one request line, one reply line)
 -----------------------------------------------------------------------------------
