@@ -81,3 +81,30 @@ def test_random_reads_fetch_wider_chunks_and_are_answered_from_the_cache(
     assert int(stats["random_widened"]) > 0, stats      # type: ignore[call-overload]
     assert int(stats["cache_hits"]) > 0                 # type: ignore[call-overload]
     assert stats["errors"] == 0
+
+
+EDGE_SIZES = [0, 1, 4095, 4096, 65535, 65536, 65537, MIB - 1, MIB, MIB + 1, 3 * MIB + 12345]
+
+
+def test_files_of_edge_sizes_read_byte_exact_through_a_network_source(
+        tmp_path: Path, mounter) -> None:  # type: ignore[no-untyped-def]
+    # A FUSE SOURCE is not a local disk: its chunks are read into page-aligned
+    # maps, shortened at the end of each file.
+    with faultfs_mount(tmp_path) as store:
+        files = {f"f{size}": os.urandom(size) for size in EDGE_SIZES}
+        for name, data in files.items():
+            (store.backing / name).write_bytes(data)
+        mount: Mount = mounter(store.mountpoint)
+        for name, data in files.items():
+            path = mount.mountpoint / name
+            assert path.read_bytes() == data, name
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                for offset in (0, 4095, 65537, MIB - 3, len(data) - 1, len(data) + 5):
+                    offset = max(0, offset)
+                    assert os.pread(fd, 70000, offset) == data[offset:offset + 70000], name
+            finally:
+                os.close(fd)
+            assert sha256_of(path) == hashlib.sha256(data).hexdigest()
+        stats = mount.stats()
+        assert stats["errors"] == 0
