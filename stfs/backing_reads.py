@@ -118,6 +118,8 @@ class BackingReadStatistics:
     """Of those, copied from SOURCE's page cache on the event loop."""
     in_flight: int
     """Reads holding a read slot now."""
+    in_flight_bytes: int
+    """Bytes of those reads."""
     read_seconds: float
     """Time spent in worker-thread reads, summed: its growth over a span divided
     by the span is the mean number of reads in flight at the store."""
@@ -180,6 +182,10 @@ class BackingReads:
     def in_flight(self) -> int:
         return self.slots.running
 
+    def in_flight_bytes(self) -> int:
+        """Bytes of the reads holding a read slot now."""
+        return self.slots.running_bytes
+
     def waiting(self) -> int:
         """Reads waiting for the cap now (read-ahead waits for its share of it)."""
         return self.slots.waiting()
@@ -220,7 +226,7 @@ class BackingReads:
             expected = handle.identity
             data, identity, seconds = await self.run(
                 stream, lambda fd, release: self._timed_pread(fd, buf, start, expected, release),
-                speculative=speculative, resume=resume, after=after,
+                speculative=speculative, resume=resume, after=after, size=len(buf),
                 on_queued=on_queued)
         if not speculative:  # what the reader meets now
             stream.source_cached = cached is not None
@@ -230,7 +236,8 @@ class BackingReads:
             self.wide_chunks.record_read(size, seconds)
             self.read_seconds += seconds
             if self.congestion is not None:
-                self.congestion.record(time.monotonic(), size, seconds, self.in_flight() + 1)
+                self.congestion.record(time.monotonic(), size, seconds, self.in_flight() + 1,
+                                       self.in_flight_bytes() + size)
         self.reads += 1
         self.inline_reads += cached is not None
         self.sizes[size] += 1
@@ -268,13 +275,13 @@ class BackingReads:
     async def run(self, stream: Stream, op: Callable[[int, Release], T], *,
                   speculative: bool = False,
                   resume: Callable[[], Awaitable[None]] | None = None,
-                  after: trio.Event | None = None,
+                  after: trio.Event | None = None, size: int = 0,
                   on_queued: Callable[[Callable[[], None]], None] | None = None) -> T:
         """Run blocking *op(fd, release)* on *stream*'s descriptor in a read slot
         (``release()`` gives the slot back before *op* ends), retrying by the
         error's policy (*resume* runs before each retry). The read queues for
         its slot once *after* is set (read-ahead goes in file order), then calls
-        *on_queued(promote)* (see ``ReadSlots.run``).
+        *on_queued(promote)*; *size*: the bytes it reads (see ``ReadSlots.run``).
 
         Speculative work is never retried: a failure just ends it, and the
         reader's own demand read retries.
@@ -290,7 +297,8 @@ class BackingReads:
                 fd = await self.descriptors.pin(handle)
                 try:
                     result = await self.slots.run(functools.partial(op, fd),
-                                                  speculative=speculative, on_queued=on_queued)
+                                                  speculative=speculative, size=size,
+                                                  on_queued=on_queued)
                 finally:
                     self.descriptors.unpin(handle)
                 if attempt:
@@ -331,7 +339,7 @@ class BackingReads:
     def statistics(self) -> BackingReadStatistics:
         return BackingReadStatistics(
             reads=self.reads, inline_reads=self.inline_reads, in_flight=self.in_flight(),
-            read_seconds=self.read_seconds,
+            in_flight_bytes=self.in_flight_bytes(), read_seconds=self.read_seconds,
             cap=self.cap, chunk_sizes=dict(sorted(self.sizes.items())),
             latency_ms={k: 1000 * v for k, v in percentiles(self._latencies_s).items()},
             learned_throughput_bps=self.tracker.throughputs())

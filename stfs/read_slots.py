@@ -40,11 +40,12 @@ Release = Callable[[], None]
 
 
 class _Job(Generic[T]):
-    __slots__ = ("dropped", "fn", "released", "speculative", "started", "task", "token")
+    __slots__ = ("dropped", "fn", "released", "size", "speculative", "started", "task", "token")
 
-    def __init__(self, fn: Callable[[Release], T], speculative: bool) -> None:
+    def __init__(self, fn: Callable[[Release], T], speculative: bool, size: int) -> None:
         self.fn = fn
         self.speculative = speculative
+        self.size = size
         self.task = trio.lowlevel.current_task()
         self.token = trio.lowlevel.current_trio_token()
         self.started = False
@@ -65,6 +66,8 @@ class ReadSlots:
         self._speculative: collections.deque[_Job[Any]] = collections.deque()
         self._running = 0
         """Jobs holding a slot."""
+        self._running_bytes = 0
+        """The sizes of those jobs, summed."""
         self._running_speculative = 0
         self._finishing = 0
         """Jobs that gave their slot back and still run."""
@@ -74,6 +77,11 @@ class ReadSlots:
     def running(self) -> int:
         """Reads holding a slot now."""
         return self._running
+
+    @property
+    def running_bytes(self) -> int:
+        """Bytes of the reads holding a slot now (as given to ``run``)."""
+        return self._running_bytes
 
     @property
     def threads(self) -> int:
@@ -93,13 +101,15 @@ class ReadSlots:
             self._cond.notify_all()
 
     async def run(self, fn: Callable[[Release], T], *, speculative: bool = False,
+                  size: int = 0,
                   on_queued: Callable[[Callable[[], None]], None] | None = None) -> T:
         """Run blocking *fn(release)* in a slot (queued until one is free) and
-        return its result. *on_queued(promote)* runs once it is queued (reads of
-        its class queued after it start after it); ``promote()`` makes a
-        read-ahead still queued a demand read: a reader is waiting for it."""
+        return its result. *size*: the bytes it reads, for ``running_bytes``.
+        *on_queued(promote)* runs once it is queued (reads of its class queued
+        after it start after it); ``promote()`` makes a read-ahead still queued
+        a demand read: a reader is waiting for it."""
         await trio.lowlevel.checkpoint_if_cancelled()
-        job: _Job[T] = _Job(fn, speculative)
+        job: _Job[T] = _Job(fn, speculative, size)
         with self._cond:
             queue = self._speculative if speculative else self._demand
             queue.append(job)
@@ -160,6 +170,7 @@ class ReadSlots:
                 return
             job.released = True
             self._running -= 1
+            self._running_bytes -= job.size
             self._running_speculative -= job.speculative
             self._finishing += 1
             self._spawn_locked()
@@ -178,6 +189,7 @@ class ReadSlots:
                         return
                 job.started = True
                 self._running += 1
+                self._running_bytes += job.size
                 self._running_speculative += job.speculative
             result = outcome.capture(job.fn, functools.partial(self._release, job))
             with cond:
@@ -185,6 +197,7 @@ class ReadSlots:
                     self._finishing -= 1
                 else:
                     self._running -= 1
+                    self._running_bytes -= job.size
                     self._running_speculative -= job.speculative
             # This thread takes the next read itself, right after handing this one back.
             job.token.run_sync_soon(trio.lowlevel.reschedule, job.task, result)

@@ -179,6 +179,7 @@ def render_table(stats: dict[str, Any]) -> str:
                                f"({human_bytes(s.get('read_around_bytes'))})")),
         ("errors", _count(s.get("errors"))),
     ])
+    lines += _store_section(_dict(s.get("concurrency")))
     lines += _section("Recovery", [
         ("retries / recoveries", (f"{_count(s.get('retries'))} / "
                                        f"{_count(s.get('recoveries'))}")),
@@ -206,6 +207,29 @@ def render_table(stats: dict[str, Any]) -> str:
     if handles:
         lines += ["", *_table(HANDLE_HEADER, _handle_rows(handles, 48))]
     return "\n".join(lines) + "\n"
+
+
+def _store_section(c: dict[str, Any]) -> list[str]:
+    """SOURCE's store as the congestion controller sees it (nothing without one)."""
+    if not c:
+        return []
+
+    def ms(key: str) -> str:
+        value = c.get(key)
+        return f"{value:.2f} ms" if isinstance(value, (int, float)) else "-"
+
+    ratio = c.get("latency_ratio")
+    return _section(f"Store ({c.get('source', '?')})", [
+        ("baseline latency", (f"{ms('baseline_latency_ms')} (last interval {ms('latency_ms')}"
+                              + (f", {ratio:.2f}x)" if isinstance(ratio, (int, float)) else ")"))),
+        ("concurrency", (f"target {_count(c.get('target'))}, cap {_count(c.get('cap'))}, "
+                         f"ceiling {_count(c.get('ceiling'))}")),
+        ("why", str(c.get("reason", "-"))),
+        ("in flight", (f"{_count(c.get('in_flight_reads'))} reads, "
+                       f"{human_bytes(c.get('in_flight_bytes'))}")),
+        ("throughput", human_rate(c.get("throughput_bps", 0))),
+        ("errors / backoffs", f"{_count(c.get('errors'))} / {_count(c.get('backoffs'))}"),
+    ])
 
 
 # -- --watch -----------------------------------------------------------------------

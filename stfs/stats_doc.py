@@ -75,7 +75,9 @@ def stats_document(*, source: str, mountpoint: str, view: View, engine: ReadEngi
         "pressure_score": pressure.last_score.total if pressure else 0,
         "pressure_level_changes": pressure.level_changes if pressure else 0,
         "concurrency_cap": eng.concurrency_cap,
-        "concurrency": pressure.congestion.statistics().as_dict() if pressure else None,
+        "concurrency": (None if pressure is None else {
+            **pressure.congestion.statistics().as_dict(),
+            "in_flight_reads": reads.in_flight, "in_flight_bytes": reads.in_flight_bytes}),
         "memory_use_pct": round(eng.memory_use_pct, 1),
         "metrics_port": metrics_port,
         "learned_throughput_bps": [round(x) for x in reads.learned_throughput_bps

@@ -138,6 +138,12 @@ def test_table_shows_the_key_figures(mounted: Mount) -> None:
                   "concurrency cap", "RSS", "retries / recoveries", "open files / dirs"):
         assert label in out
     assert "50.0 MiB" in out  # the default memory limit, human-readable
+    # SOURCE's store as the congestion controller sees it
+    store = out.split(f"\nStore ({mounted.source})\n", 1)[1].split("\n\n", 1)[0]
+    for label in ("baseline latency", "concurrency", "why", "in flight", "throughput",
+                  "errors / backoffs"):
+        assert f"  {label} " in store, store
+    assert "ceiling 10" in store and " reads, " in store
     assert "MiB" in out.split("bytes served", 1)[1].splitlines()[0]
     # the per-handle table
     header = next(line for line in out.splitlines() if line.strip().startswith("PATH"))

@@ -253,3 +253,32 @@ def test_idle_threads_exit(monkeypatch: pytest.MonkeyPatch) -> None:
         await wait_until(lambda: slots.threads == 0)
 
     trio.run(main)
+
+
+def test_running_bytes_sum_the_sizes_of_the_reads_holding_a_slot() -> None:
+    slots = ReadSlots(2, 2)
+    gates = Gates()
+    results: dict[str, str] = {}
+
+    async def one(name: str, size: int, release_early: bool = False) -> None:
+        results[name] = await slots.run(gates.job(name, release_early=release_early), size=size)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(one, "a", 1000)
+            nursery.start_soon(one, "b", 200)
+            await wait_until(lambda: len(gates.started) == 2)
+            nursery.start_soon(one, "c", 30)           # queued: not in flight
+            await wait_until(lambda: slots.waiting() == 1)
+            assert (slots.running, slots.running_bytes) == (2, 1200)
+            gates.open("a")
+            await wait_until(lambda: len(gates.started) == 3)
+            assert (slots.running, slots.running_bytes) == (2, 230)
+            nursery.start_soon(one, "d", 4, True)     # gives its slot back at once
+            gates.open("b", "c")
+            await wait_until(lambda: "d" in gates.started and slots.running == 0)
+            assert slots.running_bytes == 0
+            gates.open("d")
+
+    trio.run(main)
+    assert sorted(results) == ["a", "b", "c", "d"]

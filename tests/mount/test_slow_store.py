@@ -7,6 +7,8 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -108,3 +110,30 @@ def test_files_of_edge_sizes_read_byte_exact_through_a_network_source(
             assert sha256_of(path) == hashlib.sha256(data).hexdigest()
         stats = mount.stats()
         assert stats["errors"] == 0
+
+
+def test_stats_show_the_reads_in_flight_at_the_store_while_a_reader_reads(
+        slow_store: FaultFS, mounter) -> None:  # type: ignore[no-untyped-def]
+    data = os.urandom(16 * MIB)
+    (slow_store.backing / "big").write_bytes(data)
+    mount: Mount = mounter(slow_store.mountpoint)
+    digest: list[str] = []
+    reader = threading.Thread(target=lambda: digest.append(sha256_of(mount.mountpoint / "big")))
+    reader.start()
+    seen: list[dict[str, object]] = []
+    try:
+        while reader.is_alive() and not seen:
+            concurrency = mount.stats()["concurrency"]
+            assert isinstance(concurrency, dict)
+            if int(concurrency["in_flight_reads"]) > 0:  # type: ignore[call-overload]
+                seen.append(concurrency)
+            time.sleep(0.01)
+    finally:
+        reader.join(60)
+    assert digest == [hashlib.sha256(data).hexdigest()]
+    assert seen, "no read was ever seen in flight"
+    reads, n_bytes = int(seen[0]["in_flight_reads"]), int(seen[0]["in_flight_bytes"])  # type: ignore[call-overload]
+    assert 0 < reads and reads * 4096 <= n_bytes <= reads * 16 * MIB, seen[0]
+    after = mount.stats()["concurrency"]
+    assert isinstance(after, dict)
+    assert (after["in_flight_reads"], after["in_flight_bytes"]) == (0, 0)  # live, not stale
