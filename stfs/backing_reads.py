@@ -236,8 +236,7 @@ class BackingReads:
             self.wide_chunks.record_read(size, seconds)
             self.read_seconds += seconds
             if self.congestion is not None:
-                self.congestion.record(time.monotonic(), size, seconds, self.in_flight() + 1,
-                                       self.in_flight_bytes() + size)
+                self.congestion.record(time.monotonic(), size, seconds, self.in_flight() + 1)
         self.reads += 1
         self.inline_reads += cached is not None
         self.sizes[size] += 1
