@@ -8,17 +8,21 @@ import hashlib
 import os
 import random
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 
-from tests.conftest import Mount
+from tests.conftest import Mount, wait_for
 from tests.faultfs import FaultFS, faultfs_mount
 
 MIB = 1024 * 1024
 DELAY_S = 0.05
+HOLD_S = 120.0
+"""A hold at the store outlasts any wait of the test (it ends at release)."""
+WAIT_S = 30.0
+"""Generous bounds for what a loaded machine does in well under a second."""
 
 
 @pytest.fixture
@@ -114,26 +118,52 @@ def test_files_of_edge_sizes_read_byte_exact_through_a_network_source(
 
 def test_stats_show_the_reads_in_flight_at_the_store_while_a_reader_reads(
         slow_store: FaultFS, mounter) -> None:  # type: ignore[no-untyped-def]
+    # The store's reads of the file are held at faultfs's gate while the stats are
+    # sampled: they are in flight for as long as the test needs, however fast the
+    # reader would otherwise be, and are let go only once a sample was taken.
     data = os.urandom(16 * MIB)
     (slow_store.backing / "big").write_bytes(data)
     mount: Mount = mounter(slow_store.mountpoint)
     digest: list[str] = []
-    reader = threading.Thread(target=lambda: digest.append(sha256_of(mount.mountpoint / "big")))
-    reader.start()
-    seen: list[dict[str, object]] = []
-    try:
-        while reader.is_alive() and not seen:
-            concurrency = mount.stats()["concurrency"]
-            assert isinstance(concurrency, dict)
-            if int(concurrency["in_flight_reads"]) > 0:  # type: ignore[call-overload]
-                seen.append(concurrency)
-            time.sleep(0.01)
-    finally:
-        reader.join(60)
+    failed: list[BaseException] = []
+
+    def read_all(f: BinaryIO) -> None:
+        try:
+            hasher = hashlib.sha256()
+            while block := f.read(MIB):
+                hasher.update(block)
+            digest.append(hasher.hexdigest())
+        except BaseException as exc:  # reported by the test below
+            failed.append(exc)
+
+    def in_flight(into: list[tuple[int, int]]) -> tuple[int, int]:
+        concurrency = mount.stats()["concurrency"]
+        assert isinstance(concurrency, dict)
+        into.append((int(concurrency["in_flight_reads"]), int(concurrency["in_flight_bytes"])))
+        return into[-1]
+
+    # Opened before the hold (which also holds opens): only the reads wait.
+    with open(mount.mountpoint / "big", "rb", buffering=0) as f:
+        reader = threading.Thread(target=read_all, args=(f,), daemon=True)
+        samples: list[tuple[int, int]] = []
+        slow_store.hold("big", timeout_s=HOLD_S)
+        try:
+            reader.start()
+            # The reader's first request makes stfs read the store; those reads
+            # cannot end while the hold lasts.
+            assert wait_for(lambda: in_flight(samples)[0] > 0,
+                            WAIT_S, interval=0.05), \
+                f"no read was ever seen in flight (held at the store): {samples[-5:]}"
+            in_flight(samples)                       # and they stay in flight
+            assert reader.is_alive(), "the reader finished while the store held its reads"
+        finally:
+            slow_store.release("big")
+            reader.join(WAIT_S)
+    assert not reader.is_alive() and not failed, failed
     assert digest == [hashlib.sha256(data).hexdigest()]
-    assert seen, "no read was ever seen in flight"
-    reads, n_bytes = int(seen[0]["in_flight_reads"]), int(seen[0]["in_flight_bytes"])  # type: ignore[call-overload]
-    assert 0 < reads and reads * 4096 <= n_bytes <= reads * 16 * MIB, seen[0]
-    after = mount.stats()["concurrency"]
-    assert isinstance(after, dict)
-    assert (after["in_flight_reads"], after["in_flight_bytes"]) == (0, 0)  # live, not stale
+    for reads, n_bytes in samples[-2:]:
+        assert 0 < reads and reads * 4096 <= n_bytes <= reads * 16 * MIB, samples[-2:]
+    # Live, not stale: with the reader done, nothing is in flight.
+    last: list[tuple[int, int]] = []
+    assert wait_for(lambda: in_flight(last) == (0, 0), WAIT_S,
+                    interval=0.05), last[-5:]
