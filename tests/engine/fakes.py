@@ -17,7 +17,7 @@ from stfs import backing
 from stfs.backing import ChunkData, FileIdentity, Hasher
 from stfs.backing_reads import SourceReader
 
-HOLD_TIMEOUT_S = 10.0
+HOLD_TIMEOUT_S = 30.0
 """A held read goes on after this long anyway: a failing test must not hang."""
 
 

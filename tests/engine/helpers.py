@@ -144,7 +144,13 @@ async def read_to_size(engine: ReadEngine, handle: OpenFile, request: int) -> by
     return bytes(out)
 
 
-async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+WAIT_S = 30.0
+"""How long ``wait_until`` waits: what takes milliseconds on an idle machine can take
+seconds on a loaded one, and a wait for a condition costs nothing when it is met."""
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float = WAIT_S) -> None:
+    """Poll *predicate* until it is true (fails after *timeout*)."""
     with trio.fail_after(timeout):
         while not predicate():
             await trio.sleep(0.005)
@@ -152,7 +158,9 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> Non
 
 async def settle(engine: ReadEngine) -> None:
     """Let scheduled read-ahead start and finish."""
-    await trio.sleep(0.02)
+    # Every task scheduled so far has run up to where it waits (for a read slot,
+    # a worker thread...): read-ahead scheduled before this call is registered.
+    await trio.testing.wait_all_tasks_blocked()
     await wait_until(lambda: engine.budget.speculative_bytes == 0
                      and "readahead" not in engine.resources.counts())
     await trio.testing.wait_all_tasks_blocked()

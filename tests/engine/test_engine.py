@@ -110,7 +110,7 @@ def test_random_offsets_and_sizes_return_exact_bytes(src: Source, config: str) -
                 checked += 1
         return checked
 
-    assert run(engine, body, timeout=8) > 200
+    assert run(engine, body, timeout=60) > 200
     assert engine.counters.errors == 0
     assert engine.budget.peak_held_bytes <= engine.budget.limit_bytes
 
@@ -188,16 +188,17 @@ def concurrent_round(src: Source, files: dict[str, bytes], request_size: int, li
 
     async def body() -> None:
         async def watchdog() -> None:
-            """Fail fast (with the state) when no read completes for 3 s: a deadlock."""
+            """Fail fast (with the state) when no read completes for 10 s: a deadlock
+            (a loaded machine can stall a read for a second or two, not for ten)."""
             last, still = -1, 0.0
             while True:
                 await trio.sleep(0.25)
                 reads = engine.counters.reads
                 still = still + 0.25 if reads == last else 0.0
                 last = reads
-                if still >= 3:
+                if still >= 10:
                     raise AssertionError(
-                        f"no read completed for 3 s: held={engine.budget.held_bytes} "
+                        f"no read completed for 10 s: held={engine.budget.held_bytes} "
                         f"cached={engine.cache.cached_bytes} waiting={engine.budget.waiting} "
                         f"active_reads={engine.counters.active_reads} reads={reads}")
 
@@ -250,7 +251,7 @@ def test_a_read_past_end_of_file_does_not_leave_the_cache_unable_to_make_room(
         got = await engine.read(handle, offset, 1 * MIB)       # spans chunks: assembled
         assert bytes(got) == data[offset:offset + 1 * MIB]
 
-    run(engine, body, timeout=3)
+    run(engine, body, timeout=30)                    # a hang, not a slow machine
     assert engine.budget.held_bytes == engine.cache.cached_bytes
 
 
@@ -488,10 +489,20 @@ def test_a_seek_cancels_pending_read_ahead_and_closes_the_window(
         await trio.testing.wait_all_tasks_blocked()
         calls = len(slow.calls)
         offset = 15 * MIB + 7
-        got = await engine.read(handle, offset, 4096)   # a seek: not held, served now
-        assert bytes(got) == data[offset:offset + 4096]
+        got: list[bytes] = []
+
+        async def seek() -> None:
+            got.append(bytes(await engine.read(handle, offset, 4096)))  # not held itself
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(seek)
+            # The seek closes the window at once; its own read may still need a slot
+            # from the read-ahead already running (a lone stream's read-ahead may hold
+            # them all), which the test lets go only now, never by a hold timing out.
+            await wait_until(lambda: engine.stream_info(handle.fh)["readahead_chunks"] == 0)
+            slow.release()
+        assert got == [data[offset:offset + 4096]]
         assert engine.stream_info(handle.fh)["readahead_chunks"] == 0
-        slow.release()
         await wait_until(lambda: engine.budget.speculative_bytes == 0)
         await trio.sleep(0.1)
         return len(slow.calls) - calls

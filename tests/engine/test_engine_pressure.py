@@ -10,7 +10,7 @@ import trio.lowlevel
 from stfs.engine import ReadEngine
 from stfs.pressure import CACHE_SHARE, Level, cap_for
 from tests.engine.fakes import FakeBacking
-from tests.engine.helpers import MIB, Source, make_engine, run
+from tests.engine.helpers import MIB, Source, make_engine, run, settle
 
 
 def pressure_engine(reader: FakeBacking | None = None) -> ReadEngine:
@@ -67,7 +67,7 @@ def test_rising_pressure_sheds_cache_and_cancels_read_ahead(
             assert bytes(chunk) == data[offset:offset + len(chunk)]
             offset += len(chunk)
             await trio.lowlevel.checkpoint()
-        await trio.sleep(0.2)
+        await settle(engine)                                      # read-ahead done
         assert engine.cache.cached_bytes > 2 * MIB
         assert engine.readahead.chunks > 0
         engine.apply_pressure(Level.CRITICAL, 1, 90.0)

@@ -27,6 +27,7 @@ from stfs.memory import (
 )
 from stfs.metrics import Counters
 from stfs.pressure import Level, MemoryMonitor, MemorySnapshot, PressureController
+from tests.engine.helpers import wait_until
 from tests.engine.test_engine import Source, read_all, run
 
 MIB = 1024 * 1024
@@ -315,7 +316,7 @@ def test_a_kernel_notice_ticks_at_once_and_oom_marks_the_group_near(kind: str,
             return trio.current_time() - began
 
     took = trio.run(body)
-    assert took < 5                                        # not the 60 s sampler
+    assert took < 30                                       # not the 60 s sampler
     assert keeper.near_limit is urgent and (engine.paused >= 1) is urgent
     assert keeper.notices == {kind: 1}
 
@@ -383,7 +384,7 @@ def test_the_heap_is_trimmed_once_enough_buffers_were_dropped(
             over[0] = True
             for _ in range(4):
                 trimmer.dropped_buffer(MIB)
-            await trio.sleep(0.05)
+            await wait_until(lambda: trimmer.trims == 1)    # in a worker thread
             assert calls == [1] and trimmer.trims == 1 and trimmer.dropped == 0
             trimmer.attach(None)
 

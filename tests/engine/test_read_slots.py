@@ -14,7 +14,7 @@ from stfs import read_slots
 from stfs.read_slots import ReadSlots, Release
 from tests.engine.helpers import wait_until
 
-TIMEOUT_S = 10.0
+TIMEOUT_S = 30.0
 
 
 class Gates:

@@ -288,7 +288,7 @@ def test_a_reader_waiting_on_a_failed_read_ahead_reads_for_itself(src: Source) -
 
             nursery.start_soon(reader)
             await wait_until(lambda: engine.counters.active_reads == 1)
-            await trio.sleep(0.05)                              # waiting on the flight
+            await trio.testing.wait_all_tasks_blocked()         # waiting on the flight
             gate.set()
         return got[0]
 

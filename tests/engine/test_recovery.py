@@ -38,6 +38,7 @@ from tests.engine.helpers import (
     payload,
     read_all,
     run,
+    settle,
     wait_until,
 )
 
@@ -430,8 +431,7 @@ def test_concurrent_first_reads_completing_out_of_order_still_give_the_checksum(
         handle = src.open("f")
         for offset, n in swapped_pairs(requests(len(data), 128 * KIB)):
             assert bytes(await engine.read(handle, offset, n)) == data[offset:offset + n]
-        await trio.sleep(0.1)                         # read-ahead done
-        await trio.testing.wait_all_tasks_blocked()
+        await settle(engine)                          # read-ahead done
         return handle.identity, engine.budget.held_bytes - engine.cache.cached_bytes
 
     identity, waiting = run(engine, body)
@@ -649,7 +649,7 @@ def test_a_new_pass_after_a_change_is_checksummed_under_the_new_identity(
         assert await read_all(engine, handle, CHUNK) == new      # a new pass, same handle
         second = handle.identity
         await wait_until(lambda: store.get(second) is not None
-                     or engine.counters.corruptions_detected > 0, timeout=2)
+                     or engine.counters.corruptions_detected > 0)
         return first, second, new
 
     first, second, new = run(engine, body)
