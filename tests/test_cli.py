@@ -482,7 +482,7 @@ def test_log_file_and_state_dir_in_o_are_used_by_the_daemon(tmp_path: Path, mnt:
             assert (state / "demo-source" / "README.txt").is_file()
             assert (mnt / "README.txt").read_bytes() == (
                 state / "demo-source" / "README.txt").read_bytes()
-            assert wait_for(lambda: "mounted" in log.read_text(errors="replace"), 5)
+            assert wait_for(lambda: "mounted" in log.read_text(errors="replace"), 30)
         finally:
             cleanup_mount(mnt, pids)
 
@@ -520,7 +520,7 @@ def test_mount_fuse3_form_without_mount_word_mounts(source: Path, mnt: Path) -> 
         pid = stats["pid"]
         assert pid_alive(pid)
     assert not is_mounted(mnt)
-    assert wait_for(lambda: not pid_alive(pid), 5)
+    assert wait_for(lambda: not pid_alive(pid), 30)
 
 
 def test_mount_fuse3_form_reports_errors_like_mount(tmp_path: Path, mnt: Path) -> None:
@@ -614,6 +614,7 @@ SAMPLES = {  # a valid, non-default value of each option that takes one
     "max_open_fds": "64", "retry_file_system": "2:0.1:2:1", "retry_network": "4:0.2:1.5:3",
     "retry_jitter": "0.1", "read_deadline": "10", "state_dir": "/tmp/stfs-cli-state",
     "log_level": "debug", "log_file": "/tmp/stfs-cli.log", "fsname": "my-data",
+    "memory_cache_size": "8M", "cache_dir": "/tmp/stfs-cli-cache",
 }
 
 

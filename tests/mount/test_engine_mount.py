@@ -146,7 +146,7 @@ def test_random_reads_are_read_around_into_the_kernel_page_cache(mounter, big_so
         for w in windows:
             offset = w * 256 * 1024 + 4096
             assert os.pread(fd, 4096, offset) == data[offset:offset + 4096]
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 30
         while mount.stats()["read_around_pushes"] < len(windows):  # pushed in the background
             assert time.monotonic() < deadline, mount.stats()
             time.sleep(0.05)

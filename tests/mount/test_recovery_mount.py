@@ -262,7 +262,7 @@ def test_checksum_is_shown_kept_across_remounts_and_corruption_is_detected(
     assert os.getxattr(target, "user.stfs.xxh3_128").decode() == want  # before any read
     faulty.set_rules([{"op": "read", "path": "dataset", "kind": "corrupt", "count": 1}])
     assert read_all(target) != data
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 30
     while again.stats()["corruptions_detected"] == 0 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert again.stats()["corruptions_detected"] == 1
@@ -276,7 +276,11 @@ def test_open_close_cycles_and_held_files_return_to_idle(faulty, mounter) -> Non
     mount = stfs_over(mounter, faulty, "--max-open-fds", "16")
     point = mount.mountpoint
     os.listdir(point)
-    time.sleep(0.2)
+    # RELEASEDIR reaches the daemon after closedir returns: count idle once it has.
+    deadline = time.monotonic() + 30
+    while (mount.stats()["open_dirs"], mount.stats()["open_handles"]) != (0, 0):
+        assert time.monotonic() < deadline, mount.stats()
+        time.sleep(0.05)
     idle = len(os.listdir(f"/proc/{mount.pid}/fd"))
     for cycle in range(300):
         name = point / f"s{cycle % 50:02d}"
@@ -291,7 +295,7 @@ def test_open_close_cycles_and_held_files_return_to_idle(faulty, mounter) -> Non
     finally:
         for f in held:
             f.close()
-    deadline = time.monotonic() + 2
+    deadline = time.monotonic() + 30                 # releases reach the daemon after close
     while time.monotonic() < deadline:
         stats = mount.stats()
         fds = len(os.listdir(f"/proc/{mount.pid}/fd"))
