@@ -18,7 +18,9 @@ working set. 2Q treats them as one correlated reference, so a scan only ever
 cycles through ``A1in``.
 
 Every cached byte is held in the ``MemoryBudget``: ``insert`` takes over the
-reservation the fetch made, eviction releases it.
+reservation the fetch made, eviction releases it. A chunk being copied to the
+disk cache is pinned: evicted meanwhile, it leaves the cache at once but its
+bytes stay held until ``unpin``.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from __future__ import annotations
 import bisect
 import collections
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from stfs.backing import ChunkData, FileIdentity
 from stfs.budget import MemoryBudget
@@ -59,6 +61,11 @@ class ChunkCache:
         self._ghost_limit = max(64, capacity_bytes // (32 * 1024))
         self._starts: dict[FileIdentity, list[int]] = {}
         """Sorted chunk starts per identity, for containment lookups."""
+        self.on_evict: Callable[[ChunkKey, ChunkData], bool] | None = None
+        """Offered every evicted chunk; True: it took the chunk and its reservation."""
+        self._pins: dict[ChunkKey, int] = {}
+        self._deferred: dict[ChunkKey, int] = {}
+        """Bytes of pinned chunks evicted, released when unpinned."""
         self.a1in_bytes = 0
         self.am_bytes = 0
         self.hits = 0
@@ -117,13 +124,33 @@ class ChunkCache:
             self.am_bytes += len(entry.data)
         return entry.data
 
+    def pin(self, key: ChunkKey) -> ChunkData | None:
+        """The data of the chunk at *key*, kept held in the budget until ``unpin``
+        even if evicted meanwhile (not a use: its place in the queues stays)."""
+        entry = self._am.get(key) or self._a1in.get(key)
+        if entry is None:
+            return None
+        self._pins[key] = self._pins.get(key, 0) + 1
+        return entry.data
+
+    def unpin(self, key: ChunkKey) -> None:
+        left = self._pins[key] - 1
+        if left:
+            self._pins[key] = left
+            return
+        del self._pins[key]
+        deferred = self._deferred.pop(key, None)
+        if deferred is not None:
+            self._budget.release(deferred)
+
     # -- insertion and eviction ---------------------------------------------
 
-    def insert(self, key: ChunkKey, data: ChunkData, reserved: int, owner: int) -> None:
-        """Cache *data*, taking over the *reserved* budget bytes its fetch held."""
+    def insert(self, key: ChunkKey, data: ChunkData, reserved: int, owner: int) -> bool:
+        """Cache *data*, taking over the *reserved* budget bytes its fetch held;
+        False if it was not cached (a chunk starts there already, or it is too big)."""
         if key in self or len(data) > self.capacity_bytes:
             self._budget.release(reserved)
-            return
+            return False
         self._budget.release(reserved - len(data))
         entry = _Entry(data, owner)
         if key in self._a1out:
@@ -135,6 +162,7 @@ class ChunkCache:
             self.a1in_bytes += len(data)
         bisect.insort(self._starts.setdefault(key[0], []), key[1])
         self.shrink_to(self.capacity_bytes)
+        return True
 
     def _evict_one(self) -> int | None:
         """Evict one chunk; its size (0 for an empty chunk), or None if none is left."""
@@ -157,6 +185,11 @@ class ChunkCache:
         data, entry.data = entry.data, b""
         del entry
         size = len(data)
+        if key in self._pins:  # its bytes are still being read: released at unpin
+            self._deferred[key] = self._deferred.get(key, 0) + size
+            return 0
+        if self.on_evict is not None and self.on_evict(key, data):
+            return 0
         self._budget.release(size)
         if self._pool is not None:
             self._pool.give(data)  # reused only if nothing else still refers to it

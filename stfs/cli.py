@@ -30,7 +30,7 @@ from stfs.errors import EXIT_FAILURE, StfsError, UsageError
 from stfs.metrics_http import parse_listen
 from stfs.retry import RetryPolicy
 
-COMMANDS = ("mount", "umount", "stats")
+COMMANDS = ("mount", "umount", "stats", "cache")
 
 # mount(8) and fstab hand these to every helper; the view is read-only whatever they say.
 IGNORED_OPTIONS = frozenset({
@@ -153,7 +153,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("memory_limit", parse_size, "SIZE", default="50M",
            help="hard ceiling for all file data held: cache + in-flight + read-ahead"),
     Option("cache_size", parse_size, "SIZE",
+           help="with --cache-dir: the disk cache's size (default: up to 10G, leaving 10 %% "
+           "of its file system free); without: as --memory-cache-size"),
+    Option("memory_cache_size", parse_size, "SIZE",
            help="chunk-cache share of the memory limit (default: 3/4 of it)"),
+    Option("cache_dir", _parse_dir, "DIR",
+           help="keep chunks read from SOURCE in a persistent cache in DIR, checked and "
+           "reused across mounts (default: no disk cache)"),
     Option("max_streams", _parse_int, "N", default="10",
            help="concurrent backing reads without pressure"),
     Option("min_chunk", parse_size, "SIZE", default="4K", help="smallest chunk size"),
@@ -302,6 +308,13 @@ def _build_parser() -> _Parser:
     stats.add_argument("--watch", metavar="SECONDS",
                        help="every SECONDS until Ctrl-C: redraw the table, or with --json print "
                        "one more line")
+
+    cache = sub.add_parser("cache", help="show or clear a disk cache (--cache-dir)",
+                           description="Show how many chunks and bytes the disk cache in DIR "
+                           "holds and whether a mount uses it, or with --clear delete them "
+                           "(refused while a mount uses DIR).")
+    cache.add_argument("directory", metavar="DIR")
+    cache.add_argument("--clear", action="store_true", help="delete every cached chunk")
     return parser
 
 
@@ -364,7 +377,11 @@ def _run(ns: argparse.Namespace) -> int:
             watch = _parse_interval(ns.watch, "--watch")
         return stats_command(ns.mountpoint, as_json=ns.json, as_prometheus=ns.prometheus,
                              watch=watch)
-    raise UsageError("a command is required: mount, umount or stats (see stfs --help)")
+    if ns.command == "cache":
+        from stfs.disk_store import cache_command
+
+        return cache_command(Path(os.path.abspath(ns.directory)), ns.clear)
+    raise UsageError("a command is required: mount, umount, stats or cache (see stfs --help)")
 
 
 def main(args: Sequence[str] | None = None) -> int:

@@ -94,6 +94,11 @@ class MountConfig:
     fsname: str | None = None
     memory_limit: int = 50 * MIB
     cache_size: int | None = None
+    """The disk cache's size with *cache_dir*; without it, ``memory_cache_size``."""
+    memory_cache_size: int | None = None
+    """Chunk-cache share of the memory limit (default: three quarters)."""
+    cache_dir: Path | None = None
+    """Where the persistent chunk cache lives (``stfs.disk_cache``); None: no disk cache."""
     max_streams: int = 10
     min_chunk: int = 4 * KIB
     max_chunk: int = 1 * MIB
@@ -135,11 +140,24 @@ class MountConfig:
                 f"--memory-limit ({format_size(self.memory_limit)}) must be at least "
                 f"--max-chunk ({format_size(self.max_chunk)}) plus 1M for a kernel request"
             )
-        if self.cache_size is not None and self.cache_size > self.memory_limit:
+        if self.cache_dir is None and None not in (self.cache_size, self.memory_cache_size):
+            raise UsageError("--cache-size without --cache-dir is --memory-cache-size: "
+                             "give one of them")
+        memory_share = self.memory_cache_size
+        if memory_share is None and self.cache_dir is None:
+            memory_share = self.cache_size
+        if memory_share is not None and memory_share > self.memory_limit:
+            option = "--memory-cache-size" if self.memory_cache_size is not None else "--cache-size"
             raise UsageError(
-                f"--cache-size ({format_size(self.cache_size)}) is larger than "
+                f"{option} ({format_size(memory_share)}) is larger than "
                 f"--memory-limit ({format_size(self.memory_limit)})"
             )
+        if (self.cache_dir is not None and self.cache_size is not None
+                and self.cache_size < self.disk_cache_min_bytes):
+            raise UsageError(
+                f"--cache-size ({format_size(self.cache_size)}) is too small for a disk cache: "
+                f"at least one chunk (--max-chunk {format_size(self.max_chunk)}) and its "
+                f"bookkeeping, {format_size(self.disk_cache_min_bytes)}")
         if self.read_around and not (4 * KIB <= self.read_around <= 16 * MIB
                                      and self.read_around & (self.read_around - 1) == 0):
             raise UsageError("--read-around must be 0 or a power of two from 4K to 16M")
@@ -170,4 +188,14 @@ class MountConfig:
     @property
     def cache_limit_bytes(self) -> int:
         """Chunk-cache share of the memory limit (default: three quarters)."""
-        return self.cache_size if self.cache_size is not None else self.memory_limit * 3 // 4
+        if self.memory_cache_size is not None:
+            return self.memory_cache_size
+        if self.cache_dir is None and self.cache_size is not None:
+            return self.cache_size
+        return self.memory_limit * 3 // 4
+
+    @property
+    def disk_cache_min_bytes(self) -> int:
+        """The smallest ``--cache-size`` of a disk cache: one largest chunk and room
+        for its directory entries."""
+        return self.max_chunk + 128 * KIB

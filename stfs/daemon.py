@@ -27,6 +27,7 @@ from stfs import (
     cgroup,
     control,
     descriptors,
+    disk_store,
     kernel,
     memory,
     metrics,
@@ -37,6 +38,7 @@ from stfs import (
 from stfs.backing import Backing, FileIdentity
 from stfs.checksums import ChecksumStore
 from stfs.config import MountConfig, human_bytes
+from stfs.disk_store import DiskStore, StoredEntry
 from stfs.engine import EngineConfig, ReadEngine
 from stfs.errors import EXIT_OK, StfsError, path_error
 from stfs.fs_ops import Operations
@@ -50,6 +52,8 @@ from stfs.view import View
 log = logging.getLogger("stfs")
 
 READY_TIMEOUT_S = 30.0
+DISK_FLUSH_TIMEOUT_S = 60.0
+"""After unmounting, how long the disk cache may go on writing what is queued."""
 NOTIFY_STATUS_INTERVAL_S = 5.0
 
 
@@ -134,6 +138,7 @@ class Daemon:
         """Warnings of the start (the budget lowered) for the parent's terminal."""
         self.metrics_port: int | None = None
         self.unmount_on_exit = False
+        self.disk_store: DiskStore | None = None
 
     def stats(self) -> dict[str, Any]:
         """The live stats snapshot (SPEC.md's keys; METRICS.md lists them all)."""
@@ -165,6 +170,7 @@ class Daemon:
             raise path_error(self.source, exc) from None
         nofile = descriptors.raise_nofile_limit()
         fit = self._fit_budget()
+        self.disk_store, disk_bytes, disk_entries = self._open_disk_cache()
         self.checksums = ChecksumStore(self.config.state_dir)
         self.checksums.open()
         handles = HandleTable()
@@ -175,7 +181,9 @@ class Daemon:
                                  opener=backing.open_file, checksums=self.checksums,
                                  kernel_store=_store_pages,
                                  kernel_invalidate=_invalidate_pages,
-                                 handles_of=handles.files_of_node, store_name=self.source)
+                                 handles_of=handles.files_of_node, store_name=self.source,
+                                 disk_store=self.disk_store, disk_cache_bytes=disk_bytes,
+                                 disk_entries=disk_entries)
         state_store = StateStore(self.config.state_dir)
         learned = state_store.throughputs(backing.root_stat.st_dev)
         if learned:
@@ -206,7 +214,29 @@ class Daemon:
         finally:
             self.view.close()
             self.checksums.close()
+            if self.disk_store is not None:
+                self.disk_store.close()
         return EXIT_OK
+
+    def _open_disk_cache(self) -> tuple[DiskStore | None, int, list[StoredEntry]]:
+        """``--cache-dir``: checked, locked, scanned (before the mount, so the
+        first reads already find what earlier mounts left)."""
+        cache_dir = self.config.cache_dir
+        if cache_dir is None:
+            return None, 0, []
+        size = disk_store.check_cache_dir(cache_dir, self.config.cache_size,
+                                          self.config.disk_cache_min_bytes)
+        store = DiskStore.open(cache_dir)
+        reading = self.group.read() if self.group is not None else None
+        store.start_writeback = reading is not None and reading.limit_bytes is not None
+        try:
+            entries = store.scan()
+        except OSError as exc:
+            store.close()
+            raise StfsError(f"--cache-dir {cache_dir}: {exc}") from None
+        log.info("disk cache %s: %d entries, %s, size %s", cache_dir, len(entries),
+                 human_bytes(sum(e.disk_bytes for e in entries)), human_bytes(size))
+        return store, size, entries
 
     def _fit_budget(self) -> memory.BudgetFit:
         """The budget in use: ``--memory-limit``, or what the memory cgroup leaves
@@ -277,6 +307,7 @@ class Daemon:
             async def fuse_main() -> None:
                 await pyfuse3.main()
                 notify.stopping(f"unmounted: {self.status_line()}")
+                await self.engine.flush(DISK_FLUSH_TIMEOUT_S)
                 nursery.cancel_scope.cancel()
 
             await nursery.start(self.engine.run)

@@ -6,7 +6,7 @@
       -> ReadEngine.read            counters, retry when the file changed, checksums
          -> VersionGuard.check      fstat before serving from a new chunk
          -> RequestPlanner.plan     chunk size; sequential or a seek
-         -> Fetcher.chunk_at        chunk cache | a read in flight | a new read
+         -> Fetcher.chunk_at        chunk cache | a read in flight | disk cache | a new read
             -> BackingReads         worker thread under the concurrency cap, retries
                -> BackingReader     SOURCE (stfs.backing), or a test's fake
          -> Fetcher.assemble        a reply spanning chunks, in a reserved buffer
@@ -42,6 +42,8 @@ from stfs.checksums import ChecksumRegistry, ChecksumStore
 from stfs.chunking import PAGE, AdaptiveChunkSizer, RequestPlanner, StreamState
 from stfs.congestion import CongestionController
 from stfs.descriptors import DEFAULT_LIMIT, DescriptorTable, Opener
+from stfs.disk_cache import INDEX_SHARE, KEEP_SHARE, DiskCache
+from stfs.disk_store import DiskStore, StoredEntry, entry_name
 from stfs.fetcher import Fetcher
 from stfs.handles import OpenFile
 from stfs.memory import HeapTrimmer
@@ -108,7 +110,11 @@ class ReadEngine:
                  kernel_store: KernelStore | None = None,
                  kernel_invalidate: KernelInvalidate | None = None,
                  handles_of: Callable[[int], Iterable[OpenFile]] = lambda _nodeid: (),
-                 store_name: str = "") -> None:
+                 store_name: str = "", disk_store: DiskStore | None = None,
+                 disk_cache_bytes: int = 0,
+                 disk_entries: Iterable[StoredEntry] = ()) -> None:
+        """*disk_store*: the open ``--cache-dir`` (of *disk_cache_bytes*), with the
+        entries its scan found (``DiskStore.scan``)."""
         self.config = config
         self.counters = counters
         self.resources = ResourceRegistry()
@@ -132,8 +138,17 @@ class ReadEngine:
         self.guard = VersionGuard(self.reads, self.budget, self.pool, counters,
                                   max_chunk=config.max_chunk, handles_of=handles_of,
                                   recheck_s=config.recheck_s)
+        self.disk: DiskCache | None = None
+        if disk_store is not None:
+            index_bytes = config.memory_limit // INDEX_SHARE
+            held = self.budget.try_reserve(index_bytes)  # for good: the index's memory
+            assert held, "the budget is empty at start"
+            self.disk = DiskCache(disk_store, disk_cache_bytes, index_bytes, self.cache,
+                                  self.budget, keep_bytes(config))
+            dropped = self.disk.load(list(disk_entries))
+            disk_store.remove([entry_name(key) for key in dropped])  # before the loop runs
         self.fetcher = Fetcher(self.reads, self.guard, self.cache, self.budget, self.pool,
-                               counters)
+                               counters, self.disk)
         self.streams = StreamTable(self._new_stream, on_count=self.reads.set_streams)
         self.read_around = ReadAround(
             kernel_store if config.read_around_bytes > 0 else None, kernel_invalidate,
@@ -159,6 +174,8 @@ class ReadEngine:
                 self.readahead.attach(nursery)
                 self.trimmer.attach(nursery)
                 self.checksums.attach(nursery)
+                if self.disk is not None:
+                    await nursery.start(self.disk.run)
                 task_status.started()
                 await trio.sleep_forever()
         finally:
@@ -184,6 +201,15 @@ class ReadEngine:
             self.readahead.abandon(stream)
         await self.resources.free_owner(handle.fh)
         self.streams.drop(handle.fh)
+
+    async def flush(self, timeout_s: float) -> None:
+        """Unmounted: let the disk cache write what is queued (within *timeout_s*)."""
+        if self.disk is not None:
+            with trio.move_on_after(timeout_s) as scope:
+                await self.disk.drained()
+            if scope.cancelled_caught:
+                log.warning("disk cache: writes still queued after %.0f s were dropped",
+                            timeout_s)
 
     async def close(self) -> None:
         """Unmount: free every handle's resources, then any descriptor left."""
@@ -261,6 +287,8 @@ class ReadEngine:
     def emergency_cleanup(self) -> None:
         """Critical pressure: free every speculative resource and buffer now."""
         freed = sum(stream.verifier.free_buffers() for stream in self.streams)
+        if self.disk is not None:
+            freed += self.disk.shed()
         if self._nursery is not None:
             self._nursery.start_soon(self.resources.emergency)
         log.warning("critical memory pressure: emergency cleanup (read-ahead cancelled, "
@@ -434,6 +462,13 @@ class ReadEngine:
             read_around_window(self.config.read_around_bytes, limit))
         self.budget.set_limit(limit)
         self.apply_pressure(self.level, self.reads.cap, self.monitor_memory_pct)
+
+
+def keep_bytes(config: EngineConfig) -> int:
+    """What chunks evicted before their disk write may hold: 1/KEEP_SHARE of the
+    limit, at least two of the largest chunks, at most a quarter of the limit."""
+    limit = config.memory_limit
+    return min(limit // 4, max(limit // KEEP_SHARE, 2 * config.max_chunk))
 
 
 def read_around_window(asked: int, memory_limit: int) -> int:

@@ -1,5 +1,6 @@
 """Fetcher: the chunk holding an offset, from the chunk cache, a read in
-flight, or one new backing read into the cache.
+flight, the disk cache (``--cache-dir``), or one new backing read into the
+cache (and behind it, the disk cache).
 
 A request spanning chunks is assembled into one reply buffer, reserved too.
 Every chunk read is reserved in the ``MemoryBudget`` before it starts (a
@@ -12,8 +13,9 @@ bytes of two versions never meet.
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import trio
@@ -23,6 +25,7 @@ from stfs.backing_reads import BackingReads
 from stfs.budget import MemoryBudget
 from stfs.buffers import BufferPool
 from stfs.cache import ChunkCache
+from stfs.disk_cache import DiskCache
 from stfs.metrics import Counters
 from stfs.streams import Stream
 from stfs.versions import IdentityChanged, VersionGuard
@@ -59,13 +62,16 @@ class Fetcher:
     """Chunks by offset: cache, single flight, backing reads into the cache."""
 
     def __init__(self, reads: BackingReads, guard: VersionGuard, cache: ChunkCache,
-                 budget: MemoryBudget, pool: BufferPool, counters: Counters) -> None:
+                 budget: MemoryBudget, pool: BufferPool, counters: Counters,
+                 disk: DiskCache | None = None) -> None:
         self.reads = reads
         self.guard = guard
         self.cache = cache
         self.budget = budget
         self.pool = pool
         self.counters = counters
+        self.disk = disk
+        """The persistent tier below the cache (``--cache-dir``), if any."""
         self._flights: dict[FileIdentity, list[Flight]] = {}
         self._assembly_lock = trio.Lock()
 
@@ -77,18 +83,21 @@ class Fetcher:
         follow the kernel's requests and later requests fall inside one chunk),
         at the chunk-size boundary otherwise (so random readers share chunks). A
         sequential request only partly covered by a cached chunk is re-read from
-        its own offset rather than assembled from two chunks.
+        its own offset rather than assembled from two chunks, unless the disk
+        cache holds the rest.
         """
         identity = stream.handle.identity
+        held_to = offset  # the end of a chunk in memory that holds offset but too little
         while True:
             found = self.cache.lookup(identity, offset, stream.handle.fh)
             if found is not None:
                 start, data = found
                 # Covered as far as a new chunk of this size from here could reach?
                 covered = start + len(data) >= min(want_end, identity.size, offset + chunk_size)
-                if covered or not sequential:
+                if covered or not sequential or self._on_disk(identity, start + len(data)):
                     self.counters.cache_hits += 1
                     return Chunk(start, data, False)
+                held_to = start + len(data)
                 del found, data
             flight = self.flight_at(identity, offset)
             if flight is None:
@@ -104,15 +113,26 @@ class Fetcher:
             landed: ChunkData | None = flight.data
             if landed is not None and flight.start <= offset < flight.start + len(landed):
                 reach = min(want_end, identity.size, offset + chunk_size)
-                if flight.start + len(landed) >= reach or not sequential:
+                if (flight.start + len(landed) >= reach or not sequential
+                        or self._on_disk(identity, flight.start + len(landed))):
                     self.counters.cache_hits += 1
                     return Chunk(flight.start, landed, False)
+                held_to = flight.start + len(landed)
                 break
         self.counters.cache_misses += 1
+        if self.disk is not None:
+            chunk = await self._from_disk(stream, offset, speculative=False, beyond=held_to)
+            if chunk is not None:
+                return chunk  # it may end before the request does: then assembled
         start = offset if sequential else offset - offset % chunk_size
         fetched = await self.fetch(stream, start, chunk_size, speculative=False)
         assert fetched is not None
         return Chunk(start, fetched, True)
+
+    def _on_disk(self, identity: FileIdentity, offset: int) -> bool:
+        """The disk cache holds byte *offset*: a sequential request that a chunk in
+        memory covers only in part is assembled with the disk's bytes, not re-read."""
+        return self.disk is not None and self.disk.find(identity, offset) is not None
 
     def flight_at(self, identity: FileIdentity, offset: int) -> Flight | None:
         for flight in self._flights.get(identity, ()):
@@ -146,15 +166,16 @@ class Fetcher:
         if speculative:
             if self.covered_to(identity, start, chunk_size) is not None:
                 return None
+            if self.disk is not None and self.disk.find(identity, start) is not None:
+                if on_queued is not None:
+                    on_queued()  # no read slot to queue for: the next prefetch may go
+                chunk = await self._from_disk(stream, start, speculative=True)
+                return None if chunk is None else chunk.data
             if not self.budget.try_reserve_speculative(chunk_size):
                 return None
         else:
             await self.budget.reserve(chunk_size)
-        flight = Flight(start, chunk_size, speculative)
-        flights = self._flights.setdefault(identity, [])
-        flights.append(flight)
-        cached = False
-        try:
+        with self._flight(identity, start, chunk_size, speculative) as flight:
             buf = self.pool.take(chunk_size, aligned=not self.reads.is_local(handle))
             resume = (None if speculative
                       else functools.partial(self.guard.verify_resume, stream, buf))
@@ -173,17 +194,57 @@ class Fetcher:
                 raise IdentityChanged(identity_now)
             self.guard.confirmed(stream)
             flight.data = data
-            self.cache.insert((identity, start), data, chunk_size, handle.fh)
-            cached = True
+            if (self.cache.insert((identity, start), data, chunk_size, handle.fh)
+                    and self.disk is not None):
+                self.disk.offer(identity, start, len(data))
             return data
+
+    async def _from_disk(self, stream: Stream, offset: int, speculative: bool,
+                         beyond: int = 0) -> Chunk | None:
+        """The disk cache's entry holding *offset* (and reaching past *beyond*),
+        read into the memory cache; None when it has none (or a damaged one, now
+        dropped) or, for read-ahead, no room or the entry is being read already."""
+        assert self.disk is not None
+        handle = stream.handle
+        identity = handle.identity
+        key = self.disk.find(identity, offset)
+        if key is None or key.start + key.length <= beyond:
+            if not speculative:
+                self.disk.miss()
+            return None
+        if speculative:
+            if (self.flight_at(identity, key.start) is not None
+                    or not self.budget.try_reserve_speculative(key.length)):
+                return None
+        else:
+            await self.budget.reserve(key.length)
+        with self._flight(identity, key.start, key.length, speculative) as flight:
+            buf = self.pool.take(key.length, aligned=not self.reads.is_local(handle))
+            if not await self.disk.read(key, buf):
+                return None
+            flight.data = buf
+            self.cache.insert((identity, key.start), buf, key.length, handle.fh)
+            return Chunk(key.start, buf, False)
+
+    @contextlib.contextmanager
+    def _flight(self, identity: FileIdentity, start: int, size: int,
+                speculative: bool) -> Iterator[Flight]:
+        """One read of *size* reserved bytes in flight: readers of its bytes wait
+        for it. Its reservation passes to the cache once ``data`` is set, else
+        it is released."""
+        flight = Flight(start, size, speculative)
+        flights = self._flights.setdefault(identity, [])
+        flights.append(flight)
+        try:
+            yield flight
         except (OSError, IdentityChanged) as exc:
             flight.error = exc  # never a Cancelled: that belongs to this task alone
             raise
         finally:
             if speculative:
-                self.budget.speculative_done(chunk_size)
-            if not cached:
-                self.budget.release(chunk_size)
+                self.budget.speculative_done(size)
+            if flight.data is None:
+                self.budget.release(size)
             flight.promote = None  # it holds the read's job (and so its buffer)
             flights.remove(flight)
             if not flights:

@@ -24,6 +24,7 @@ from stfs import (
 from stfs.checks import check_mountpoint, check_source, probe_path
 from stfs.config import MountConfig
 from stfs.daemon import Daemon
+from stfs.disk_store import check_cache_dir
 from stfs.errors import EXIT_FAILURE, EXIT_OK, StfsError, path_error
 from stfs.mountinfo import FSTYPE, mount_at, resolve
 
@@ -53,6 +54,8 @@ def mount_command(config: MountConfig) -> int:
             raise path_error(str(config.state_dir), exc) from None
         log.info("--demo: serving the demo source %s", source)
     source = check_source(source)
+    if config.cache_dir is not None:  # its errors before forking, on the terminal
+        check_cache_dir(config.cache_dir, config.cache_size, config.disk_cache_min_bytes)
     daemon = Daemon(config, source, mountpoint)
     if config.foreground:
         return daemon.run(on_ready=lambda: None)

@@ -156,6 +156,7 @@ def render_table(stats: dict[str, Any]) -> str:
         ("hits / misses", f"{_count(s.get('cache_hits'))} / {_count(s.get('cache_misses'))}"),
         ("hit ratio", f"{100 * ratio:.1f} %" if isinstance(ratio, (int, float)) else "-"),
     ])
+    lines += _disk_cache_section(s)
     cgroup = s.get("cgroup_memory_limit_bytes")
     lines += _section("Memory / pressure", [
         ("held / limit", (f"{human_bytes(s.get('held_bytes'))} / "
@@ -207,6 +208,27 @@ def render_table(stats: dict[str, Any]) -> str:
     if handles:
         lines += ["", *_table(HANDLE_HEADER, _handle_rows(handles, 48))]
     return "\n".join(lines) + "\n"
+
+
+def _disk_cache_section(s: dict[str, Any]) -> list[str]:
+    """The persistent chunk cache (nothing without ``--cache-dir``)."""
+    if not s.get("disk_cache_dir"):
+        return []
+    return _section(f"Disk cache ({s['disk_cache_dir']})", [
+        ("used / size", (f"{human_bytes(s.get('disk_cache_bytes'))} / "
+                         f"{human_bytes(s.get('disk_cache_limit_bytes'))} "
+                         f"({_count(s.get('disk_cache_entries'))} chunks, index holds "
+                         f"{_count(s.get('disk_cache_entry_limit'))})")),
+        ("hits / misses", (f"{_count(s.get('disk_cache_hits'))} / "
+                           f"{_count(s.get('disk_cache_misses'))} "
+                           f"({human_bytes(s.get('disk_cache_hit_bytes'))} read)")),
+        ("written", (f"{_count(s.get('disk_cache_writes'))} chunks, "
+                     f"{human_bytes(s.get('disk_cache_written_bytes'))} "
+                     f"({_count(s.get('disk_cache_writes_missed'))} missed, "
+                     f"{_count(s.get('disk_cache_write_errors'))} errors)")),
+        ("evictions / bad entries", (f"{_count(s.get('disk_cache_evictions'))} / "
+                                     f"{_count(s.get('disk_cache_verify_failures'))}")),
+    ])
 
 
 def _store_section(c: dict[str, Any]) -> list[str]:

@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 from stfs import metrics
+from stfs.disk_cache import NO_DISK_CACHE
 from stfs.engine import ReadEngine
 from stfs.kernel import KernelTuning
 from stfs.pressure import PressureController
@@ -51,6 +52,7 @@ def stats_document(*, source: str, mountpoint: str, view: View, engine: ReadEngi
         "cache_hits": c.cache_hits,
         "cache_misses": c.cache_misses,
         "memory_limit_bytes": budget.limit_bytes,
+        **(engine.disk.statistics().as_stats() if engine.disk is not None else NO_DISK_CACHE),
         **memory,
         "heap_trims": int(memory.get("heap_trims") or 0) + engine.trimmer.trims,
         "held_bytes": budget.held_bytes,

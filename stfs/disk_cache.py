@@ -1,0 +1,440 @@
+"""The persistent chunk cache on local disk (``--cache-dir``, ``--cache-size``).
+
+A tier below the memory cache: a read that misses memory looks here before
+SOURCE (``Fetcher``), and every chunk read from SOURCE, read-ahead's too, is
+written here behind the reply. A remount, a restart or a working set larger
+than ``--memory-limit`` then reads a slow store once.
+
+* **Never stale.** Entries are keyed by the file's identity (device, inode,
+  size, mtime_ns, ctime_ns) and the chunk, exactly as the memory cache is: a
+  file that changes gets a new identity, and its old entries are never
+  looked up again (they age out). A chunk served from here is checked
+  against the file like a memory hit (``VersionGuard``).
+* **Never torn.** Each entry carries the xxh3-64 of its bytes, checked on
+  every read; a bad entry is dropped and counted, and the read goes to
+  SOURCE. Entries are written whole, then renamed (``stfs.disk_store``).
+* **Bounded.** On disk by ``--cache-size``: room is made (entries unlinked)
+  before a new entry is written. In memory by ``--memory-limit``: the index
+  is reserved in the budget (``INDEX_SHARE`` of the limit, so at most
+  ``index_bytes // ENTRY_BYTES`` entries), reads land in budgeted chunk
+  buffers, and a chunk being written is pinned in the memory cache (its
+  bytes stay held until written), never copied. A chunk the memory cache
+  evicts before its write comes up stays held for it, within ``KEEP_SHARE``
+  of the limit; past that it is not written (``writes_missed``): readers
+  never wait for the disk.
+* **Scan-resistant.** 2Q like the memory cache: new entries enter ``A1in``;
+  an entry read back (a real reuse) or written again while its ghost is
+  remembered moves to the LRU ``Am``; ``A1in`` gives up its own first while it
+  holds more than its quarter. After a restart every entry starts in ``Am``
+  in the order of its file's mtime (set when written or last read).
+* **Off the loop.** Reads, writes, unlinks and the start's scan run in worker
+  threads: reads at most ``READERS`` at once, writes one at a time in FIFO
+  order by ``run``'s writer task. A chunk evicted from memory before its turn
+  is not written (``writes_missed``).
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import dataclasses
+import errno
+import logging
+import os
+from typing import Any
+
+import trio
+
+from stfs.backing import ChunkData, FileIdentity
+from stfs.budget import MemoryBudget
+from stfs.buffers import Buffer
+from stfs.cache import ChunkCache, ChunkKey
+from stfs.disk_store import FIXED_BYTES, DiskStore, EntryKey, StoredEntry, disk_bytes, entry_name
+
+log = logging.getLogger(__name__)
+
+ENTRY_BYTES = 256
+"""Index memory per entry, counted against the budget (``tests/engine/
+test_disk_cache.py`` measures what an entry really costs)."""
+INDEX_SHARE = 16
+"""The index may hold 1/INDEX_SHARE of the memory limit."""
+READERS = 4
+"""Entries read from disk at once."""
+PENDING_WRITES = 1024
+"""Chunks waiting to be written; beyond it, new ones are not (``writes_missed``)."""
+A1IN_SHARE = 0.25
+OVERLAPS = 8
+"""Entries a lookup looks back over for one that holds the byte."""
+KEEP_SHARE = 8
+"""Evicted chunks waiting to be written may hold 1/KEEP_SHARE of the memory limit."""
+
+
+class DiskIndex:
+    """Which entries are on disk, in 2Q order, within a byte and an entry bound.
+
+    Pure bookkeeping on the trio thread: ``add`` and ``make_room`` return the
+    entries evicted, for the caller to unlink. Kept lean (``ENTRY_BYTES``): an
+    entry is its key, once in a queue and once in its file's sorted list."""
+
+    def __init__(self, capacity_bytes: int, max_entries: int) -> None:
+        self.capacity_bytes = capacity_bytes
+        self.max_entries = max_entries
+        self._a1in: collections.OrderedDict[EntryKey, None] = collections.OrderedDict()
+        self._am: collections.OrderedDict[EntryKey, None] = collections.OrderedDict()
+        self._a1out: collections.OrderedDict[EntryKey, None] = collections.OrderedDict()
+        self._spans: dict[FileIdentity, list[EntryKey]] = {}
+        """Each identity's entries sorted by start, for containment lookups."""
+        self.a1in_bytes = 0
+        self.used_bytes = 0
+        """Entries' bytes plus room made for writes in progress."""
+        self.evictions = 0
+
+    def __len__(self) -> int:
+        return len(self._a1in) + len(self._am)
+
+    def __contains__(self, key: EntryKey) -> bool:
+        return key in self._am or key in self._a1in
+
+    def find(self, identity: FileIdentity, offset: int) -> EntryKey | None:
+        """The entry of *identity* holding byte *offset* (of those that do, the one
+        starting last). Entries may overlap (chunk boundaries differ between
+        passes), so a few before the last start at or below *offset* are looked at."""
+        spans = self._spans.get(identity)
+        if spans:
+            i = bisect.bisect_right(spans, EntryKey(identity, offset, 1 << 62)) - 1
+            for j in range(i, max(-1, i - OVERLAPS), -1):
+                if offset < spans[j].start + spans[j].length:
+                    return spans[j]
+        return None
+
+    def covers(self, key: EntryKey) -> bool:
+        """An entry holds all of *key*'s bytes already."""
+        found = self.find(key.identity, key.start)
+        return found is not None and found.start + found.length >= key.start + key.length
+
+    def used(self, key: EntryKey) -> None:
+        """An entry was read back: real reuse, to the LRU."""
+        if key in self._a1in:
+            del self._a1in[key]
+            self.a1in_bytes -= disk_bytes(key.length)
+            self._am[key] = None
+        elif key in self._am:
+            self._am.move_to_end(key)
+
+    def reserve(self, n_bytes: int) -> list[EntryKey]:
+        """Make room for a write of *n_bytes* and count them used; the evicted."""
+        evicted = self._evict_for(n_bytes, 1)
+        self.used_bytes += n_bytes
+        return evicted
+
+    def unreserve(self, n_bytes: int) -> None:
+        self.used_bytes -= n_bytes
+
+    def add(self, key: EntryKey, reserved: int, old: bool = False) -> list[EntryKey]:
+        """Index an entry written with *reserved* bytes (from ``reserve``; 0: count
+        them now). *old*: found at start, into ``Am``. Returns the evicted."""
+        size = disk_bytes(key.length)
+        evicted = [] if reserved else self._evict_for(size, 1)
+        self.used_bytes += size - reserved
+        ghost = key in self._a1out
+        if ghost:
+            del self._a1out[key]
+        if old or ghost:
+            self._am[key] = None
+        else:
+            self._a1in[key] = None
+            self.a1in_bytes += size
+        bisect.insort(self._spans.setdefault(key.identity, []), key)
+        return evicted + self._evict_for(0, 0)
+
+    def shrink_to(self, capacity_bytes: int) -> list[EntryKey]:
+        """A lower bound (the file system filled up): the evicted."""
+        self.capacity_bytes = capacity_bytes
+        return self._evict_for(0, 0)
+
+    def remove(self, key: EntryKey) -> bool:
+        if key in self._a1in:
+            del self._a1in[key]
+            self.a1in_bytes -= disk_bytes(key.length)
+        elif key in self._am:
+            del self._am[key]
+        else:
+            return False
+        self.used_bytes -= disk_bytes(key.length)
+        spans = self._spans[key.identity]
+        del spans[bisect.bisect_left(spans, key)]
+        if not spans:
+            del self._spans[key.identity]
+        return True
+
+    def _evict_for(self, n_bytes: int, n_entries: int) -> list[EntryKey]:
+        evicted = []
+        while len(self) and (self.used_bytes + n_bytes > self.capacity_bytes
+                             or len(self) + n_entries > self.max_entries):
+            if self._a1in and (self.a1in_bytes > self.capacity_bytes * A1IN_SHARE
+                               or not self._am):
+                key = next(iter(self._a1in))
+                self._a1out[key] = None
+                if len(self._a1out) > self.max_entries // 4:
+                    self._a1out.popitem(last=False)
+            else:
+                key = next(iter(self._am))
+            self.remove(key)
+            self.evictions += 1
+            evicted.append(key)
+        return evicted
+
+
+@dataclasses.dataclass(frozen=True)
+class DiskCacheStatistics:
+    directory: str
+    bytes: int
+    limit_bytes: int
+    entries: int
+    entry_limit: int
+    index_bytes: int
+    hits: int
+    misses: int
+    hit_bytes: int
+    writes: int
+    written_bytes: int
+    writes_missed: int
+    write_errors: int
+    evictions: int
+    verify_failures: int
+
+    def as_stats(self) -> dict[str, Any]:
+        """The ``disk_cache_*`` keys of the stats document."""
+        return {f"disk_cache_{k}" if k != "directory" else "disk_cache_dir": v
+                for k, v in dataclasses.asdict(self).items()}
+
+
+NO_DISK_CACHE = {f"disk_cache_{f.name}" if f.name != "directory" else "disk_cache_dir": None
+                 for f in dataclasses.fields(DiskCacheStatistics)}
+"""The stats keys of a mount without a disk cache (null: Prometheus leaves them out)."""
+
+
+class DiskCache:
+    """The disk tier: lookups, verified reads, write-behind, eviction."""
+
+    def __init__(self, store: DiskStore, capacity_bytes: int, index_bytes: int,
+                 cache: ChunkCache, budget: MemoryBudget, keep_bytes: int) -> None:
+        """*keep_bytes*: how much of the budget chunks evicted from memory before
+        they were written may hold while they wait for the writer."""
+        self.store = store
+        self.cache = cache
+        self.budget = budget
+        self.keep_bytes = keep_bytes
+        self._queued: collections.Counter[ChunkKey] = collections.Counter()
+        """Chunks with a write queued (the memory cache's keys)."""
+        self._kept: dict[ChunkKey, ChunkData] = {}
+        """Chunks evicted from memory with a write queued, held in the budget."""
+        self.kept_bytes = 0
+        cache.on_evict = self._keep_evicted
+        self.index_bytes = index_bytes
+        self.index = DiskIndex(capacity_bytes - FIXED_BYTES,
+                               max(1, index_bytes // ENTRY_BYTES))
+        self.capacity_bytes = capacity_bytes
+        self._readers = trio.CapacityLimiter(READERS)
+        self._pending: collections.deque[tuple[str, Any]] = collections.deque()
+        self._pending_writes = 0
+        self._wake = trio.Event()
+        self._idle = trio.Event()
+        self._idle.set()
+        self._nursery: trio.Nursery | None = None
+        self.hits = self.misses = self.hit_bytes = 0
+        self.writes = self.written_bytes = self.writes_missed = self.write_errors = 0
+        self.verify_failures = 0
+
+    def load(self, entries: list[StoredEntry]) -> list[EntryKey]:
+        """Index what the start's scan found (oldest first); returns what did not
+        fit (the bound is lower than last time), to remove."""
+        dropped: list[EntryKey] = []
+        for stored in entries:
+            dropped += self.index.add(stored.key, 0, old=True)
+        return dropped
+
+    # -- lookups and reads (trio thread) --------------------------------------
+
+    def find(self, identity: FileIdentity, offset: int) -> EntryKey | None:
+        return self.index.find(identity, offset)
+
+    async def read(self, key: EntryKey, buf: Buffer) -> bool:
+        """Fill *buf* from the entry *key*: True when its bytes are whole and
+        right. A damaged entry is dropped and counted; a vanished one (evicted
+        meanwhile) is a miss."""
+        if key not in self.index:  # evicted since it was found
+            self.misses += 1
+            return False
+        try:
+            async with self._readers:
+                ok = await trio.to_thread.run_sync(self.store.read, key, buf)
+        except OSError as exc:
+            log.warning("disk cache: reading %s failed: %s", entry_name(key), exc)
+            ok = False
+        if ok:
+            self.hits += 1
+            self.hit_bytes += key.length
+            self.index.used(key)
+            self._queue("touch", entry_name(key))
+            return True
+        if ok is None:  # evicted and unlinked while we looked
+            self.misses += 1
+            return False
+        self.verify_failures += 1
+        log.warning("disk cache: entry %s failed its check; dropped, reading SOURCE",
+                    entry_name(key))
+        if self.index.remove(key):
+            self._queue("remove", [entry_name(key)])
+        return False
+
+    def miss(self) -> None:
+        self.misses += 1
+
+    # -- write-behind ------------------------------------------------------------
+
+    def offer(self, identity: FileIdentity, start: int, length: int) -> None:
+        """A chunk read from SOURCE landed in the memory cache: write it here later."""
+        key = EntryKey(identity, start, length)
+        if length <= 0 or self.index.covers(key):
+            return
+        if self._pending_writes >= PENDING_WRITES:
+            self.writes_missed += 1
+            return
+        self._pending_writes += 1
+        self._queued[(identity, start)] += 1
+        self._queue("write", key)
+
+    def _keep_evicted(self, key: ChunkKey, data: ChunkData) -> bool:
+        """The memory cache evicts *key*: keep its bytes (and their reservation)
+        for the write queued, within ``keep_bytes``. Readers never wait for
+        this: past the share, an evicted chunk is simply not written."""
+        if key not in self._queued or key in self._kept or (
+                self.kept_bytes + len(data) > self.keep_bytes):
+            return False
+        self._kept[key] = data
+        self.kept_bytes += len(data)
+        return True
+
+    def shed(self) -> int:
+        """Critical memory pressure: give back what waits to be written; the bytes."""
+        freed = self.kept_bytes
+        self._kept.clear()
+        self.kept_bytes = 0
+        self.budget.release(freed)
+        return freed
+
+    def _queue(self, op: str, arg: Any) -> None:
+        if self._nursery is None:
+            if op == "write":
+                self._pending_writes -= 1
+                self._unqueue((arg.identity, arg.start))
+            return
+        self._pending.append((op, arg))
+        self._idle = trio.Event() if self._idle.is_set() else self._idle
+        self._wake.set()
+
+    async def drained(self) -> None:
+        """Wait until every queued write, unlink and touch is done (tests, unmount)."""
+        await self._idle.wait()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        """The writer: queued operations in order, one at a time, until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            try:
+                while True:
+                    if not self._pending:
+                        self._idle.set()
+                        self._wake = trio.Event()
+                        await self._wake.wait()
+                        continue
+                    op, arg = self._pending.popleft()
+                    try:
+                        await self._do(op, arg)
+                    except Exception:  # a background task: never the mount's end
+                        log.exception("disk cache: %s failed", op)
+            finally:
+                self._nursery = None
+                self._pending.clear()
+                self._pending_writes = 0
+                self._queued.clear()
+                self.shed()
+                self._idle.set()
+
+    async def _do(self, op: str, arg: Any) -> None:
+        if op == "write":
+            self._pending_writes -= 1
+            chunk_key = (arg.identity, arg.start)
+            try:
+                await self._write(arg, chunk_key)
+            finally:
+                self._unqueue(chunk_key)
+        elif op == "remove":
+            await trio.to_thread.run_sync(self.store.remove, arg)
+        else:
+            touched = [arg]
+            while self._pending and self._pending[0][0] == "touch":
+                touched.append(self._pending.popleft()[1])
+            await trio.to_thread.run_sync(self.store.touch, touched)
+
+    def _unqueue(self, chunk_key: ChunkKey) -> None:
+        self._queued[chunk_key] -= 1
+        if self._queued[chunk_key] <= 0:
+            del self._queued[chunk_key]
+            data = self._kept.pop(chunk_key, None)
+            if data is not None:  # written (or not) now: its bytes go back
+                self.kept_bytes -= len(data)
+                self.budget.release(len(data))
+
+    async def _write(self, key: EntryKey, chunk_key: ChunkKey) -> None:
+        if self.index.covers(key):
+            return
+        data: ChunkData | None = self._kept.get(chunk_key)
+        pinned = data is None
+        if pinned:
+            data = self.cache.pin(chunk_key)
+        if data is None or len(data) != key.length:
+            if pinned and data is not None:
+                self.cache.unpin(chunk_key)
+            log.debug("disk cache: %s left memory before it was written (%s)",
+                      entry_name(key), "evicted" if data is None else "replaced")
+            self.writes_missed += 1
+            return
+        size = disk_bytes(key.length)
+        evicted = self.index.reserve(size)
+        try:
+            await trio.to_thread.run_sync(self._write_in_thread, evicted, key, data)
+        except OSError as exc:
+            self.index.unreserve(size)
+            self.write_errors += 1
+            log.warning("disk cache: writing %s failed: %s", entry_name(key), exc)
+            if exc.errno == errno.ENOSPC:  # the file system filled up: keep what fits now
+                evicted = self.index.shrink_to(max(0, self.index.used_bytes - size))
+                log.warning("disk cache: %s is full; cache lowered to %d bytes",
+                            self.store.path, self.index.capacity_bytes)
+                self._queue("remove", [entry_name(k) for k in evicted])
+            return
+        finally:
+            del data
+            if pinned:
+                self.cache.unpin(chunk_key)
+        self.writes += 1
+        self.written_bytes += key.length
+        more = self.index.add(key, size)
+        if more:
+            self._queue("remove", [entry_name(k) for k in more])
+
+    def _write_in_thread(self, evicted: list[EntryKey], key: EntryKey,
+                         data: ChunkData) -> None:
+        self.store.remove([entry_name(k) for k in evicted])  # room first: never over the size
+        self.store.write(key, data)
+
+    def statistics(self) -> DiskCacheStatistics:
+        return DiskCacheStatistics(
+            os.fspath(self.store.path), self.index.used_bytes + FIXED_BYTES,
+            self.capacity_bytes, len(self.index), self.index.max_entries, self.index_bytes,
+            self.hits, self.misses, self.hit_bytes, self.writes, self.written_bytes,
+            self.writes_missed, self.write_errors, self.index.evictions, self.verify_failures)
