@@ -15,10 +15,12 @@ and the daemon's peak RSS during each workload. Every figure is the median of
 several runs and is also given as a ratio to direct in the same run. Writes
 bench-results/bench.md, bench.json and (with matplotlib) bench.png.
 
-Two scenarios follow: ``pressure`` (16 readers at --memory-limit 16M in a
-memory cgroup, with and without a hog) and ``slow`` (SOURCE behind faultfs
+Three scenarios follow: ``pressure`` (16 readers at --memory-limit 16M in a
+memory cgroup, with and without a hog), ``slow`` (SOURCE behind faultfs
 with a per-request delay, --delays: one reader, 8 readers and 4 KiB random
-reads against the store read directly, bindfs and stfs).
+reads against the store read directly, bindfs and stfs) and ``disk-cache``
+(the slow store read twice across a remount through stfs's --cache-dir and
+rclone's full VFS cache; ``scripts/bench_disk_cache.py``).
 """
 
 from __future__ import annotations
@@ -325,8 +327,9 @@ class Workloads:
         return self._tree_command(t, lambda p: ["du", "-s", str(p)])
 
 
-WORKLOADS = ("cold", "warm", "reread", "readers16", "rand4k", "find", "du", "pressure", "slow")
-MAIN_WORKLOADS = WORKLOADS[:-2]
+WORKLOADS = ("cold", "warm", "reread", "readers16", "rand4k", "find", "du", "pressure", "slow",
+             "disk-cache")
+MAIN_WORKLOADS = WORKLOADS[:-3]
 HIGHER_IS_BETTER = {"MB/s": True, "IOPS": True, "p95 ms": False, "s": False}
 
 
@@ -339,9 +342,8 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     root = Path(args.data_dir)
     root.mkdir(parents=True, exist_ok=True)
     if not any(w in args.workloads for w in (*MAIN_WORKLOADS, "pressure")):
-        summary = summarize({}, {}, sizes, runs, args)  # the slow-store scenario alone
-        summary["slow"] = slow_scenario(root, args)
-        return summary
+        summary = summarize({}, {}, sizes, runs, args)  # the slow-store scenarios alone
+        return slow_scenarios(summary, root, args)
     source = make_data(root, sizes)
     mnt = root / "mnt"
     stfs = [PYTHON, "-m", "stfs", "mount", "-f", "--log-file", str(root / "stfs.log")]
@@ -385,8 +387,17 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     summary = summarize(results, idle_rss, sizes, runs, args)
     if "pressure" in args.workloads:
         summary["pressure"] = pressure_scenario(source, root, Path(args.out))
+    return slow_scenarios(summary, root, args)
+
+
+def slow_scenarios(summary: dict[str, object], root: Path,
+                   args: argparse.Namespace) -> dict[str, object]:
     if "slow" in args.workloads:
         summary["slow"] = slow_scenario(root, args)
+    if "disk-cache" in args.workloads:
+        from bench_disk_cache import disk_cache_scenario
+
+        summary["disk_cache"] = disk_cache_scenario(root, args)
     return summary
 
 
@@ -861,6 +872,11 @@ def markdown(summary: dict[str, object]) -> str:
     slow = summary.get("slow")
     if isinstance(slow, dict) and "results" in slow:
         lines += ["", *slow_markdown(slow)]
+    disk_cache = summary.get("disk_cache")
+    if isinstance(disk_cache, dict) and "results" in disk_cache:
+        from bench_disk_cache import markdown as disk_cache_markdown
+
+        lines += ["", *disk_cache_markdown(disk_cache)]
     scenario = summary.get("pressure")
     if isinstance(scenario, dict) and "phases" in scenario:
         lines += ["", ("**pressure** (16 readers, `--memory-limit 16M`, in a "
@@ -912,7 +928,7 @@ def main() -> int:
     parser.add_argument("--runs", type=int, help="runs per workload (default 3, quick 1)")
     parser.add_argument("--limits", nargs="+", default=["50M", "16M"],
                         help="stfs --memory-limit values to measure")
-    parser.add_argument("--peers", nargs="*", default=["bindfs", "passthroughfs"])
+    parser.add_argument("--peers", nargs="*", default=["bindfs", "passthroughfs", "rclone"])
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
     parser.add_argument("--delays", nargs="+", type=float, default=[5.0, 100.0], metavar="MS",
                         help="the slow-store scenario's per-request delays (ms)")

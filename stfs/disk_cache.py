@@ -53,9 +53,9 @@ from stfs.disk_store import FIXED_BYTES, DiskStore, EntryKey, StoredEntry, disk_
 
 log = logging.getLogger(__name__)
 
-ENTRY_BYTES = 256
-"""Index memory per entry, counted against the budget (``tests/engine/
-test_disk_cache.py`` measures what an entry really costs)."""
+ENTRY_BYTES = 320
+"""Index memory per entry, its share of the ghost list included, counted against
+the budget (``tests/engine/test_disk_cache.py`` measures it: 300 bytes)."""
 INDEX_SHARE = 16
 """The index may hold 1/INDEX_SHARE of the memory limit."""
 READERS = 4
@@ -63,6 +63,8 @@ READERS = 4
 PENDING_WRITES = 1024
 """Chunks waiting to be written; beyond it, new ones are not (``writes_missed``)."""
 A1IN_SHARE = 0.25
+GHOST_SHARE = 8
+"""The ghost list remembers evicted keys up to 1/GHOST_SHARE of the entry bound."""
 OVERLAPS = 8
 """Entries a lookup looks back over for one that holds the byte."""
 KEEP_SHARE = 8
@@ -175,7 +177,7 @@ class DiskIndex:
                                or not self._am):
                 key = next(iter(self._a1in))
                 self._a1out[key] = None
-                if len(self._a1out) > self.max_entries // 4:
+                if len(self._a1out) > self.max_entries // GHOST_SHARE:
                     self._a1out.popitem(last=False)
             else:
                 key = next(iter(self._am))

@@ -228,19 +228,20 @@ def test_room_is_made_before_a_write() -> None:
 
 
 def test_an_index_entry_costs_no_more_than_is_counted() -> None:
-    """ENTRY_BYTES (what the budget holds per entry) covers what one really takes."""
-    index = DiskIndex(1 << 50, 1 << 30)
+    """ENTRY_BYTES (what the budget holds per entry) covers what one really takes,
+    with its share of the ghost list (a full index keeps evicting)."""
+    n = 10_000
+    index = DiskIndex(n * disk_bytes(262_144 + 999), n)
     identities = [FileIdentity(2049, 10_000 + i, 1 << 30, 1_700_000_000_000_000_000 + i,
                                1_700_000_000_000_000_000 + i) for i in range(20)]
     tracemalloc.start()
     before = tracemalloc.get_traced_memory()[0]
-    n = 0
     for identity in identities:  # shared, as the handle's identity is
         for j in range(1000):
             index.add(EntryKey(identity, 1_000_000 + j * 262_144, 262_144 + j), 0)
-            n += 1
     per_entry = (tracemalloc.get_traced_memory()[0] - before) / n
     tracemalloc.stop()
+    assert len(index) == n and index.evictions == n
     assert per_entry <= ENTRY_BYTES, per_entry
 
 
