@@ -60,6 +60,8 @@ INDEX_SHARE = 16
 """The index may hold 1/INDEX_SHARE of the memory limit."""
 READERS = 4
 """Entries read from disk at once."""
+WRITE_BATCH = 8
+"""Queued chunks written in one worker-thread call."""
 PENDING_WRITES = 1024
 """Chunks waiting to be written; beyond it, new ones are not (``writes_missed``)."""
 A1IN_SHARE = 0.25
@@ -69,6 +71,17 @@ OVERLAPS = 8
 """Entries a lookup looks back over for one that holds the byte."""
 KEEP_SHARE = 8
 """Evicted chunks waiting to be written may hold 1/KEEP_SHARE of the memory limit."""
+
+
+class _WriteJob:
+    __slots__ = ("data", "evicted", "key", "size")
+
+    def __init__(self, key: EntryKey, data: ChunkData, size: int,
+                 evicted: list[EntryKey]) -> None:
+        self.key = key
+        self.data = data
+        self.size = size
+        self.evicted = evicted
 
 
 class DiskIndex:
@@ -300,6 +313,9 @@ class DiskCache:
         key = EntryKey(identity, start, length)
         if length <= 0 or self.index.covers(key):
             return
+        if disk_bytes(length) > self.index.capacity_bytes:  # lowered by a full disk
+            self.writes_missed += 1
+            return
         if self._pending_writes >= PENDING_WRITES:
             self.writes_missed += 1
             return
@@ -368,12 +384,16 @@ class DiskCache:
 
     async def _do(self, op: str, arg: Any) -> None:
         if op == "write":
-            self._pending_writes -= 1
-            chunk_key = (arg.identity, arg.start)
+            batch = [arg]
+            while (self._pending and self._pending[0][0] == "write"
+                   and len(batch) < WRITE_BATCH):
+                batch.append(self._pending.popleft()[1])
+            self._pending_writes -= len(batch)
             try:
-                await self._write(arg, chunk_key)
+                await self._write(batch)
             finally:
-                self._unqueue(chunk_key)
+                for key in batch:
+                    self._unqueue((key.identity, key.start))
         elif op == "remove":
             await trio.to_thread.run_sync(self.store.remove, arg)
         else:
@@ -391,48 +411,67 @@ class DiskCache:
                 self.kept_bytes -= len(data)
                 self.budget.release(len(data))
 
-    async def _write(self, key: EntryKey, chunk_key: ChunkKey) -> None:
-        if self.index.covers(key):
-            return
-        data: ChunkData | None = self._kept.get(chunk_key)
-        pinned = data is None
-        if pinned:
-            data = self.cache.pin(chunk_key)
-        if data is None or len(data) != key.length:
-            if pinned and data is not None:
-                self.cache.unpin(chunk_key)
-            log.debug("disk cache: %s left memory before it was written (%s)",
-                      entry_name(key), "evicted" if data is None else "replaced")
-            self.writes_missed += 1
-            return
-        size = disk_bytes(key.length)
-        evicted = self.index.reserve(size)
+    async def _write(self, batch: list[EntryKey]) -> None:
+        """Write queued chunks still in memory (or kept), in one worker thread call."""
+        jobs: list[_WriteJob] = []
+        pinned: list[ChunkKey] = []
         try:
-            await trio.to_thread.run_sync(self._write_in_thread, evicted, key, data)
-        except OSError as exc:
-            self.index.unreserve(size)
-            self.write_errors += 1
-            log.warning("disk cache: writing %s failed: %s", entry_name(key), exc)
-            if exc.errno == errno.ENOSPC:  # the file system filled up: keep what fits now
-                evicted = self.index.shrink_to(max(0, self.index.used_bytes - size))
-                log.warning("disk cache: %s is full; cache lowered to %d bytes",
-                            self.store.path, self.index.capacity_bytes)
-                self._queue("remove", [entry_name(k) for k in evicted])
-            return
-        finally:
+            for key in batch:
+                chunk_key = (key.identity, key.start)
+                if self.index.covers(key):
+                    continue
+                data: ChunkData | None = self._kept.get(chunk_key)
+                if data is None:
+                    data = self.cache.pin(chunk_key)
+                    if data is not None:
+                        pinned.append(chunk_key)
+                if data is None or len(data) != key.length:
+                    log.debug("disk cache: %s left memory before it was written (%s)",
+                              entry_name(key), "evicted" if data is None else "replaced")
+                    self.writes_missed += 1
+                    continue
+                size = disk_bytes(key.length)
+                # Room first (unlinked before this write): never over the size.
+                jobs.append(_WriteJob(key, data, size, self.index.reserve(size)))
             del data
-            if pinned:
+            errors = await trio.to_thread.run_sync(self._write_in_thread, jobs)
+        finally:
+            for job in jobs:
+                job.data = b""
+            for chunk_key in pinned:
                 self.cache.unpin(chunk_key)
-        self.writes += 1
-        self.written_bytes += key.length
-        more = self.index.add(key, size)
-        if more:
-            self._queue("remove", [entry_name(k) for k in more])
+        full = False
+        for job, error in zip(jobs, errors):
+            if error is not None:
+                self.index.unreserve(job.size)
+                self.write_errors += 1
+                full = full or error.errno == errno.ENOSPC
+                if error.errno != errno.ENOSPC:
+                    log.warning("disk cache: writing %s failed: %s", entry_name(job.key), error)
+        for job, error in zip(jobs, errors):
+            if error is None:
+                self.writes += 1
+                self.written_bytes += job.key.length
+                more = self.index.add(job.key, job.size)
+                if more:
+                    self._queue("remove", [entry_name(k) for k in more])
+        if full and self.index.used_bytes < self.index.capacity_bytes:
+            # The file system filled up (others use it too): keep what is there now.
+            log.warning("disk cache: %s is full; the cache keeps the %d bytes it has",
+                        self.store.path, self.index.used_bytes)
+            self._queue("remove", [entry_name(k)
+                                   for k in self.index.shrink_to(self.index.used_bytes)])
 
-    def _write_in_thread(self, evicted: list[EntryKey], key: EntryKey,
-                         data: ChunkData) -> None:
-        self.store.remove([entry_name(k) for k in evicted])  # room first: never over the size
-        self.store.write(key, data)
+    def _write_in_thread(self, jobs: list[_WriteJob]) -> list[OSError | None]:
+        errors: list[OSError | None] = []
+        for job in jobs:
+            try:
+                self.store.remove([entry_name(k) for k in job.evicted])
+                self.store.write(job.key, job.data)
+                errors.append(None)
+            except OSError as exc:
+                errors.append(exc)
+        return errors
 
     def statistics(self) -> DiskCacheStatistics:
         return DiskCacheStatistics(

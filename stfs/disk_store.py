@@ -207,6 +207,9 @@ class DiskStore:
         except FileNotFoundError:
             return None
         try:
+            # One request for the whole entry: a cold file is otherwise read in
+            # read-ahead windows of the device's read_ahead_kb, one after another.
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
             view = memoryview(buf)[:key.length]
             n = os.preadv(fd, [view, trailer], 0)
             ok = (n == key.length + TRAILER.size

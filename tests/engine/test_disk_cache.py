@@ -5,6 +5,7 @@ its files and their checks, its index, and the engine reading through it across
 from __future__ import annotations
 
 import os
+import subprocess
 import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
@@ -402,9 +403,9 @@ def test_reads_wait_for_nothing_when_disk_writes_are_slow(src: Source, cache_dir
     gate = trio.Event()
     real = m.disk._write
 
-    async def stuck(k: EntryKey, chunk_key: object) -> None:
+    async def stuck(batch: list[EntryKey]) -> None:
         await gate.wait()
-        await real(k, chunk_key)  # type: ignore[arg-type]
+        await real(batch)
 
     monkeypatch.setattr(m.disk, "_write", stuck)
 
@@ -434,11 +435,11 @@ def test_chunks_evicted_before_their_write_are_kept_within_a_share(
     real = m.disk._write
     kept_peak = 0
 
-    async def stuck(k: EntryKey, chunk_key: object) -> None:
+    async def stuck(batch: list[EntryKey]) -> None:
         nonlocal kept_peak
         await gate.wait()
         kept_peak = max(kept_peak, m.disk.kept_bytes)
-        await real(k, chunk_key)  # type: ignore[arg-type]
+        await real(batch)
 
     monkeypatch.setattr(m.disk, "_write", stuck)
 
@@ -458,3 +459,39 @@ def test_chunks_evicted_before_their_write_are_kept_within_a_share(
     assert m.engine.budget.peak_held_bytes <= limit
     assert m.disk.writes_missed > 0  # more than the share was evicted unwritten
     assert kept_peak > 0 and m.disk.writes > 0  # what was kept was written after all
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A 3 MiB tmpfs: a disk cache that fills up long before its --cache-size."""
+    path = tmp_path / "small"
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def test_a_full_disk_costs_writes_never_reads(src: Source, small_fs: Path) -> None:
+    data = src.write("a.bin", 8 * MIB)
+    m = Mount(src, small_fs, size=64 * MIB)
+    assert m.read("a.bin") == [data]
+    stats = m.disk.statistics()
+    assert stats.write_errors > 0 and stats.writes > 0
+    assert stats.limit_bytes == 64 * MIB and m.disk.index.capacity_bytes < 3 * MIB
+    names = os.listdir(small_fs / "chunks")
+    assert names  # what fitted is whole and right
+    store = DiskStore.open(small_fs)
+    try:
+        for name in names:
+            k = parse_name(name)
+            assert k is not None
+            buf = bytearray(k.length)
+            assert store.read(k, buf) is True
+            assert bytes(buf) == data[k.start:k.start + k.length]
+    finally:
+        store.close()
+    again = Mount(src, small_fs, size=64 * MIB)
+    assert again.read("a.bin") == [data]
+    assert again.disk.verify_failures == 0
