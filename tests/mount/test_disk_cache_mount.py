@@ -15,6 +15,19 @@ import pytest
 from stfs.disk_store import parse_name
 from tests.conftest import force_unmount, is_mounted, run_stfs, wait_for
 from tests.faultfs import FaultFS, faultfs_mount
+from tests.mount.test_containers import (  # the cgroup fixtures and helpers
+    Group,
+    Watch,
+    check_group_and_daemon,
+    files,
+    group,
+    idle_rss,
+    own_v1_group,
+    read_through,
+    uncache,
+)
+
+__all__ = ["files", "group", "idle_rss"]  # fixtures, used by name
 
 MIB = 1024 * 1024
 
@@ -286,3 +299,34 @@ def test_bad_cache_dirs_and_sizes_get_one_line_and_exit_2(store: Path, tmp_path:
     with tmpfs(tmp_path / "full", "size=1m") as full:
         assert "too full for a cache" in refused("--cache-dir", str(full), *base,
                                                  mountpoint=mnt)
+
+
+# -- inside a memory cgroup ----------------------------------------------------------
+
+
+
+@pytest.mark.skipif(own_v1_group() is None or os.geteuid() != 0,
+                    reason="needs root and a v1 memory controller")
+def test_a_disk_cache_fills_and_serves_inside_a_memory_cgroup(  # type: ignore[no-untyped-def]
+        group: Group, mounter, files: tuple[Path, dict[str, str]], idle_rss: int,
+        cache_dir: Path) -> None:
+    """16 readers through a 50M mount fitted into idle + 48 MiB: 256 MiB written to
+    the disk cache (its page cache charged to the group) and read back after a
+    remount, with no OOM kill and RSS within idle + budget + 16 MiB."""
+    src, want = files
+    group.limit(idle_rss + 48 * MIB)
+    args = ("--memory-limit", "50M", "--cache-dir", str(cache_dir), "--cache-size", "512M")
+    for fill in (True, False):
+        uncache(src)
+        mount = mounter(src, *args, prefix=group.prefix(), allow_log=("lowered to",))
+        with Watch(mount) as watch:
+            got = read_through(mount, want, group)
+        assert got == [want[name] for name in sorted(want)]
+        check_group_and_daemon(group, mount, watch, idle_rss)
+        stats = mount.stats()
+        if fill:
+            assert stats["disk_cache_writes"] > 0  # type: ignore[operator]
+        else:
+            assert stats["disk_cache_hits"] > 0 and stats["disk_cache_verify_failures"] == 0  # type: ignore[operator]
+        assert mount.unmount() == 0
+        assert group.oom_kills() == 0
