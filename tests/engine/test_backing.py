@@ -193,10 +193,10 @@ def test_open_file_refuses_a_fifo_without_blocking(backing: Backing, tree: Path)
     thread = threading.Thread(target=attempt, daemon=True)
     started = time.monotonic()
     thread.start()
-    thread.join(5)
+    thread.join(30)
     try:
         assert not thread.is_alive(), "open_file blocked on a fifo with no writer"
-        assert time.monotonic() - started < 5
+        assert time.monotonic() - started < 30
         assert len(outcome) == 1 and isinstance(outcome[0], OSError), outcome
         assert outcome[0].errno not in (0, None)
         assert fd_count() == before

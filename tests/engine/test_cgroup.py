@@ -252,9 +252,9 @@ def test_real_v1_thresholds_and_limit_are_seen(tmp_path: Path) -> None:
             stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
         poller = select.poll()
         poller.register(notifier.fileno(), select.POLLIN)
-        assert poller.poll(10_000), "no notification while crossing 80 and 90 %"
+        assert poller.poll(30_000), "no notification while crossing 80 and 90 %"
         assert "threshold" in notifier.take()
-        assert time.monotonic() - began < 10
+        assert time.monotonic() - began < 30
         assert hog.stdout is not None and hog.stdout.readline() == b"ready\n"
         assert group.read().usage is not None
         assert group.read().usage.working_set > 200 * MIB  # type: ignore[union-attr]

@@ -104,7 +104,7 @@ def view(mounter: Callable[..., Mount], tree: Path, tmp_path: Path) -> Mount:
         except OSError:
             return False
 
-    assert wait_for(known, 5), "the full read computed no checksum: the premise fails"
+    assert wait_for(known, 30), "the full read computed no checksum: the premise fails"
     return mount
 
 

@@ -164,7 +164,7 @@ def test_ready_only_when_live_status_and_stopping(source: Path, tmp_path: Path) 
             data = (mountpoint / "data.bin").read_bytes()
             assert data == (source / "data.bin").read_bytes()
             status = None
-            deadline = time.monotonic() + 10
+            deadline = time.monotonic() + 30
             while time.monotonic() < deadline:
                 message = receive_until(sock, "STATUS", 5, seen)
                 if message and "MiB" in message["STATUS"]:
