@@ -7,7 +7,9 @@ read, write and evict.
 Layout of ``--cache-dir DIR``::
 
     DIR/CACHEDIR.TAG   tells backup tools to skip DIR (bford.net/cachedir)
-    DIR/lock           flock(2)ed by the one mount that owns DIR; holds its pid
+    DIR/lock           flock(2)ed by the one mount that owns DIR: "PID mounted", or
+                       "PID closing" while an unmounted daemon writes what is queued
+                       (a new mount then waits for it)
     DIR/chunks/        one file per cached chunk
     DIR/tmp/           entries being written (emptied at every start)
 
@@ -33,6 +35,7 @@ import itertools
 import os
 import shutil
 import struct
+import time
 from pathlib import Path
 from typing import NamedTuple
 
@@ -52,6 +55,11 @@ NAME_BYTES = 128
 """What an entry's name costs in its directory, counted with its blocks."""
 FIXED_BYTES = 64 * 1024
 """DIR's own directories, lock and tag."""
+MOUNTED, CLOSING = "mounted", "closing"
+"""What the lock's holder says it is doing (in DIR/lock, after its pid)."""
+CLOSING_WAIT_S = 65.0
+"""How long a new mount waits for an unmounted daemon still writing to DIR (it
+stops after ``daemon.DISK_FLUSH_TIMEOUT_S``)."""
 KEEP_FREE_SHARE = 0.10
 """Share of the file system a default-sized cache leaves free."""
 DEFAULT_MAX_BYTES = 10 * 1024**3
@@ -134,20 +142,31 @@ class DiskStore:
             fd = os.open(path / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             raise _dir_error(path, exc) from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            owner = _read_owner(fd)
-            os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise in_use_error(path, owner) from None
-            raise _dir_error(path, exc) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        deadline = time.monotonic() + CLOSING_WAIT_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as exc:
+                owner, state = _read_owner(fd)
+                if (exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN) and state == CLOSING
+                        and time.monotonic() < deadline):
+                    time.sleep(0.05)  # an unmounted daemon writing its last entries
+                    continue
+                os.close(fd)
+                if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    raise in_use_error(path, owner) from None
+                raise _dir_error(path, exc) from None
+        _write_owner(fd, MOUNTED)
         for leftover in os.listdir(path / "tmp"):  # a write cut short by a crash
             with contextlib.suppress(OSError):
                 os.unlink(path / "tmp" / leftover)
         return cls(path, fd)
+
+    def closing(self) -> None:
+        """Unmounted, writing what is queued: a new mount of DIR may wait for us."""
+        with contextlib.suppress(OSError):
+            _write_owner(self._lock_fd, CLOSING)
 
     def close(self) -> None:
         for fd in (self._chunks_fd, self._tmp_fd, self._lock_fd):
@@ -244,21 +263,30 @@ def _dir_error(path: Path, exc: OSError) -> StfsError:
 
 
 def in_use_error(path: Path, owner: int | None) -> StfsError:
+    """A mount owns DIR: one line naming its pid."""
     who = f" (pid {owner})" if owner else ""
     return StfsError(f"--cache-dir {path}: in use by another stfs mount{who}; "
                      "each mount needs its own cache directory", EXIT_FAILURE)
 
 
-def _read_owner(fd: int) -> int | None:
+def _write_owner(fd: int, state: str) -> None:
+    text = f"{os.getpid()} {state}\n".encode()
+    os.pwrite(fd, text, 0)
+    os.ftruncate(fd, len(text))
+
+
+def _read_owner(fd: int) -> tuple[int | None, str]:
+    """(pid, state) of the lock's holder, as it wrote them."""
     try:
-        return int(os.pread(fd, 32, 0).decode().strip() or 0) or None
+        pid, _, state = os.pread(fd, 64, 0).decode().strip().partition(" ")
+        return int(pid) or None, state
     except (OSError, ValueError):
-        return None
+        return None, ""
 
 
-def lock_owner(path: Path) -> int | None:
-    """The pid of the mount holding DIR's lock, 0 if held by an unknown owner,
-    None when nobody holds it."""
+def lock_holder(path: Path) -> tuple[int, str] | None:
+    """(pid, state) of the mount holding DIR's lock (pid 0 if unknown), None when
+    nobody holds it. State ``closing``: unmounted, writing its last entries."""
     try:
         fd = os.open(path / "lock", os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
@@ -267,7 +295,8 @@ def lock_owner(path: Path) -> int | None:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except OSError:
-            return _read_owner(fd) or 0
+            pid, state = _read_owner(fd)
+            return pid or 0, state
         fcntl.flock(fd, fcntl.LOCK_UN)
         return None
     finally:
@@ -305,9 +334,9 @@ def check_cache_dir(path: Path, size: int | None, min_size: int) -> int:
     if not os.access(path, os.W_OK | os.X_OK):
         raise UsageError(f"--cache-dir {path}: permission denied (not writable)")
     del st
-    owner = lock_owner(path)
-    if owner is not None:
-        raise in_use_error(path, owner)
+    holder = lock_holder(path)
+    if holder is not None and holder[1] != CLOSING:  # a closing one is waited for
+        raise in_use_error(path, holder[0])
     fs = os.statvfs(path)
     _, ours = used_bytes(path)
     room = fs.f_bavail * fs.f_frsize + ours - int(fs.f_blocks * fs.f_frsize * KEEP_FREE_SHARE)
@@ -337,9 +366,10 @@ def cache_command(path: Path, clear_it: bool) -> int:
         print(f"{path}: removed {entries} entries ({human_bytes(total)})")
         return 0
     entries, total = used_bytes(path)
-    owner = lock_owner(path)
-    state = ("not in use" if owner is None
-             else f"in use by the stfs mount of pid {owner}" if owner else "in use")
+    holder = lock_holder(path)
+    state = ("not in use" if holder is None
+             else f"in use by the stfs mount of pid {holder[0]}" if holder[1] != CLOSING
+             else f"the unmounted daemon of pid {holder[0]} is writing its last entries")
     print(f"{path}: {entries} entries, {human_bytes(total)} ({state})")
     return 0
 
@@ -347,9 +377,9 @@ def cache_command(path: Path, clear_it: bool) -> int:
 def clear(path: Path) -> tuple[int, int]:
     """Delete every entry in DIR (``stfs cache --clear``); refuses while a mount
     owns it. Returns what was removed: (entries, bytes)."""
-    owner = lock_owner(path)
-    if owner is not None:
-        raise in_use_error(path, owner)
+    holder = lock_holder(path)
+    if holder is not None:
+        raise in_use_error(path, holder[0])
     removed = used_bytes(path)
     for sub in ("chunks", "tmp"):
         shutil.rmtree(path / sub, ignore_errors=True)

@@ -205,6 +205,7 @@ class ReadEngine:
     async def flush(self, timeout_s: float) -> None:
         """Unmounted: let the disk cache write what is queued (within *timeout_s*)."""
         if self.disk is not None:
+            self.disk.store.closing()
             with trio.move_on_after(timeout_s) as scope:
                 await self.disk.drained()
             if scope.cancelled_caught:

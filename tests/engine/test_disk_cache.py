@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import threading
 import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
@@ -123,17 +124,39 @@ def test_a_second_owner_is_refused_with_one_line(store: DiskStore) -> None:
     assert info.value.exit_code == 1
     assert "in use by another stfs mount" in info.value.message
     assert f"pid {os.getpid()}" in info.value.message
-    assert disk_store.lock_owner(store.path) == os.getpid()
+    assert disk_store.lock_holder(store.path) == (os.getpid(), disk_store.MOUNTED)
     with pytest.raises(StfsError, match="in use"):
         disk_store.check_cache_dir(store.path, None, 2 * MIB)
     with pytest.raises(StfsError, match="in use"):
         disk_store.clear(store.path)
 
 
+def test_a_new_owner_waits_for_one_that_is_closing(tmp_path: Path) -> None:
+    """An unmounted daemon still writing its last entries: a new mount of DIR waits
+    for it instead of failing; clearing DIR is still refused meanwhile."""
+    (tmp_path / "c").mkdir()
+    first = DiskStore.open(tmp_path / "c")
+    first.closing()
+    assert disk_store.lock_holder(first.path) == (os.getpid(), disk_store.CLOSING)
+    assert disk_store.check_cache_dir(first.path, 8 * MIB, 2 * MIB) == 8 * MIB
+    with pytest.raises(StfsError, match="in use"):
+        disk_store.clear(first.path)
+    opened: list[DiskStore] = []
+    waiter = threading.Thread(target=lambda: opened.append(DiskStore.open(first.path)))
+    waiter.start()
+    try:
+        assert not opened  # waiting (the lock is held)
+        first.close()
+    finally:
+        waiter.join(30)
+    assert opened and disk_store.lock_holder(first.path) == (os.getpid(), disk_store.MOUNTED)
+    opened[0].close()
+
+
 def test_the_lock_goes_with_its_owner(tmp_path: Path) -> None:
     (tmp_path / "c").mkdir()
     DiskStore.open(tmp_path / "c").close()
-    assert disk_store.lock_owner(tmp_path / "c") is None
+    assert disk_store.lock_holder(tmp_path / "c") is None
     DiskStore.open(tmp_path / "c").close()
 
 
