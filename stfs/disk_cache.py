@@ -253,6 +253,8 @@ class DiskCache:
         self._readers = trio.CapacityLimiter(READERS)
         self._pending: collections.deque[tuple[str, Any]] = collections.deque()
         self._pending_writes = 0
+        self._to_unlink: list[str] = []
+        """Files of entries evicted or dropped, unlinked before the next write."""
         self._wake = trio.Event()
         self._idle = trio.Event()
         self._idle.set()
@@ -300,7 +302,7 @@ class DiskCache:
         log.warning("disk cache: entry %s failed its check; dropped, reading SOURCE",
                     entry_name(key))
         if self.index.remove(key):
-            self._queue("remove", [entry_name(key)])
+            self._unlink([key])
         return False
 
     def miss(self) -> None:
@@ -342,6 +344,13 @@ class DiskCache:
         self.budget.release(freed)
         return freed
 
+    def _unlink(self, keys: list[EntryKey]) -> None:
+        """Entries out of the index: their files go before the next write."""
+        if keys and self._nursery is not None:
+            self._to_unlink += [entry_name(k) for k in keys]
+            self._idle = trio.Event() if self._idle.is_set() else self._idle
+            self._wake.set()
+
     def _queue(self, op: str, arg: Any) -> None:
         if self._nursery is None:
             if op == "write":
@@ -364,6 +373,10 @@ class DiskCache:
             task_status.started()
             try:
                 while True:
+                    if self._to_unlink:  # before any write: room is made first
+                        names, self._to_unlink = self._to_unlink, []
+                        await trio.to_thread.run_sync(self.store.remove, names)
+                        continue
                     if not self._pending:
                         self._idle.set()
                         self._wake = trio.Event()
@@ -384,18 +397,21 @@ class DiskCache:
 
     async def _do(self, op: str, arg: Any) -> None:
         if op == "write":
+            # A batch's chunks are pinned while written: within the keep share, so
+            # what memory evicts meanwhile never holds more than that.
             batch = [arg]
+            n_bytes = arg.length
             while (self._pending and self._pending[0][0] == "write"
-                   and len(batch) < WRITE_BATCH):
+                   and len(batch) < WRITE_BATCH
+                   and n_bytes + self._pending[0][1].length <= self.keep_bytes):
                 batch.append(self._pending.popleft()[1])
+                n_bytes += batch[-1].length
             self._pending_writes -= len(batch)
             try:
                 await self._write(batch)
             finally:
                 for key in batch:
                     self._unqueue((key.identity, key.start))
-        elif op == "remove":
-            await trio.to_thread.run_sync(self.store.remove, arg)
         else:
             touched = [arg]
             while self._pending and self._pending[0][0] == "touch":
@@ -415,12 +431,13 @@ class DiskCache:
         """Write queued chunks still in memory (or kept), in one worker thread call."""
         jobs: list[_WriteJob] = []
         pinned: list[ChunkKey] = []
+        data: ChunkData | None = None
         try:
             for key in batch:
                 chunk_key = (key.identity, key.start)
                 if self.index.covers(key):
                     continue
-                data: ChunkData | None = self._kept.get(chunk_key)
+                data = self._kept.get(chunk_key)
                 if data is None:
                     data = self.cache.pin(chunk_key)
                     if data is not None:
@@ -433,8 +450,8 @@ class DiskCache:
                 size = disk_bytes(key.length)
                 # Room first (unlinked before this write): never over the size.
                 jobs.append(_WriteJob(key, data, size, self.index.reserve(size)))
-            del data
-            errors = await trio.to_thread.run_sync(self._write_in_thread, jobs)
+            data = None  # the jobs hold what is written
+            errors, free = await trio.to_thread.run_sync(self._write_in_thread, jobs)
         finally:
             for job in jobs:
                 job.data = b""
@@ -454,15 +471,16 @@ class DiskCache:
                 self.written_bytes += job.key.length
                 more = self.index.add(job.key, job.size)
                 if more:
-                    self._queue("remove", [entry_name(k) for k in more])
-        if full and self.index.used_bytes < self.index.capacity_bytes:
-            # The file system filled up (others use it too): keep what is there now.
-            log.warning("disk cache: %s is full; the cache keeps the %d bytes it has",
-                        self.store.path, self.index.used_bytes)
-            self._queue("remove", [entry_name(k)
-                                   for k in self.index.shrink_to(self.index.used_bytes)])
+                    self._unlink(more)
+        fits = self.index.used_bytes + free - FIXED_BYTES  # what the file system holds
+        if full and fits < self.index.capacity_bytes:
+            # The file system filled up (others use it too): keep what fits now.
+            log.warning("disk cache: %s is full; the cache is lowered to %d bytes",
+                        self.store.path, max(0, fits))
+            self._unlink(self.index.shrink_to(max(0, fits)))
 
-    def _write_in_thread(self, jobs: list[_WriteJob]) -> list[OSError | None]:
+    def _write_in_thread(self, jobs: list[_WriteJob]) -> tuple[list[OSError | None], int]:
+        """Each job's error (None: written), and the file system's free bytes after."""
         errors: list[OSError | None] = []
         for job in jobs:
             try:
@@ -471,7 +489,8 @@ class DiskCache:
                 errors.append(None)
             except OSError as exc:
                 errors.append(exc)
-        return errors
+        free = self.store.free_bytes() if any(errors) else 1 << 62
+        return errors, free
 
     def statistics(self) -> DiskCacheStatistics:
         return DiskCacheStatistics(

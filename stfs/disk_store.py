@@ -15,9 +15,10 @@ Layout of ``--cache-dir DIR``::
 
 An entry's name is its key: the file's identity and the chunk,
 ``DEV_INO_SIZE_MTIMENS_CTIMENS_START_LENGTH`` in hexadecimal. Its content is
-the chunk's bytes followed by a trailer repeating the key with the xxh3-64 of
-the bytes. A read checks the trailer against the key it asked for and the
-bytes against the digest, so a truncated, torn or damaged file (a crash of
+the chunk's bytes, zeros to the next 4 KiB, and a 4 KiB trailer block that
+starts with the key again and the xxh3-64 of the bytes (block-aligned, so
+that it can be written with O_DIRECT). A read checks the trailer against the
+key it asked for and the bytes against the digest, so a truncated, torn or damaged file (a crash of
 the machine before writeback, a disk error, a hand edit) is detected and
 never served. An entry is written under ``tmp/`` and renamed into
 ``chunks/`` only once complete: a kill -9 at any moment leaves either no
@@ -32,9 +33,11 @@ import contextlib
 import errno
 import fcntl
 import itertools
+import mmap
 import os
 import shutil
 import struct
+import threading
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -46,7 +49,7 @@ from stfs.buffers import Buffer
 from stfs.config import human_bytes
 from stfs.errors import EXIT_FAILURE, StfsError, UsageError
 
-MAGIC = b"STFSDC1\0"
+MAGIC = b"STFSDC2\0"
 TRAILER = struct.Struct("<8s3QqqQQQ")
 """magic, dev, ino, size, mtime_ns, ctime_ns, start, length, xxh3-64 of the bytes
 (mtime and ctime are signed: a file may predate 1970)."""
@@ -55,6 +58,7 @@ NAME_BYTES = 128
 """What an entry's name costs in its directory, counted with its blocks."""
 FIXED_BYTES = 64 * 1024
 """DIR's own directories, lock and tag."""
+DIRECT_WRITES = hasattr(os, "O_DIRECT")
 MOUNTED, CLOSING = "mounted", "closing"
 """What the lock's holder says it is doing (in DIR/lock, after its pid)."""
 CLOSING_WAIT_S = 65.0
@@ -102,9 +106,30 @@ def parse_name(name: str) -> EntryKey | None:
     return key
 
 
+def padded(length: int) -> int:
+    """Where an entry's trailer block starts: its bytes rounded up to a block."""
+    return -(-length // BLOCK) * BLOCK
+
+
+def file_size(length: int) -> int:
+    """The size of an entry's file: its bytes, zeros to a block, the trailer block."""
+    return padded(length) + BLOCK
+
+
 def disk_bytes(length: int) -> int:
     """What an entry of *length* bytes costs on disk, as counted against the size."""
-    return -(-(length + TRAILER.size) // BLOCK) * BLOCK + NAME_BYTES
+    return file_size(length) + NAME_BYTES
+
+
+_local = threading.local()
+
+
+def _scratch() -> mmap.mmap:
+    """This thread's page-aligned buffer for an entry's last two blocks."""
+    tail = getattr(_local, "tail", None)
+    if tail is None:
+        tail = _local.tail = mmap.mmap(-1, 2 * BLOCK)
+    return tail
 
 
 def _trailer(key: EntryKey, digest: int) -> bytes:
@@ -122,6 +147,10 @@ class DiskStore:
         self._chunks_fd = os.open(self.chunks, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self._tmp_fd = os.open(self.tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self._serial = itertools.count()
+        self._tail = mmap.mmap(-1, 2 * BLOCK)
+        """The last partial block and the trailer block of the entry being written
+        (page-aligned, as O_DIRECT wants; writes are one at a time)."""
+        self.direct = DIRECT_WRITES
         self.start_writeback = False
         """Start each entry's writeback as it is written (``POSIX_FADV_DONTNEED``):
         in a memory cgroup, whose dirty page cache cannot be reclaimed until
@@ -172,6 +201,7 @@ class DiskStore:
         for fd in (self._chunks_fd, self._tmp_fd, self._lock_fd):
             with contextlib.suppress(OSError):
                 os.close(fd)
+        self._tail.close()
 
     # -- entries ---------------------------------------------------------------
 
@@ -186,7 +216,7 @@ class DiskStore:
                     st = item.stat(follow_symlinks=False)
                 except OSError:
                     continue
-                if key is None or st.st_size != key.length + TRAILER.size:
+                if key is None or st.st_size != file_size(key.length):
                     self.remove([item.name])
                     continue
                 found.append(StoredEntry(key, disk_bytes(key.length), st.st_mtime_ns))
@@ -194,48 +224,99 @@ class DiskStore:
         return found
 
     def write(self, key: EntryKey, data: Buffer | bytes) -> None:
-        """Write one entry atomically (``tmp/`` then rename); raises OSError."""
+        """Write one entry atomically (``tmp/`` then rename); raises OSError.
+
+        Page-aligned chunk buffers (a network SOURCE's) are written with
+        O_DIRECT: new page-cache pages cost ext4 here 4 ms of CPU per MiB
+        written, a direct write 0.4 ms (``DIRECT_WRITES``); and a direct write
+        leaves no dirty pages to charge a memory cgroup. Other buffers, and file
+        systems without O_DIRECT, are written through the page cache."""
         name = entry_name(key)
         tmp_name = f"{name}.{os.getpid()}.{next(self._serial)}"
-        fd = os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600,
-                     dir_fd=self._tmp_fd)
+        view = memoryview(data)[:key.length]
         try:
+            trailer = _trailer(key, xxhash.xxh3_64_intdigest(view))
+            direct = self.direct and isinstance(data, mmap.mmap) and key.length >= BLOCK
             try:
-                view = memoryview(data)[:key.length]
-                trailer = _trailer(key, xxhash.xxh3_64_intdigest(view))
-                written = os.pwritev(fd, [view, trailer], 0)
-                view.release()
-                if written != key.length + TRAILER.size:
-                    raise OSError(errno.ENOSPC, "short write")
-                if self.start_writeback:
-                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
+                self._write_file(tmp_name, view, trailer, direct)
+            except OSError as exc:
+                if not direct or exc.errno != errno.EINVAL:
+                    raise
+                self.direct = False  # this file system takes no O_DIRECT
+                self._write_file(tmp_name, view, trailer, False)
             os.rename(tmp_name, name, src_dir_fd=self._tmp_fd, dst_dir_fd=self._chunks_fd)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp_name, dir_fd=self._tmp_fd)
             raise
+        finally:
+            view.release()
+
+    def _write_file(self, tmp_name: str, view: memoryview, trailer: bytes,
+                    direct: bool) -> None:
+        length = len(view)
+        whole = length - length % BLOCK  # the blocks the chunk's own buffer fills
+        tail = self._tail
+        tail[:] = bytes(2 * BLOCK)
+        tail[:length - whole] = view[whole:]
+        pad = padded(length) - whole  # 0 or one block: the last, partial one
+        tail[pad:pad + TRAILER.size] = trailer
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        fd = os.open(tmp_name, flags | (os.O_DIRECT if direct else 0), 0o600,
+                     dir_fd=self._tmp_fd)
+        try:
+            written = os.pwrite(fd, view[:whole], 0) if whole else 0
+            written += os.pwrite(fd, memoryview(tail)[:pad + BLOCK], whole)
+            if written != file_size(length):
+                raise OSError(errno.ENOSPC, "short write")
+            if self.start_writeback and not direct:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp_name, dir_fd=self._tmp_fd)
+            raise
+        os.close(fd)
 
     def read(self, key: EntryKey, buf: Buffer) -> bool | None:
         """Fill *buf* (``key.length`` bytes) from the entry and check it: True if
-        it is whole and right, False if damaged, None if there is no such entry."""
-        trailer = bytearray(TRAILER.size)
+        it is whole and right, False if damaged, None if there is no such entry.
+
+        Into a page-aligned buffer, with O_DIRECT: the bytes go to the chunk
+        buffer alone, not to the page cache as well (as for writes: less CPU,
+        nothing for a memory cgroup to be charged)."""
+        length = key.length
+        direct = self.direct and isinstance(buf, mmap.mmap) and length >= BLOCK
         try:
-            fd = os.open(entry_name(key), os.O_RDONLY | os.O_CLOEXEC, dir_fd=self._chunks_fd)
+            fd = os.open(entry_name(key), os.O_RDONLY | os.O_CLOEXEC
+                         | (os.O_DIRECT if direct else 0), dir_fd=self._chunks_fd)
         except FileNotFoundError:
             return None
+        except OSError as exc:
+            if not direct or exc.errno != errno.EINVAL:
+                raise
+            self.direct = False
+            return self.read(key, buf)
+        view = memoryview(buf)[:length]
         try:
-            # One request for the whole entry: a cold file is otherwise read in
-            # read-ahead windows of the device's read_ahead_kb, one after another.
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-            view = memoryview(buf)[:key.length]
-            n = os.preadv(fd, [view, trailer], 0)
-            ok = (n == key.length + TRAILER.size
-                  and trailer == _trailer(key, xxhash.xxh3_64_intdigest(view)))
-            view.release()
-            return ok
+            whole = length - length % BLOCK
+            if direct:
+                tail = _scratch()
+                n = os.preadv(fd, [view[:whole], tail], 0)
+                end = padded(length) - whole
+                view[whole:] = tail[:length - whole]
+                rest: bytes | bytearray = tail[end - (padded(length) - length):end + TRAILER.size]
+            else:
+                # One request for the whole entry: a cold file is otherwise read in
+                # read-ahead windows of the device's read_ahead_kb, one at a time.
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+                rest = bytearray(padded(length) - length + TRAILER.size)
+                n = os.preadv(fd, [view, rest], 0)
+                n += BLOCK - TRAILER.size  # as if the whole trailer block was read
+            return (n == file_size(length)
+                    and rest[-TRAILER.size:] == _trailer(key, xxhash.xxh3_64_intdigest(view)))
         finally:
+            view.release()
             os.close(fd)
 
     def remove(self, names: list[str]) -> None:

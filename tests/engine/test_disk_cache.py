@@ -4,12 +4,14 @@ its files and their checks, its index, and the engine reading through it across
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import threading
 import tracemalloc
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 import trio
@@ -20,7 +22,7 @@ from stfs.budget import MemoryBudget
 from stfs.cache import ChunkCache
 from stfs.config import MountConfig
 from stfs.disk_cache import ENTRY_BYTES, DiskIndex
-from stfs.disk_store import TRAILER, DiskStore, EntryKey, disk_bytes, entry_name, parse_name
+from stfs.disk_store import DiskStore, EntryKey, disk_bytes, entry_name, parse_name
 from stfs.engine import EngineConfig, ReadEngine
 from stfs.errors import StfsError, UsageError
 from stfs.metrics import Counters
@@ -28,6 +30,7 @@ from tests.engine.fakes import FakeBacking
 from tests.engine.helpers import DEFAULTS, KERNEL_REQUEST, KIB, MIB, Source, read_all, run
 
 ID = FileIdentity(1, 2, 10 * MIB, 3, 4)
+T = TypeVar("T")
 
 
 def key(start: int, length: int = 64 * KIB, identity: FileIdentity = ID) -> EntryKey:
@@ -71,7 +74,7 @@ def test_an_entry_reads_back_whole_and_checked(store: DiskStore) -> None:
     assert store.read(k, buf) is True
     assert bytes(buf) == data
     assert os.listdir(store.tmp) == []
-    assert (store.chunks / entry_name(k)).stat().st_size == len(data) + TRAILER.size
+    assert (store.chunks / entry_name(k)).stat().st_size == disk_store.file_size(len(data))
 
 
 def test_a_damaged_entry_fails_its_check(store: DiskStore) -> None:
@@ -299,6 +302,19 @@ class Mount:
         assert self.engine.disk is not None
         self.disk = self.engine.disk
         self.src = src
+        self.errors = _Errors()
+
+    def run(self, body: Callable[[], Awaitable[T]]) -> T:
+        """*body* on the engine; a background error of the disk cache fails the test."""
+        logger = logging.getLogger("stfs.disk_cache")
+        logger.addHandler(self.errors)
+        try:
+            result: T = run(self.engine, body, timeout=60)
+        finally:
+            logger.removeHandler(self.errors)
+            self.store.close()
+        assert not self.errors.records, [r.getMessage() for r in self.errors.records]
+        return result
 
     def read(self, *names: str, request: int = KERNEL_REQUEST) -> list[bytes]:
         async def body() -> list[bytes]:
@@ -311,10 +327,16 @@ class Mount:
             await self.engine.flush(30)
             return out
 
-        try:
-            return run(self.engine, body, timeout=60)
-        finally:
-            self.store.close()
+        return self.run(body)
+
+
+class _Errors(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
 
 
 def test_a_remount_reads_from_disk_and_not_from_source(src: Source, cache_dir: Path) -> None:
@@ -440,10 +462,7 @@ def test_reads_wait_for_nothing_when_disk_writes_are_slow(src: Source, cache_dir
         await m.engine.flush(30)
         return got
 
-    try:
-        assert run(m.engine, body, timeout=60) == data
-    finally:
-        m.store.close()
+    assert m.run(body) == data
     assert m.disk.writes > 0
 
 
@@ -475,10 +494,7 @@ def test_chunks_evicted_before_their_write_are_kept_within_a_share(
         assert m.disk.kept_bytes == 0
         return got
 
-    try:
-        assert run(m.engine, body, timeout=60) == data
-    finally:
-        m.store.close()
+    assert m.run(body) == data
     assert m.engine.budget.peak_held_bytes <= limit
     assert m.disk.writes_missed > 0  # more than the share was evicted unwritten
     assert kept_peak > 0 and m.disk.writes > 0  # what was kept was written after all
