@@ -27,10 +27,10 @@ than ``--memory-limit`` then reads a slow store once.
   remembered moves to the LRU ``Am``; ``A1in`` gives up its own first while it
   holds more than its quarter. After a restart every entry starts in ``Am``
   in the order of its file's mtime (set when written or last read).
-* **Off the loop.** Reads, writes, unlinks and the start's scan run in worker
-  threads: reads at most ``READERS`` at once, writes one at a time in FIFO
-  order by ``run``'s writer task. A chunk evicted from memory before its turn
-  is not written (``writes_missed``).
+* **Off the loop.** Reads, writes and unlinks run in worker threads (the
+  start's scan before the loop runs): reads at most ``READERS`` at once;
+  writes in FIFO order by ``run``'s writer task, up to ``WRITE_BATCH`` a
+  thread call, the files of evicted entries unlinked before the next write.
 """
 
 from __future__ import annotations
@@ -87,8 +87,8 @@ class _WriteJob:
 class DiskIndex:
     """Which entries are on disk, in 2Q order, within a byte and an entry bound.
 
-    Pure bookkeeping on the trio thread: ``add`` and ``make_room`` return the
-    entries evicted, for the caller to unlink. Kept lean (``ENTRY_BYTES``): an
+    Pure bookkeeping on the trio thread: ``add``, ``reserve`` and ``shrink_to``
+    return the entries evicted, for the caller to unlink. Kept lean (``ENTRY_BYTES``): an
     entry is its key, once in a queue and once in its file's sorted list."""
 
     def __init__(self, capacity_bytes: int, max_entries: int) -> None:
@@ -251,10 +251,13 @@ class DiskCache:
                                max(1, index_bytes // ENTRY_BYTES))
         self.capacity_bytes = capacity_bytes
         self._readers = trio.CapacityLimiter(READERS)
-        self._pending: collections.deque[tuple[str, Any]] = collections.deque()
+        self._pending: collections.deque[EntryKey] = collections.deque()
+        """Chunks to write, in the order they landed."""
         self._pending_writes = 0
         self._to_unlink: list[str] = []
         """Files of entries evicted or dropped, unlinked before the next write."""
+        self._to_touch: list[str] = []
+        """Entries read back, whose mtime is set when no write waits."""
         self._wake = trio.Event()
         self._idle = trio.Event()
         self._idle.set()
@@ -293,7 +296,7 @@ class DiskCache:
             self.hits += 1
             self.hit_bytes += key.length
             self.index.used(key)
-            self._queue("touch", entry_name(key))
+            self._touch(entry_name(key))
             return True
         if ok is None:  # evicted and unlinked while we looked
             self.misses += 1
@@ -323,7 +326,7 @@ class DiskCache:
             return
         self._pending_writes += 1
         self._queued[(identity, start)] += 1
-        self._queue("write", key)
+        self._queue(key)
 
     def _keep_evicted(self, key: ChunkKey, data: ChunkData) -> bool:
         """The memory cache evicts *key*: keep its bytes (and their reservation)
@@ -344,6 +347,13 @@ class DiskCache:
         self.budget.release(freed)
         return freed
 
+    def _touch(self, name: str) -> None:
+        """An entry was read: its mtime is set (in a batch, when the writer is free)."""
+        if self._nursery is not None:
+            self._to_touch.append(name)
+            self._idle = trio.Event() if self._idle.is_set() else self._idle
+            self._wake.set()
+
     def _unlink(self, keys: list[EntryKey]) -> None:
         """Entries out of the index: their files go before the next write."""
         if keys and self._nursery is not None:
@@ -351,13 +361,12 @@ class DiskCache:
             self._idle = trio.Event() if self._idle.is_set() else self._idle
             self._wake.set()
 
-    def _queue(self, op: str, arg: Any) -> None:
+    def _queue(self, key: EntryKey) -> None:
         if self._nursery is None:
-            if op == "write":
-                self._pending_writes -= 1
-                self._unqueue((arg.identity, arg.start))
+            self._pending_writes -= 1
+            self._unqueue((key.identity, key.start))
             return
-        self._pending.append((op, arg))
+        self._pending.append(key)
         self._idle = trio.Event() if self._idle.is_set() else self._idle
         self._wake.set()
 
@@ -367,26 +376,21 @@ class DiskCache:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:
-        """The writer: queued operations in order, one at a time, until cancelled."""
+        """The writer, until cancelled: one step at a time in a worker thread."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             task_status.started()
             try:
                 while True:
-                    if self._to_unlink:  # before any write: room is made first
-                        names, self._to_unlink = self._to_unlink, []
-                        await trio.to_thread.run_sync(self.store.remove, names)
-                        continue
-                    if not self._pending:
+                    if not (self._pending or self._to_unlink or self._to_touch):
                         self._idle.set()
                         self._wake = trio.Event()
                         await self._wake.wait()
                         continue
-                    op, arg = self._pending.popleft()
                     try:
-                        await self._do(op, arg)
+                        await self._step()
                     except Exception:  # a background task: never the mount's end
-                        log.exception("disk cache: %s failed", op)
+                        log.exception("disk cache: writing to %s failed", self.store.path)
             finally:
                 self._nursery = None
                 self._pending.clear()
@@ -395,28 +399,34 @@ class DiskCache:
                 self.shed()
                 self._idle.set()
 
-    async def _do(self, op: str, arg: Any) -> None:
-        if op == "write":
-            # A batch's chunks are pinned while written: within the keep share, so
-            # what memory evicts meanwhile never holds more than that.
-            batch = [arg]
-            n_bytes = arg.length
-            while (self._pending and self._pending[0][0] == "write"
-                   and len(batch) < WRITE_BATCH
-                   and n_bytes + self._pending[0][1].length <= self.keep_bytes):
-                batch.append(self._pending.popleft()[1])
-                n_bytes += batch[-1].length
-            self._pending_writes -= len(batch)
-            try:
-                await self._write(batch)
-            finally:
-                for key in batch:
-                    self._unqueue((key.identity, key.start))
+    async def _step(self) -> None:
+        """Unlinks first (room is made before any write), then writes, then touches
+        (only when no write waits)."""
+        if self._to_unlink:
+            names, self._to_unlink = self._to_unlink, []
+            await trio.to_thread.run_sync(self.store.remove, names)
+        elif self._pending:
+            await self._write_next()
         else:
-            touched = [arg]
-            while self._pending and self._pending[0][0] == "touch":
-                touched.append(self._pending.popleft()[1])
-            await trio.to_thread.run_sync(self.store.touch, touched)
+            names, self._to_touch = self._to_touch, []
+            await trio.to_thread.run_sync(self.store.touch, names)
+
+    async def _write_next(self) -> None:
+        """The next chunks in the queue, up to ``WRITE_BATCH``. A batch's chunks are
+        pinned while written: within the keep share, so what memory evicts
+        meanwhile never holds more than that."""
+        batch = [self._pending.popleft()]
+        n_bytes = batch[0].length
+        while (self._pending and len(batch) < WRITE_BATCH
+               and n_bytes + self._pending[0].length <= self.keep_bytes):
+            batch.append(self._pending.popleft())
+            n_bytes += batch[-1].length
+        self._pending_writes -= len(batch)
+        try:
+            await self._write(batch)
+        finally:
+            for key in batch:
+                self._unqueue((key.identity, key.start))
 
     def _unqueue(self, chunk_key: ChunkKey) -> None:
         self._queued[chunk_key] -= 1
