@@ -40,6 +40,8 @@ class MemoryBudget:
         self.refused_speculative = 0
         self._lot = trio.lowlevel.ParkingLot()
         self._reclaimer: Reclaimer = lambda _n: 0
+        self.speculative_reclaimer: Reclaimer = lambda _n: 0
+        """Who frees room for read-ahead that may evict (``try_reserve_speculative``)."""
 
     def set_reclaimer(self, reclaimer: Reclaimer) -> None:
         """Who to ask for room when a demand reservation does not fit (the cache)."""
@@ -72,13 +74,20 @@ class MemoryBudget:
         self._take(n)
         return True
 
-    def try_reserve_speculative(self, n: int) -> bool:
+    def try_reserve_speculative(self, n: int, evict: bool = False) -> bool:
         """Read-ahead: granted only within its share, only from free room (it never
-        evicts), and never ahead of a waiting reader."""
-        if (self.waiting or self.speculative_bytes + n > self.speculative_limit_bytes
-                or not self.try_reserve(n)):
+        evicts, unless *evict*: then ``speculative_reclaimer`` may free room, as a
+        disk cache makes cached chunks cheap to get back), and never ahead of a
+        waiting reader."""
+        if self.waiting or self.speculative_bytes + n > self.speculative_limit_bytes:
             self.refused_speculative += 1
             return False
+        if not self.try_reserve(n):
+            if evict:
+                self.speculative_reclaimer(self.held_bytes + n - self.limit_bytes)
+            if not evict or not self.try_reserve(n):
+                self.refused_speculative += 1
+                return False
         self.speculative_bytes += n
         return True
 

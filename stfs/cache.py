@@ -164,6 +164,12 @@ class ChunkCache:
         self.shrink_to(self.capacity_bytes)
         return True
 
+    def _victim(self) -> ChunkKey | None:
+        """The chunk ``_evict_one`` would evict next."""
+        if self._a1in and (self.a1in_bytes > self.capacity_bytes * A1IN_SHARE or not self._am):
+            return next(iter(self._a1in))
+        return next(iter(self._am)) if self._am else None
+
     def _evict_one(self) -> int | None:
         """Evict one chunk; its size (0 for an empty chunk), or None if none is left."""
         if self._a1in and (self.a1in_bytes > self.capacity_bytes * A1IN_SHARE or not self._am):
@@ -208,6 +214,21 @@ class ChunkCache:
     def reclaim(self, n_bytes: int) -> int:
         """Free at least *n_bytes* if possible, never below the floor (budget reclaimer)."""
         return self.shrink_to(max(self.floor_bytes, self.cached_bytes - max(n_bytes, 0)))
+
+    def reclaim_if(self, n_bytes: int, may_evict: Callable[[ChunkKey, int], bool]) -> int:
+        """Free up to *n_bytes* while the next chunk to go may go (read-ahead's
+        reclaimer with a disk cache: only chunks it holds, or can keep)."""
+        target = max(self.floor_bytes, self.cached_bytes - max(n_bytes, 0))
+        freed = 0
+        while self.cached_bytes > target:
+            key = self._victim()
+            if key is None:
+                break
+            entry = self._a1in.get(key) or self._am.get(key)
+            if entry is None or not may_evict(key, len(entry.data)):
+                break
+            freed += self._evict_one() or 0
+        return freed
 
     def clear(self) -> int:
         return self.shrink_to(0)

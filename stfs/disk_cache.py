@@ -60,6 +60,8 @@ INDEX_SHARE = 16
 """The index may hold 1/INDEX_SHARE of the memory limit."""
 READERS = 4
 """Entries read from disk at once."""
+WRITERS = 2
+"""Writer tasks, each with one worker-thread call at a time."""
 WRITE_BATCH = 8
 """Queued chunks written in one worker-thread call."""
 PENDING_WRITES = 1024
@@ -69,7 +71,7 @@ GHOST_SHARE = 8
 """The ghost list remembers evicted keys up to 1/GHOST_SHARE of the entry bound."""
 OVERLAPS = 8
 """Entries a lookup looks back over for one that holds the byte."""
-KEEP_SHARE = 8
+KEEP_SHARE = 4
 """Evicted chunks waiting to be written may hold 1/KEEP_SHARE of the memory limit."""
 
 
@@ -246,6 +248,7 @@ class DiskCache:
         """Chunks evicted from memory with a write queued, held in the budget."""
         self.kept_bytes = 0
         cache.on_evict = self._keep_evicted
+        budget.speculative_reclaimer = lambda n: cache.reclaim_if(n, self.may_evict)
         self.index_bytes = index_bytes
         self.index = DiskIndex(capacity_bytes - FIXED_BYTES,
                                max(1, index_bytes // ENTRY_BYTES))
@@ -259,6 +262,8 @@ class DiskCache:
         self._to_touch: list[str] = []
         """Entries read back, whose mtime is set when no write waits."""
         self._wake = trio.Event()
+        self._busy = 0
+        """Writers in a step now."""
         self._idle = trio.Event()
         self._idle.set()
         self._nursery: trio.Nursery | None = None
@@ -339,6 +344,12 @@ class DiskCache:
         self.kept_bytes += len(data)
         return True
 
+    def may_evict(self, key: ChunkKey, size: int) -> bool:
+        """Read-ahead may evict this chunk from memory to make room: it is on disk
+        (or never will be), or it can be kept for its queued write."""
+        return key not in self._queued or (
+            key not in self._kept and self.kept_bytes + size <= self.keep_bytes)
+
     def shed(self) -> int:
         """Critical memory pressure: give back what waits to be written; the bytes."""
         freed = self.kept_bytes
@@ -376,21 +387,16 @@ class DiskCache:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:
-        """The writer, until cancelled: one step at a time in a worker thread."""
+        """``WRITERS`` writers until cancelled, each one step at a time in a worker
+        thread (two hide a slow write's latency: a disk that stalls for tens of
+        milliseconds would otherwise let memory evict chunks not yet written)."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            task_status.started()
             try:
-                while True:
-                    if not (self._pending or self._to_unlink or self._to_touch):
-                        self._idle.set()
-                        self._wake = trio.Event()
-                        await self._wake.wait()
-                        continue
-                    try:
-                        await self._step()
-                    except Exception:  # a background task: never the mount's end
-                        log.exception("disk cache: writing to %s failed", self.store.path)
+                for _ in range(WRITERS):
+                    nursery.start_soon(self._writer)
+                task_status.started()
+                await trio.sleep_forever()
             finally:
                 self._nursery = None
                 self._pending.clear()
@@ -398,6 +404,23 @@ class DiskCache:
                 self._queued.clear()
                 self.shed()
                 self._idle.set()
+
+    async def _writer(self) -> None:
+        while True:
+            if not (self._pending or self._to_unlink or self._to_touch):
+                if not self._busy:
+                    self._idle.set()
+                if self._wake.is_set():
+                    self._wake = trio.Event()
+                await self._wake.wait()
+                continue
+            self._busy += 1
+            try:
+                await self._step()
+            except Exception:  # a background task: never the mount's end
+                log.exception("disk cache: writing to %s failed", self.store.path)
+            finally:
+                self._busy -= 1
 
     async def _step(self) -> None:
         """Unlinks first (room is made before any write), then writes, then touches

@@ -147,9 +147,6 @@ class DiskStore:
         self._chunks_fd = os.open(self.chunks, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self._tmp_fd = os.open(self.tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self._serial = itertools.count()
-        self._tail = mmap.mmap(-1, 2 * BLOCK)
-        """The last partial block and the trailer block of the entry being written
-        (page-aligned, as O_DIRECT wants; writes are one at a time)."""
         self.direct = DIRECT_WRITES
         self.start_writeback = False
         """Start each entry's writeback as it is written (``POSIX_FADV_DONTNEED``):
@@ -201,7 +198,6 @@ class DiskStore:
         for fd in (self._chunks_fd, self._tmp_fd, self._lock_fd):
             with contextlib.suppress(OSError):
                 os.close(fd)
-        self._tail.close()
 
     # -- entries ---------------------------------------------------------------
 
@@ -256,7 +252,7 @@ class DiskStore:
                     direct: bool) -> None:
         length = len(view)
         whole = length - length % BLOCK  # the blocks the chunk's own buffer fills
-        tail = self._tail
+        tail = _scratch()  # the last partial block and the trailer block, aligned
         tail[:] = bytes(2 * BLOCK)
         tail[:length - whole] = view[whole:]
         pad = padded(length) - whole  # 0 or one block: the last, partial one

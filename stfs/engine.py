@@ -115,6 +115,11 @@ class ReadEngine:
                  disk_entries: Iterable[StoredEntry] = ()) -> None:
         """*disk_store*: the open ``--cache-dir`` (of *disk_cache_bytes*), with the
         entries its scan found (``DiskStore.scan``)."""
+        self.index_bytes = config.memory_limit // INDEX_SHARE if disk_store is not None else 0
+        """The disk cache's index, held in the budget out of the chunk cache's share
+        (so read-ahead and reads in flight keep the room they have without one)."""
+        config = dataclasses.replace(config,
+                                     cache_limit=self._cache_share(config, config.cache_limit))
         self.config = config
         self.counters = counters
         self.resources = ResourceRegistry()
@@ -140,10 +145,9 @@ class ReadEngine:
                                   recheck_s=config.recheck_s)
         self.disk: DiskCache | None = None
         if disk_store is not None:
-            index_bytes = config.memory_limit // INDEX_SHARE
-            held = self.budget.try_reserve(index_bytes)  # for good: the index's memory
+            held = self.budget.try_reserve(self.index_bytes)  # for good: the index's memory
             assert held, "the budget is empty at start"
-            self.disk = DiskCache(disk_store, disk_cache_bytes, index_bytes, self.cache,
+            self.disk = DiskCache(disk_store, disk_cache_bytes, self.index_bytes, self.cache,
                                   self.budget, keep_bytes(config))
             dropped = self.disk.load(list(disk_entries))
             disk_store.remove([entry_name(key) for key in dropped])  # before the loop runs
@@ -448,12 +452,18 @@ class ReadEngine:
                 "readahead_chunks": stream.state.readahead_chunks,
                 "sequential_reads": stream.state.sequential_reads}
 
+    def _cache_share(self, config: EngineConfig, cache_limit: int) -> int:
+        """The chunk cache's capacity: its share less the disk cache's index, but
+        never below two of the largest chunks."""
+        return max(min(cache_limit, 2 * config.max_chunk), cache_limit - self.index_bytes)
+
     def set_memory_limit(self, limit: int, cache_limit: int) -> None:
         """Run on a new memory budget (the daemon's memory cgroup changed): the
         budget's limit, the cache capacity (at the current level's share), the
         read-ahead share, the buffer pool and the read-around window follow.
         Cached chunks above a lower limit are evicted at once; bytes in flight
         drain as reads finish, and new reservations wait meanwhile."""
+        cache_limit = self._cache_share(self.config, cache_limit)
         self.config = dataclasses.replace(self.config, memory_limit=limit,
                                           cache_limit=cache_limit)
         self.readahead.cache_limit = cache_limit
@@ -467,9 +477,9 @@ class ReadEngine:
 
 def keep_bytes(config: EngineConfig) -> int:
     """What chunks evicted before their disk write may hold: 1/KEEP_SHARE of the
-    limit, at least two of the largest chunks, at most a quarter of the limit."""
+    limit, at least two of the largest chunks, at most a third of the limit."""
     limit = config.memory_limit
-    return min(limit // 4, max(limit // KEEP_SHARE, 2 * config.max_chunk))
+    return min(limit // 3, max(limit // KEEP_SHARE, 2 * config.max_chunk))
 
 
 def read_around_window(asked: int, memory_limit: int) -> int:

@@ -171,7 +171,7 @@ class Fetcher:
                     on_queued()  # no read slot to queue for: the next prefetch may go
                 chunk = await self._from_disk(stream, start, speculative=True)
                 return None if chunk is None else chunk.data
-            if not self.budget.try_reserve_speculative(chunk_size):
+            if not self.budget.try_reserve_speculative(chunk_size, evict=self.disk is not None):
                 return None
         else:
             await self.budget.reserve(chunk_size)
@@ -214,7 +214,7 @@ class Fetcher:
             return None
         if speculative:
             if (self.flight_at(identity, key.start) is not None
-                    or not self.budget.try_reserve_speculative(key.length)):
+                    or not self.budget.try_reserve_speculative(key.length, evict=True)):
                 return None
         else:
             await self.budget.reserve(key.length)

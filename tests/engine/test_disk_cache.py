@@ -534,3 +534,35 @@ def test_a_full_disk_costs_writes_never_reads(src: Source, small_fs: Path) -> No
     again = Mount(src, small_fs, size=64 * MIB)
     assert again.read("a.bin") == [data]
     assert again.disk.verify_failures == 0
+
+
+def test_read_ahead_may_evict_only_what_the_disk_holds_or_can_keep() -> None:
+    """With a disk cache, read-ahead's reservation may evict cached chunks, but the
+    reclaimer stops at a chunk not yet written that cannot be kept."""
+    budget = MemoryBudget(4 * MIB)
+    cache = ChunkCache(4 * MIB, budget)
+    for i in range(3):
+        assert budget.try_reserve(MIB)
+        cache.insert((ID, i * MIB), bytearray(MIB), MIB, 1)
+    assert not budget.try_reserve_speculative(2 * MIB)  # never evicts by itself
+    unwritten = {(ID, MIB)}
+    budget.speculative_reclaimer = lambda n: cache.reclaim_if(
+        n, lambda key, _size: key not in unwritten)
+    assert budget.try_reserve_speculative(2 * MIB, evict=True)  # chunk 0 went, then it stopped
+    assert (ID, 0) not in cache and (ID, MIB) in cache and (ID, 2 * MIB) in cache
+    budget.speculative_done(2 * MIB)
+    budget.release(2 * MIB)
+    assert budget.try_reserve(MIB)
+    cache.insert((ID, 3 * MIB), bytearray(MIB), MIB, 1)  # 3 MiB held again
+    assert not budget.try_reserve_speculative(2 * MIB, evict=True)  # the unwritten one stays
+    assert (ID, MIB) in cache and budget.held_bytes == 3 * MIB
+
+
+def test_the_index_comes_out_of_the_memory_cache_share(src: Source, cache_dir: Path) -> None:
+    m = Mount(src, cache_dir, memory_limit=16 * MIB, cache_limit=12 * MIB)
+    m.store.close()
+    assert m.engine.index_bytes == MIB
+    assert m.engine.cache.capacity_bytes == 11 * MIB
+    assert m.engine.budget.held_bytes == MIB
+    m.engine.set_memory_limit(32 * MIB, 24 * MIB)  # a cgroup refit keeps it out
+    assert m.engine.cache.capacity_bytes == 23 * MIB
