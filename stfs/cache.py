@@ -147,10 +147,17 @@ class ChunkCache:
 
     def insert(self, key: ChunkKey, data: ChunkData, reserved: int, owner: int) -> bool:
         """Cache *data*, taking over the *reserved* budget bytes its fetch held;
-        False if it was not cached (a chunk starts there already, or it is too big)."""
-        if key in self or len(data) > self.capacity_bytes:
+        False if it was not cached (a chunk as long starts there already, or it is
+        too big). A shorter chunk at the same start is replaced."""
+        if len(data) > self.capacity_bytes:
             self._budget.release(reserved)
             return False
+        held = self._am.get(key) or self._a1in.get(key)
+        if held is not None:
+            if len(held.data) >= len(data):
+                self._budget.release(reserved)
+                return False
+            self._drop(key)  # a longer chunk from the same byte holds all the old one did
         self._budget.release(reserved - len(data))
         entry = _Entry(data, owner)
         if key in self._a1out:
@@ -163,6 +170,26 @@ class ChunkCache:
         bisect.insort(self._starts.setdefault(key[0], []), key[1])
         self.shrink_to(self.capacity_bytes)
         return True
+
+    def _drop(self, key: ChunkKey) -> None:
+        """Remove the chunk at *key* (being replaced by a longer one) and free it."""
+        entry = self._a1in.pop(key, None)
+        if entry is not None:
+            self.a1in_bytes -= len(entry.data)
+        else:
+            entry = self._am.pop(key)
+            self.am_bytes -= len(entry.data)
+        starts = self._starts[key[0]]
+        starts.pop(bisect.bisect_left(starts, key[1]))
+        if not starts:
+            del self._starts[key[0]]
+        data, entry.data = entry.data, b""
+        if key in self._pins:
+            self._deferred[key] = self._deferred.get(key, 0) + len(data)
+            return
+        self._budget.release(len(data))
+        if self._pool is not None:
+            self._pool.give(data)
 
     def _victim(self) -> ChunkKey | None:
         """The chunk ``_evict_one`` would evict next."""

@@ -60,7 +60,7 @@ INDEX_SHARE = 16
 """The index may hold 1/INDEX_SHARE of the memory limit."""
 READERS = 4
 """Entries read from disk at once."""
-WRITERS = 2
+WRITERS = 1
 """Writer tasks, each with one worker-thread call at a time."""
 WRITE_BATCH = 8
 """Queued chunks written in one worker-thread call."""
@@ -104,6 +104,8 @@ class DiskIndex:
         self.a1in_bytes = 0
         self.used_bytes = 0
         """Entries' bytes plus room made for writes in progress."""
+        self.reserved_bytes = 0
+        """Of which room made for writes in progress."""
         self.evictions = 0
 
     def __len__(self) -> int:
@@ -142,10 +144,12 @@ class DiskIndex:
         """Make room for a write of *n_bytes* and count them used; the evicted."""
         evicted = self._evict_for(n_bytes, 1)
         self.used_bytes += n_bytes
+        self.reserved_bytes += n_bytes
         return evicted
 
     def unreserve(self, n_bytes: int) -> None:
         self.used_bytes -= n_bytes
+        self.reserved_bytes -= n_bytes
 
     def add(self, key: EntryKey, reserved: int, old: bool = False) -> list[EntryKey]:
         """Index an entry written with *reserved* bytes (from ``reserve``; 0: count
@@ -153,6 +157,7 @@ class DiskIndex:
         size = disk_bytes(key.length)
         evicted = [] if reserved else self._evict_for(size, 1)
         self.used_bytes += size - reserved
+        self.reserved_bytes -= reserved
         ghost = key in self._a1out
         if ghost:
             del self._a1out[key]
@@ -388,8 +393,9 @@ class DiskCache:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:
         """``WRITERS`` writers until cancelled, each one step at a time in a worker
-        thread (two hide a slow write's latency: a disk that stalls for tens of
-        milliseconds would otherwise let memory evict chunks not yet written)."""
+        thread. One: its unlinks always come before its writes, so a full file
+        system is seen as full only when it is (two writers made room for each
+        other's writes out of order, saw ENOSPC and shrank the cache to nothing)."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             try:
@@ -475,9 +481,11 @@ class DiskCache:
                     data = self.cache.pin(chunk_key)
                     if data is not None:
                         pinned.append(chunk_key)
-                if data is None or len(data) != key.length:
-                    log.debug("disk cache: %s left memory before it was written (%s)",
-                              entry_name(key), "evicted" if data is None else "replaced")
+                if data is not None and len(data) != key.length:
+                    continue  # replaced by a longer chunk from the same byte: its own write
+                if data is None:
+                    log.debug("disk cache: %s left memory before it was written",
+                              entry_name(key))
                     self.writes_missed += 1
                     continue
                 size = disk_bytes(key.length)
@@ -505,7 +513,8 @@ class DiskCache:
                 more = self.index.add(job.key, job.size)
                 if more:
                     self._unlink(more)
-        fits = self.index.used_bytes + free - FIXED_BYTES  # what the file system holds
+        # What the file system holds: the entries on disk and its free space.
+        fits = self.index.used_bytes - self.index.reserved_bytes + free - FIXED_BYTES
         if full and fits < self.index.capacity_bytes:
             # The file system filled up (others use it too): keep what fits now.
             log.warning("disk cache: %s is full; the cache is lowered to %d bytes",
