@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 
 ENTRY_BYTES = 320
 """Index memory per entry, its share of the ghost list included, counted against
-the budget (``tests/engine/test_disk_cache.py`` measures it: 300 bytes)."""
+the budget (``tests/engine/test_disk_cache.py`` measures it and holds it to this)."""
 INDEX_SHARE = 16
 """The index may hold 1/INDEX_SHARE of the memory limit."""
 READERS = 4

@@ -403,14 +403,13 @@ def check_cache_dir(path: Path, size: int | None, min_size: int) -> int:
     ``DEFAULT_MAX_BYTES`` and what the file system holds while leaving
     ``KEEP_FREE_SHARE`` of it free (the cache's own entries count as room)."""
     try:
-        st = os.stat(path)
+        os.stat(path)
     except OSError as exc:
         raise _dir_error(path, exc) from None
     if not os.path.isdir(path):
         raise UsageError(f"--cache-dir {path}: not a directory")
     if not os.access(path, os.W_OK | os.X_OK):
         raise UsageError(f"--cache-dir {path}: permission denied (not writable)")
-    del st
     holder = lock_holder(path)
     if holder is not None and holder[1] != CLOSING:  # a closing one is waited for
         raise in_use_error(path, holder[0])
