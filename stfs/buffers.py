@@ -27,6 +27,7 @@ memory cgroup full of page cache, each charge is a reclaim).
 
 from __future__ import annotations
 
+import collections
 import mmap
 import sys
 from collections.abc import Callable
@@ -53,7 +54,9 @@ class BufferPool:
         self.max_free_bytes = max_free_bytes
         self.free_bytes = 0
         self._free: dict[tuple[int, bool], list[Buffer]] = {}
-        """Idle buffers by (size, whether a map)."""
+        """Idle buffers by (size, whether a map), oldest first."""
+        self._order: collections.deque[tuple[int, bool]] = collections.deque()
+        """The kind of each idle buffer, in the order they were given."""
         self._on_drop = on_drop
         self.reused = 0
         self.allocated = 0
@@ -65,23 +68,42 @@ class BufferPool:
         if free:
             self.free_bytes -= size
             self.reused += 1
+            self._order.remove((size, aligned and size >= ALIGNED_FROM))
             return free.pop()
         self.allocated += 1
         return allocate(size, aligned)
 
     def give(self, buf: object) -> None:
-        """Offer a buffer no longer cached; kept only if it is safe and fits."""
+        """Offer a buffer no longer cached; kept only if it is safe and fits.
+
+        To fit, idle buffers of other sizes go, oldest first: the sizes chunks
+        come in change with the store (a pool full of 512 KiB buffers was
+        measured refusing every 1 MiB one of a whole pass, each then a new map)."""
         if not isinstance(buf, bytearray | mmap.mmap):
             return
         size = len(buf)
-        if (size & (size - 1) or self.free_bytes + size > self.max_free_bytes
+        kind = (size, isinstance(buf, mmap.mmap))
+        if (size & (size - 1) or size > self.max_free_bytes
                 or sys.getrefcount(buf) > _SOLE_OWNER_REFS
-                or (isinstance(buf, mmap.mmap) and size < ALIGNED_FROM)):  # never taken
-            if isinstance(buf, bytearray):
-                self._on_drop(size)  # back to the heap (a map goes back to the system)
+                or (kind[1] and size < ALIGNED_FROM)):  # never taken
+            self._dropped(buf)
             return
-        self._free.setdefault((size, isinstance(buf, mmap.mmap)), []).append(buf)
+        for other in [k for k in self._order if k != kind]:
+            if self.free_bytes + size <= self.max_free_bytes:
+                break
+            self._order.remove(other)
+            self._dropped(self._free[other].pop(0))
+            self.free_bytes -= other[0]
+        if self.free_bytes + size > self.max_free_bytes:
+            self._dropped(buf)
+            return
+        self._free.setdefault(kind, []).append(buf)
+        self._order.append(kind)
         self.free_bytes += size
+
+    def _dropped(self, buf: Buffer) -> None:
+        if isinstance(buf, bytearray):
+            self._on_drop(len(buf))  # back to the heap (a map goes back to the system)
 
     def set_max_free_bytes(self, max_free_bytes: int) -> None:
         """A new bound (the memory budget changed); idle buffers beyond it go."""
@@ -90,10 +112,12 @@ class BufferPool:
             size, free = key[0], self._free[key]
             while free and self.free_bytes > max_free_bytes:
                 free.pop()
+                self._order.remove(key)
                 self.free_bytes -= size
 
     def clear(self) -> None:
         self._free.clear()
+        self._order.clear()
         self.free_bytes = 0
 
 

@@ -78,8 +78,26 @@ def test_a_lower_bound_lets_idle_buffers_go_largest_first() -> None:
     pool.set_max_free_bytes(1024 * 1024)
     assert pool.free_bytes == 2 * 65536                # both 1 MiB buffers went
     assert pool.take(65536) is not None and pool.reused == 1
-    pool.give(bytearray(1024 * 1024))                  # over the new bound: not kept
+    pool.give(bytearray(2 * 1024 * 1024))              # over the new bound: not kept
     assert pool.free_bytes == 65536
+
+
+def test_a_buffer_of_another_size_takes_the_room_of_the_oldest_idle_ones() -> None:
+    dropped: list[int] = []
+    pool = BufferPool(2 * 1024 * 1024, on_drop=dropped.append)
+    for _ in range(3):
+        pool.give(bytearray(512 * 1024))
+    pool.give(bytearray(1024 * 1024))          # the oldest 512 KiB one makes room
+    assert dropped == [512 * 1024]
+    assert pool.free_bytes == 2 * 1024 * 1024
+    one = pool.take(1024 * 1024)
+    assert len(one) == 1024 * 1024 and pool.reused == 1
+    pool.give(one)
+    pool.give(bytearray(1024 * 1024))          # the other two 512 KiB ones make room
+    assert pool.free_bytes == 2 * 1024 * 1024 and len(dropped) == 3
+    pool.give(bytearray(1024 * 1024))          # only its own kind is left: not kept
+    assert pool.free_bytes == 2 * 1024 * 1024 and dropped[-1] == 1024 * 1024
+    assert pool.take(512 * 1024) is not None and pool.reused == 1  # none left: new
 
 
 def test_a_buffer_the_pool_does_not_keep_is_reported_dropped() -> None:
