@@ -159,8 +159,9 @@ class Fetcher:
                     on_queued: Callable[[], None] | None = None) -> ChunkData | None:
         """Read one chunk from SOURCE into the cache (single flight per chunk).
 
-        Speculative (read-ahead): None when the chunk is covered already or the
-        budget has no room for it. *after*, *on_queued*: see ``BackingReads.run``."""
+        Speculative (read-ahead): None when the chunk is covered already, the
+        budget has no room for it or the disk cache's writer lags behind.
+        *after*, *on_queued*: see ``BackingReads.run``."""
         handle = stream.handle
         identity = handle.identity
         if speculative:
@@ -171,6 +172,8 @@ class Fetcher:
                     on_queued()  # no read slot to queue for: the next prefetch may go
                 chunk = await self._from_disk(stream, start, speculative=True)
                 return None if chunk is None else chunk.data
+            if self.disk is not None and self.disk.lagging():
+                return None  # memory would drop chunks before the disk has them
             if not self.budget.try_reserve_speculative(chunk_size, evict=self.disk is not None):
                 return None
         else:

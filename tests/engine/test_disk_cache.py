@@ -11,7 +11,7 @@ import threading
 import tracemalloc
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 import trio
@@ -499,6 +499,57 @@ def test_chunks_evicted_before_their_write_are_kept_within_a_share(
     assert m.engine.budget.peak_held_bytes <= limit
     assert m.disk.writes_missed > 0  # more than the share was evicted unwritten
     assert kept_peak > 0 and m.disk.writes > 0  # what was kept was written after all
+
+
+def test_read_ahead_from_source_pauses_while_the_writer_lags(
+        src: Source, cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """More than the keep share waiting to be written: read-ahead stops reading
+    SOURCE (memory would drop chunks before the disk has them); demand reads go
+    on, and read-ahead comes back once the writer has caught up."""
+    data = src.write("a.bin", 32 * MIB)
+    more = src.write("b.bin", 8 * MIB)
+    m = Mount(src, cache_dir, memory_limit=8 * MIB, cache_limit=4 * MIB)
+    gate = trio.Event()
+    real_write = m.disk._write
+
+    async def stuck(batch: list[EntryKey]) -> None:
+        await gate.wait()
+        await real_write(batch)
+
+    monkeypatch.setattr(m.disk, "_write", stuck)
+    started: list[tuple[bool, bool]] = []
+    """(read-ahead, the writer lagging) of each SOURCE read, as it started."""
+    real_read = m.engine.fetcher.reads.read_chunk
+
+    async def read_chunk(*args: Any, speculative: bool, **kwargs: Any) -> Any:
+        started.append((speculative, m.disk.lagging()))
+        return await real_read(*args, speculative=speculative, **kwargs)
+
+    monkeypatch.setattr(m.engine.fetcher.reads, "read_chunk", read_chunk)
+
+    async def read(name: str) -> bytes:
+        handle = src.open(name)
+        got = await read_all(m.engine, handle, KERNEL_REQUEST)
+        await m.engine.release(handle)
+        src.handles.pop_file(handle.fh)
+        return got
+
+    async def body() -> tuple[bytes, bytes, int]:
+        got = await read("a.bin")
+        assert m.disk.lagging()
+        gate.set()
+        await m.engine.flush(30)
+        assert not m.disk.lagging() and m.disk.unwritten_bytes == 0
+        first = len(started)
+        got_more = await read("b.bin")
+        return got, got_more, first
+
+    got, got_more, first = m.run(body)
+    assert (got, got_more) == (data, more)
+    assert (True, False) in started[:first]  # read-ahead ran until the writer fell behind
+    assert (False, True) in started[:first]  # then demand reads went on alone
+    assert (True, True) not in started  # and no read-ahead started meanwhile
+    assert (True, False) in started[first:]  # the writer caught up: read-ahead is back
 
 
 @pytest.fixture
