@@ -316,6 +316,18 @@ class Mount:
         assert not self.errors.records, [r.getMessage() for r in self.errors.records]
         return result
 
+    def hold_writes(self, monkeypatch: pytest.MonkeyPatch) -> trio.Event:
+        """The writer waits before each step's writes until the event is set."""
+        gate = trio.Event()
+        real = self.disk._write
+
+        async def held(batch: list[EntryKey]) -> None:
+            await gate.wait()
+            await real(batch)
+
+        monkeypatch.setattr(self.disk, "_write", held)
+        return gate
+
     def read(self, *names: str, request: int = KERNEL_REQUEST) -> list[bytes]:
         async def body() -> list[bytes]:
             out = []
@@ -446,14 +458,7 @@ def test_reads_wait_for_nothing_when_disk_writes_are_slow(src: Source, cache_dir
     """Writes are behind the reply: a writer stuck on the disk holds up no read."""
     data = src.write("a.bin", 3 * MIB)
     m = Mount(src, cache_dir)
-    gate = trio.Event()
-    real = m.disk._write
-
-    async def stuck(batch: list[EntryKey]) -> None:
-        await gate.wait()
-        await real(batch)
-
-    monkeypatch.setattr(m.disk, "_write", stuck)
+    gate = m.hold_writes(monkeypatch)
 
     async def body() -> bytes:
         handle = src.open("a.bin")
@@ -509,14 +514,7 @@ def test_read_ahead_from_source_pauses_while_the_writer_lags(
     data = src.write("a.bin", 32 * MIB)
     more = src.write("b.bin", 8 * MIB)
     m = Mount(src, cache_dir, memory_limit=8 * MIB, cache_limit=4 * MIB)
-    gate = trio.Event()
-    real_write = m.disk._write
-
-    async def stuck(batch: list[EntryKey]) -> None:
-        await gate.wait()
-        await real_write(batch)
-
-    monkeypatch.setattr(m.disk, "_write", stuck)
+    gate = m.hold_writes(monkeypatch)
     started: list[tuple[bool, bool]] = []
     """(read-ahead, the writer lagging) of each SOURCE read, as it started."""
     real_read = m.engine.fetcher.reads.read_chunk
