@@ -350,8 +350,16 @@ def _fetch_while_watching(fetch: Callable[[], dict[str, Any]]) -> dict[str, Any]
         raise StfsError(f"{exc.message} (the mount went away while watching)") from None
 
 
+def _ctrl_c_stops() -> None:
+    """Ctrl-C is how a watch ends, even when SIGINT came ignored from the parent
+    (a job started in the background by a shell without job control), as
+    ``watch(1)`` does: otherwise nothing but a kill would stop it."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def watch_view(fetch: Callable[[], dict[str, Any]], interval: float, out: TextIO) -> int:
     """Redraw the live view every *interval* seconds until Ctrl-C (exit 0)."""
+    _ctrl_c_stops()
     before: _Sample | None = None
     try:
         out.write(HIDE_CURSOR)
@@ -382,6 +390,7 @@ def watch_json(fetch: Callable[[], dict[str, Any]], interval: float, out: TextIO
     """JSON Lines: the daemon's object on one line every *interval* seconds, each
     flushed as it is written, until Ctrl-C (exit 0). A mount that goes away is a
     StfsError (exit 1)."""
+    _ctrl_c_stops()
     try:
         for _ in _ticks(interval):
             line = json.dumps(_fetch_while_watching(fetch)) + "\n"

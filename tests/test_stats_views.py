@@ -180,14 +180,21 @@ def test_prometheus_matches_json_and_counters_grow(mounted: Mount) -> None:
         > hist["count"]
 
 
+def _stats(args: tuple[str, ...], sigint_ignored: bool) -> list[str]:
+    """``stfs stats ARGS``, started with SIGINT ignored if asked, as a job that a
+    shell without job control starts in the background inherits it."""
+    command = [*STFS, "stats", *args]
+    return ["sh", "-c", 'trap "" INT; exec "$@"', "sh", *command] if sigint_ignored else command
+
+
 class Pty:
     """``stfs stats --watch`` on a pseudo-terminal."""
 
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, sigint_ignored: bool = False) -> None:
         master, slave = pty.openpty()
         fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
         self.master = master
-        self.proc = subprocess.Popen([*STFS, "stats", *args], stdin=slave, stdout=slave,
+        self.proc = subprocess.Popen(_stats(args, sigint_ignored), stdin=slave, stdout=slave,
                                      stderr=subprocess.PIPE, close_fds=True)
         os.close(slave)
         self.output = b""
@@ -226,7 +233,15 @@ class Pty:
         os.close(self.master)
 
 
-def test_watch_redraws_in_place_and_exits_cleanly_on_ctrl_c(mounted: Mount) -> None:
+SIGINT_AT_START = pytest.mark.parametrize("sigint_ignored", [False, True],
+                                          ids=["sigint-inherited", "sigint-ignored"])
+"""Ctrl-C ends a watch even when SIGINT came ignored (the suite run by nohup or
+from a script in the background once failed every Ctrl-C test here)."""
+
+
+@SIGINT_AT_START
+def test_watch_redraws_in_place_and_exits_cleanly_on_ctrl_c(mounted: Mount,
+                                                            sigint_ignored: bool) -> None:
     stop = threading.Event()
     reader_opened = threading.Event()
 
@@ -240,7 +255,7 @@ def test_watch_redraws_in_place_and_exits_cleanly_on_ctrl_c(mounted: Mount) -> N
     thread = threading.Thread(target=reader, daemon=True)
     thread.start()
     assert reader_opened.wait(10)
-    term = Pty("--watch", "0.4", str(mounted.mountpoint))
+    term = Pty("--watch", "0.4", str(mounted.mountpoint), sigint_ignored=sigint_ignored)
     try:
         assert term.read_until(lambda t: t.count(CLEAR) >= 3, 15), term.text()
         term.proc.send_signal(signal.SIGINT)
@@ -287,8 +302,8 @@ SPEC_KEYS = {"bytes_served", "reads", "cache_bytes", "cache_limit_bytes", "cache
 class Lines:
     """``stfs stats --json --watch ...`` with stdout on a pipe, read line by line."""
 
-    def __init__(self, *args: str) -> None:
-        self.proc = subprocess.Popen([*STFS, "stats", "--json", "--watch", *args],
+    def __init__(self, *args: str, sigint_ignored: bool = False) -> None:
+        self.proc = subprocess.Popen(_stats(("--json", "--watch", *args), sigint_ignored),
                                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE)
         self.buffer = b""
@@ -324,10 +339,12 @@ class Lines:
                 stream.close()
 
 
-def test_json_watch_prints_one_object_per_line_until_ctrl_c(mounted: Mount) -> None:
+@SIGINT_AT_START
+def test_json_watch_prints_one_object_per_line_until_ctrl_c(mounted: Mount,
+                                                            sigint_ignored: bool) -> None:
     with open(mounted.mountpoint / "data.bin", "rb") as held:
         held.read(4096)
-        stream = Lines("0.3", str(mounted.mountpoint))
+        stream = Lines("0.3", str(mounted.mountpoint), sigint_ignored=sigint_ignored)
         try:
             objects = []
             for _ in range(3):
