@@ -133,15 +133,19 @@ class ChunkCache:
         self._pins[key] = self._pins.get(key, 0) + 1
         return entry.data
 
-    def unpin(self, key: ChunkKey) -> None:
+    def unpin(self, key: ChunkKey) -> int:
+        """Undo one ``pin``; the budget bytes that freed (those of a chunk evicted
+        while pinned, once its last pin goes)."""
         left = self._pins[key] - 1
         if left:
             self._pins[key] = left
-            return
+            return 0
         del self._pins[key]
         deferred = self._deferred.pop(key, None)
-        if deferred is not None:
-            self._budget.release(deferred)
+        if deferred is None:
+            return 0
+        self._budget.release(deferred)
+        return deferred
 
     # -- insertion and eviction ---------------------------------------------
 

@@ -37,7 +37,7 @@ from stfs.backing import FileIdentity
 from stfs.backing_reads import BackingReader, BackingReads, SourceReader
 from stfs.budget import MemoryBudget
 from stfs.buffers import BufferPool
-from stfs.cache import ChunkCache
+from stfs.cache import ChunkCache, ChunkKey
 from stfs.checksums import ChecksumRegistry, ChecksumStore
 from stfs.chunking import PAGE, AdaptiveChunkSizer, RequestPlanner, StreamState
 from stfs.congestion import CongestionController
@@ -325,7 +325,7 @@ class ReadEngine:
         try:
             for _attempt in range(IDENTITY_RETRIES):
                 try:
-                    data = await self._read(stream, offset, size)
+                    data, chunk_key = await self._read(stream, offset, size)
                     break
                 except IdentityChanged as changed:
                     await self.guard.on_changed(stream, offset, changed.identity)
@@ -350,8 +350,9 @@ class ReadEngine:
         stream.served.append((began, len(data)))
         # Small files are planned as one chunk, never "sequential", but their
         # replies can still complete out of order.
-        digest = stream.verifier.served(offset, data, stream.state.chunk_size,
-                                        stream.sequential or small)
+        digest = stream.verifier.served(
+            offset, data, stream.state.chunk_size, stream.sequential or small,
+            None if chunk_key is None else functools.partial(self._pin_reply, chunk_key, data))
         if digest is not None:
             self.checksums.completed(handle.path, stream.verifier.identity, digest)
         self.read_latency.observe(time.monotonic() - began)
@@ -360,7 +361,19 @@ class ReadEngine:
         handle.bytes_read += len(data)
         return data
 
-    async def _read(self, stream: Stream, offset: int, size: int) -> bytes | memoryview:
+    def _pin_reply(self, key: ChunkKey, reply: bytes | memoryview) -> Callable[[], int] | None:
+        """Keep the cached chunk *reply* is a view of (see ``recovery.Keep``)."""
+        held = self.cache.pin(key)
+        if held is None:
+            return None
+        if not isinstance(reply, memoryview) or reply.obj is not held:
+            self.cache.unpin(key)  # the chunk there now is another one
+            return None
+        return functools.partial(self.cache.unpin, key)
+
+    async def _read(self, stream: Stream, offset: int, size: int
+                    ) -> tuple[bytes | memoryview, ChunkKey | None]:
+        """The reply, and the key of the cached chunk it is a view of (if one)."""
         handle = stream.handle
         self.request_sizes[size] += 1
         seen = handle.seen_identity
@@ -372,7 +385,7 @@ class ReadEngine:
         if offset >= file_size:
             if new_chunk:
                 await self.guard.check(stream)  # grown? then the read is retried
-            return b""  # the kernel asks past the end only when it knows a new size
+            return b"", None  # the kernel asks past the end only when it knows a new size
         chunk_size, sequential = self.planner.plan(
             stream.state, file_size, offset, size, self.memory_use_pct(), stream.tracker,
             functools.partial(self.readahead.max_window_chunks, stream, stream.state.chunk_size),
@@ -402,18 +415,20 @@ class ReadEngine:
         chunk_end = start + len(data)
         stream.chunk_seen = (start, chunk_end)
         reply: bytes | memoryview | bytearray
+        key: ChunkKey | None = None
         if end <= chunk_end or chunk_end >= file_size:
             # Inside one chunk (or the chunk ends the file): no copy.
             reply = memoryview(data)[offset - start:min(end, chunk_end) - start]
             served_end = min(end, chunk_end)
             last_chunk_end = chunk_end
+            key = (handle.identity, start)
         else:
             del data
             reply, last_chunk_end = await self.fetcher.assemble(stream, offset, size, chunk_size)
             served_end = offset + len(reply)
         if sequential and served_end < file_size:
             self.readahead.schedule(stream, last_chunk_end, chunk_size)
-        return reply  # type: ignore[return-value]
+        return reply, key  # type: ignore[return-value]
 
     def _stream(self, handle: OpenFile) -> Stream:
         stream, new = self.streams.of(handle)

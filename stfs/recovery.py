@@ -3,7 +3,9 @@ StreamRecoveryManager and seed 004's single-pass pipeline).
 
 A ``StreamVerifier`` follows one open handle. The bytes it serves are hashed
 in file order as they go out (requests the kernel answers out of order wait
-in a small reorder buffer), with no extra read:
+in a small reorder buffer: a reply that is a view of a cached chunk keeps
+that chunk pinned, with no copy and no new memory; any other is copied into
+room reserved in the budget), with no extra read:
 
 * per chunk, a digest; every ``CHECKPOINT_CHUNKS`` chunks a
   ``Checkpoint`` records the offset reached, the file identity and the xxh3 of
@@ -32,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 from collections import deque
 from collections.abc import Callable
+from typing import TypeAlias
 
 import xxhash
 
@@ -45,6 +48,11 @@ EARLIER_PIECES = 32
 """Pieces of earlier runs (random reads, seeks) kept to verify after a change."""
 EARLIER_BYTES = 16 * 1024 * 1024
 """At most this many bytes of earlier pieces are kept (re-read on a change)."""
+
+Keep: TypeAlias = Callable[[], Callable[[], int] | None]
+"""Keeps a reply's bytes alive in memory already held (a pinned cached chunk):
+returns what gives them back (and says how many budget bytes that freed), or
+None when they are not held that way."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,9 +95,10 @@ class Checkpoint:
 class StreamVerifier:
     """Hashes one stream's served bytes in file order.
 
-    *reserve* and *release* account the reorder buffer in the memory budget;
-    when *reserve* refuses, the run is given up (its checksum is just not
-    known) rather than holding memory outside the limit.
+    Out-of-order bytes wait pinned where the caller can *keep* them (see
+    ``Keep``), else copied: *reserve* and *release* account the copies in the
+    memory budget. When neither works, the run is given up (its checksum is
+    just not known) rather than holding memory outside the limit.
     """
 
     def __init__(self, identity: FileIdentity, reserve: Callable[[int], bool],
@@ -113,8 +122,11 @@ class StreamVerifier:
         self._piece_base: xxhash.xxh3_128 | None = self._chain.copy()
         self._checksum_open = True
         """Whether ``_chain`` will be the file's checksum once it reaches the end."""
-        self._ahead: dict[int, bytes] = {}
+        self._ahead: dict[int, tuple[bytes | memoryview, Callable[[], int]]] = {}
+        """Bytes waiting to be hashed by offset, with what gives their memory back."""
         self.ahead_bytes = 0
+        self.reserved_bytes = 0
+        """Of ``ahead_bytes``, those copied into room reserved in the budget."""
         self.broken: FileIdentity | None = None
         """Set when the stream was failed for a change to this identity."""
         self.earlier: deque[Piece] = deque()
@@ -185,12 +197,13 @@ class StreamVerifier:
             self._checksum_open = False
 
     def served(self, offset: int, data: bytes | bytearray | memoryview, chunk_size: int,
-               sequential: bool = True) -> str | None:
+               sequential: bool = True, keep: Keep | None = None) -> str | None:
         """Account bytes served at *offset*; returns the file's xxh3-128 (hex)
         when this completes a pass over the whole file from offset 0.
 
         Only a *sequential* request may wait in the reorder buffer for the bytes
         before it; any other request not exactly at ``position`` starts a new run.
+        *keep*: how to hold *data* without a copy if it must wait.
         """
         end = offset + len(data)
         overlaps = self.run_start is not None and self.run_start <= offset <= self.position
@@ -199,11 +212,11 @@ class StreamVerifier:
         if not overlaps and (not self.continues(offset) or not sequential):
             self._start(offset)
         if offset > self.position:
-            if (self.ahead_bytes + len(data) > MAX_REORDER_BYTES
-                    or not self._reserve(len(data))):
+            held = self._wait(data, keep)
+            if held is None:
                 self._start(offset)  # no room to wait for the gap: begin again here
             else:
-                self._ahead[offset] = bytes(data)
+                self._ahead[offset] = held
                 self.ahead_bytes += len(data)
                 return None
         self._feed(memoryview(data)[self.position - offset:], chunk_size)
@@ -211,16 +224,36 @@ class StreamVerifier:
             next_offset = min(self._ahead)
             if next_offset > self.position:
                 break
-            waiting = self._ahead.pop(next_offset)
+            waiting, give_back = self._ahead.pop(next_offset)
             self.ahead_bytes -= len(waiting)
-            self._release(len(waiting))
             if next_offset + len(waiting) > self.position:
                 self._feed(memoryview(waiting)[self.position - next_offset:], chunk_size)
+            del waiting
+            give_back()
         if self._checksum_open and self.position >= self.identity.size:
             assert self._chain is not None and self.run_start == 0
             self._checksum_open = False
             return self._chain.hexdigest()
         return None
+
+    def _wait(self, data: bytes | bytearray | memoryview, keep: Keep | None
+              ) -> tuple[bytes | memoryview, Callable[[], int]] | None:
+        """*data* held to be hashed later, pinned or copied; None if no room."""
+        n = len(data)
+        if self.ahead_bytes + n > MAX_REORDER_BYTES:
+            return None
+        give_back = keep() if keep is not None else None
+        if give_back is not None:
+            return memoryview(data), give_back
+        if not self._reserve(n):
+            return None
+        self.reserved_bytes += n
+        return bytes(data), lambda: self._give_back_copy(n)
+
+    def _give_back_copy(self, n: int) -> int:
+        self.reserved_bytes -= n
+        self._release(n)
+        return n
 
     def _feed(self, data: memoryview, chunk_size: int) -> None:
         """Hash bytes that start exactly at ``position``."""
@@ -268,19 +301,25 @@ class StreamVerifier:
             dropped = self.earlier.popleft()
             self._earlier_bytes -= dropped.end - dropped.start
 
-    def _drop_ahead(self) -> None:
-        if self.ahead_bytes:
-            self._release(self.ahead_bytes)
+    def _drop_ahead(self) -> int:
+        """Give back every byte waiting to be hashed; the budget bytes that freed."""
+        waiting = list(self._ahead.values())
         self._ahead.clear()
         self.ahead_bytes = 0
+        freed = 0
+        for _data, give_back in waiting:
+            freed += give_back()
+        return freed
 
     def free_buffers(self) -> int:
-        """Drop bytes waiting to be hashed (emergency cleanup); returns how many.
+        """Drop bytes waiting to be hashed (emergency cleanup); returns the budget
+        bytes that freed (a pinned chunk still cached frees none until evicted).
         The run is given up: its checkpoints and checksum can no longer be trusted
         to cover what was served."""
-        freed = self.ahead_bytes
-        if freed:
-            self._start(0)
+        if not self._ahead:
+            return 0
+        freed = self._drop_ahead()
+        self._start(0)
         return freed
 
     # -- verification -----------------------------------------------------

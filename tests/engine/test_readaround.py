@@ -84,7 +84,7 @@ def test_a_random_read_pushes_its_aligned_window_once(src: Source) -> None:
     assert threading.get_ident() not in kernel.threads          # never on the event loop
     assert engine.read_around.pushes == 1
     assert engine.read_around.pushed_bytes == WINDOW_BYTES
-    waiting = sum(s.verifier.ahead_bytes for s in engine.streams)
+    waiting = sum(s.verifier.reserved_bytes for s in engine.streams)
     assert engine.budget.held_bytes == engine.cache.cached_bytes + waiting  # buffer given back
 
 

@@ -353,6 +353,69 @@ def test_the_reorder_buffer_through_a_real_budget_balances() -> None:
     assert budget.held_bytes == 0 and budget.speculative_bytes == 0
 
 
+class Pins:
+    """A verifier's *keep*: pins taken and given back, each giving back *frees* bytes."""
+
+    def __init__(self, frees: int = 0) -> None:
+        self.held = 0
+        self.taken = 0
+        self.frees = frees
+
+    def keep(self) -> Callable[[], int]:
+        self.held += 1
+        self.taken += 1
+        given = []
+
+        def give_back() -> int:
+            assert not given, "a pin given back twice"
+            given.append(True)
+            self.held -= 1
+            return self.frees
+        return give_back
+
+
+def test_out_of_order_bytes_that_can_be_kept_wait_pinned_without_a_reservation() -> None:
+    data = payload(2 * MIB + 5, 16)
+    v, res = verifier_for(data, Reservations(allow=False))   # no room for any copy
+    pins = Pins()
+    digests = []
+    for offset, n in kernel_like(requests(len(data), 128 * KIB), 6, 16):
+        view = memoryview(bytearray(data[offset:offset + n]))
+        got = v.served(offset, view, 64 * KIB, keep=pins.keep)
+        if got is not None:
+            digests.append(got)
+    assert digests == [xxh128(data)]
+    assert pins.taken > 0 and pins.held == 0 and res.reserved == 0
+    assert v.ahead_bytes == v.reserved_bytes == 0
+
+
+def test_a_reply_that_cannot_be_kept_is_copied_into_reserved_room() -> None:
+    data = payload(1 * MIB, 17)
+    v, res = verifier_for(data)
+    v.served(0, data[:128 * KIB], 128 * KIB)
+    v.served(256 * KIB, data[256 * KIB:384 * KIB], 128 * KIB, keep=lambda: None)
+    assert res.held == v.reserved_bytes == v.ahead_bytes == 128 * KIB
+    assert serve(v, data, [(128 * KIB, 128 * KIB)] + requests(len(data), 128 * KIB)[3:]) == [
+        xxh128(data)]
+    assert res.held == v.reserved_bytes == 0
+
+
+def test_free_buffers_gives_back_pins_and_copies_and_says_what_that_freed() -> None:
+    data = payload(1 * MIB, 18)
+    v, res = verifier_for(data)
+    pins = Pins(frees=7)
+    v.served(0, data[:128 * KIB], 128 * KIB)
+    v.served(256 * KIB, data[256 * KIB:384 * KIB], 128 * KIB, keep=pins.keep)
+    v.served(512 * KIB, data[512 * KIB:640 * KIB], 128 * KIB)               # copied
+    assert (pins.held, res.held, v.ahead_bytes) == (1, 128 * KIB, 256 * KIB)
+    assert v.free_buffers() == 7 + 128 * KIB
+    assert (pins.held, res.held, v.ahead_bytes, v.position) == (0, 0, 0, 0)
+    v.served(0, data[:128 * KIB], 128 * KIB)
+    v.served(256 * KIB, data[256 * KIB:384 * KIB], 128 * KIB, keep=pins.keep)
+    v.reset()
+    assert pins.held == 0 and pins.taken == 2
+
+
 # -- the engine: whole-file checksums ---------------------------------------------------
 
 @pytest.mark.parametrize(("size", "req_size"), [
@@ -436,6 +499,32 @@ def test_concurrent_first_reads_completing_out_of_order_still_give_the_checksum(
 
     identity, waiting = run(engine, body)
     assert (engine.checksums.known().get(identity), waiting) == (xxh128(data), 0)
+
+
+def test_out_of_order_replies_get_the_checksum_with_no_room_to_copy_them(
+        src: Source, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full budget (read-ahead's room refused, as at a small --memory-limit with
+    a disk cache) still gives the checksum: a waiting reply keeps its cached chunk
+    pinned instead of a copy, even when the cache evicts that chunk meanwhile."""
+    data = src.write("f", 4 * MIB + 17, seed=6)
+    engine = make_engine()
+    monkeypatch.setattr(engine.budget, "try_reserve_speculative",
+                        lambda n, evict=False: False)
+
+    async def body() -> FileIdentity:
+        handle = src.open("f")
+        for i, (offset, n) in enumerate(swapped_pairs(requests(len(data), 128 * KIB), first=1)):
+            assert bytes(await engine.read(handle, offset, n)) == data[offset:offset + n]
+            if i % 2 == 1:
+                engine.cache.shrink_to(0)      # evicts chunks a waiting reply is a view of
+                waiting = sum(s.verifier.ahead_bytes for s in engine.streams)
+                assert waiting > 0 and engine.budget.held_bytes >= waiting   # still held
+        assert engine.budget.held_bytes == engine.cache.cached_bytes   # nothing waits
+        return handle.identity
+
+    identity = run(engine, body)
+    assert engine.checksums.known().get(identity) == xxh128(data)
+    assert engine.counters.checksums_computed == 1
 
 
 def test_concurrent_reads_of_a_pass_are_exact_and_leave_the_budget_balanced(
