@@ -222,10 +222,10 @@ class ChunkCache:
         data, entry.data = entry.data, b""
         del entry
         size = len(data)
+        if self.on_evict is not None and self.on_evict(key, data):
+            return 0  # kept (and its reservation) for the disk cache's write, pinned or not
         if key in self._pins:  # its bytes are still being read: released at unpin
             self._deferred[key] = self._deferred.get(key, 0) + size
-            return 0
-        if self.on_evict is not None and self.on_evict(key, data):
             return 0
         self._budget.release(size)
         if self._pool is not None:

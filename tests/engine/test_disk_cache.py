@@ -285,6 +285,22 @@ def test_a_pinned_chunk_stays_held_until_unpinned() -> None:
     assert budget.held_bytes == 0
 
 
+def test_a_pinned_chunk_evicted_before_its_write_is_still_kept_for_the_writer() -> None:
+    """A reply waiting to be hashed pins its chunk; evicted meanwhile, the chunk
+    must still reach the disk cache's keep (else its queued write finds nothing
+    and the next pass reads SOURCE): the keep takes over its bytes."""
+    budget = MemoryBudget(10 * MIB)
+    cache = ChunkCache(2 * MIB, budget)
+    kept: dict[object, object] = {}
+    cache.on_evict = lambda key, data: kept.setdefault(key, data) is data
+    budget.try_reserve(MIB)
+    cache.insert((ID, 0), bytearray(MIB), MIB, 1)
+    assert cache.pin((ID, 0)) is not None
+    cache.shrink_to(0)
+    assert (ID, 0) in kept and budget.held_bytes == MIB   # held once, by the keep
+    assert cache.unpin((ID, 0)) == 0 and budget.held_bytes == MIB
+
+
 # -- the engine through it -----------------------------------------------------------
 
 
