@@ -7,6 +7,10 @@ as ``cp -r`` or ``tar`` would, in 1 MiB reads. Per delay and run:
 
 * ``store``: the faultfs mount read directly (time-limited: a figure, not a copy);
 * ``local``: BACKING itself read directly, caches dropped (the local disk);
+* ``bindfs local`` (where ``bindfs`` is installed): a bindfs mount of BACKING
+  read the same way, caches dropped: what a FUSE mount written in C gets from
+  the local disk, beside which stfs's pass 2 (a FUSE mount of the disk cache)
+  can be judged;
 * ``stfs 16M``: stfs at ``--memory-limit 16M`` without a disk cache (pass 1);
 * ``stfs 16M disk``: the same with ``--cache-dir`` (cleared first): pass 1,
   unmount, remount, caches dropped, pass 2, with faultfs's count of data reads
@@ -155,6 +159,9 @@ def disk_cache_scenario(root: Path, args: argparse.Namespace) -> dict[str, objec
                   mnt / "dc-stfs-disk")
     rclone = (rclone_target(store_mnt, mnt / "dc-rclone", rclone_cache)
               if shutil.which("rclone") and "rclone" in args.peers else None)
+    bindfs = (Target("bindfs local", ["bindfs", "-f", "-r", "--no-allow-other", str(backing),
+                                      str(mnt / "dc-bindfs")], mnt / "dc-bindfs")
+              if shutil.which("bindfs") and "bindfs" in args.peers else None)
     results: dict[str, dict[str, list[dict[str, float]]]] = {}
     du: list[int] = []
     store = None
@@ -173,6 +180,12 @@ def disk_cache_scenario(root: Path, args: argparse.Namespace) -> dict[str, objec
                 drop_caches()
                 row["local"] = {"MB/s": read_files(backing, file_bytes,
                                                    time.monotonic() + 600).mbps}
+                if bindfs is not None:
+                    bindfs.mount()
+                    drop_caches()
+                    row["bindfs local"] = {"MB/s": read_files(bindfs.mountpoint, file_bytes,
+                                                              time.monotonic() + 600).mbps}
+                    bindfs.unmount()
                 plain.mount()
                 drop_caches()
                 warm_source(backing)
@@ -192,7 +205,7 @@ def disk_cache_scenario(root: Path, args: argparse.Namespace) -> dict[str, objec
                           + ", ".join(f"{k} {v:.1f}" for k, v in figures.items()),
                           file=sys.stderr)
     finally:
-        for target in (plain, disk, rclone):
+        for target in (plain, disk, rclone, bindfs):
             if target is not None:
                 with contextlib.suppress(Exception):
                     target.unmount()
@@ -230,6 +243,10 @@ def summarize(results: dict[str, dict[str, list[dict[str, float]]]], du: list[in
             "peak RSS MiB": max(r["peak RSS MiB"] for r in disk),
             "RSS bound MiB": min(r["idle RSS MiB"] for r in disk) + 16 + RSS_SLACK_MIB,
         }
+        if "bindfs local" in by_target:
+            row |= {"bindfs local MB/s": _median(by_target["bindfs local"], "MB/s"),
+                    "pass 2 ×bindfs local": ratio(disk, "pass 2 MB/s", "bindfs local"),
+                    "bindfs local ×local": ratio(by_target["bindfs local"], "MB/s", "local")}
         if "rclone full" in by_target:
             rc = by_target["rclone full"]
             row |= {"rclone pass 1 MB/s": _median(rc, "pass 1 MB/s"),
