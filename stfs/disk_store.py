@@ -443,15 +443,24 @@ def cache_command(path: Path, clear_it: bool) -> int:
         raise UsageError(f"{path}: not an stfs cache directory (no chunks/ in it)")
     if clear_it:
         entries, total = clear(path)
-        print(f"{path}: removed {entries} entries ({human_bytes(total)})")
+        print(f"{path}: removed {_entries(entries)} ({human_bytes(total)})")
         return 0
     entries, total = used_bytes(path)
     holder = lock_holder(path)
-    state = ("not in use" if holder is None
-             else f"in use by the stfs mount of pid {holder[0]}" if holder[1] != CLOSING
-             else f"the unmounted daemon of pid {holder[0]} is writing its last entries")
-    print(f"{path}: {entries} entries, {human_bytes(total)} ({state})")
+    state = "not in use" if holder is None else _holder_text(holder)
+    print(f"{path}: {_entries(entries)}, {human_bytes(total)} ({state})")
     return 0
+
+
+def _entries(n: int) -> str:
+    return f"{n} entry" if n == 1 else f"{n} entries"
+
+
+def _holder_text(holder: tuple[int, str]) -> str:
+    pid, state = holder
+    who = f"pid {pid}" if pid else "unknown pid"
+    return (f"in use by the stfs mount of {who}" if state != CLOSING
+            else f"the unmounted daemon of {who} is writing its last entries")
 
 
 def clear(path: Path) -> tuple[int, int]:
@@ -459,7 +468,8 @@ def clear(path: Path) -> tuple[int, int]:
     owns it. Returns what was removed: (entries, bytes)."""
     holder = lock_holder(path)
     if holder is not None:
-        raise in_use_error(path, holder[0])
+        then = "unmount it first" if holder[1] != CLOSING else "try again when it has exited"
+        raise StfsError(f"{path}: {_holder_text(holder)}; {then}", EXIT_FAILURE)
     removed = used_bytes(path)
     for sub in ("chunks", "tmp"):
         shutil.rmtree(path / sub, ignore_errors=True)

@@ -134,6 +134,19 @@ def test_a_second_owner_is_refused_with_one_line(store: DiskStore) -> None:
         disk_store.clear(store.path)
 
 
+def test_stfs_cache_counts_entries_and_clears_them(store: DiskStore,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    store.write(key(0, 100_000), os.urandom(100_000))
+    store.close()
+    size = disk_store.human_bytes(disk_bytes(100_000))
+    assert disk_store.cache_command(store.path, False) == 0
+    assert capsys.readouterr().out == f"{store.path}: 1 entry, {size} (not in use)\n"
+    assert disk_store.cache_command(store.path, True) == 0
+    assert capsys.readouterr().out == f"{store.path}: removed 1 entry ({size})\n"
+    assert disk_store.cache_command(store.path, False) == 0
+    assert capsys.readouterr().out.startswith(f"{store.path}: 0 entries, ")
+
+
 def test_a_new_owner_waits_for_one_that_is_closing(tmp_path: Path) -> None:
     """An unmounted daemon still writing its last entries: a new mount of DIR waits
     for it instead of failing; clearing DIR is still refused meanwhile."""
@@ -142,7 +155,7 @@ def test_a_new_owner_waits_for_one_that_is_closing(tmp_path: Path) -> None:
     first.closing()
     assert disk_store.lock_holder(first.path) == (os.getpid(), disk_store.CLOSING)
     assert disk_store.check_cache_dir(first.path, 8 * MIB, 2 * MIB) == 8 * MIB
-    with pytest.raises(StfsError, match="in use"):
+    with pytest.raises(StfsError, match="writing its last entries; try again when it has exited"):
         disk_store.clear(first.path)
     opened: list[DiskStore] = []
     waiter = threading.Thread(target=lambda: opened.append(DiskStore.open(first.path)))

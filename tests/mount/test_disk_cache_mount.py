@@ -238,7 +238,9 @@ def test_a_second_mount_on_the_same_cache_dir_is_refused(mounter, store: Path,  
         assert f"in use by another stfs mount (pid {first.pid})" in lines[0]
         assert not is_mounted(other)
     refused = run_stfs("cache", "--clear", str(cache_dir))
-    assert refused.returncode == 1 and "in use" in refused.stderr
+    assert refused.returncode == 1
+    assert refused.stderr == (f"stfs: {cache_dir}: in use by the stfs mount of pid "
+                              f"{first.pid}; unmount it first\n")
     assert digests(first.mountpoint) == digests(store)  # the owner goes on unharmed
 
 
@@ -247,8 +249,13 @@ def test_clearing_the_cache_between_mounts(mounter, store: Path, cache_dir: Path
     digests(first.mountpoint)
     assert first.unmount() == 0
     assert entries(cache_dir)
+    held = len(entries(cache_dir))
+    shown = run_stfs("cache", str(cache_dir))
+    assert shown.returncode == 0
+    assert shown.stdout.startswith(f"{cache_dir}: {held} entr") and "(not in use)" in shown.stdout
     cleared = run_stfs("cache", "--clear", str(cache_dir))
-    assert cleared.returncode == 0 and "removed" in cleared.stdout
+    assert cleared.returncode == 0
+    assert cleared.stdout.startswith(f"{cache_dir}: removed {held} entr")
     assert not (cache_dir / "chunks").exists() or not entries(cache_dir)
     second = mounter(store, "--cache-dir", str(cache_dir))
     assert digests(second.mountpoint) == digests(store)
