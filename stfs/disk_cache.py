@@ -303,8 +303,7 @@ class DiskCache:
             self.misses += 1
             return False
         try:
-            async with self._readers:
-                ok = await trio.to_thread.run_sync(self.store.read, key, buf)
+            ok = await trio.to_thread.run_sync(self.store.read, key, buf, limiter=self._readers)
         except OSError as exc:
             log.warning("disk cache: reading %s failed: %s", entry_name(key), exc)
             ok = False
