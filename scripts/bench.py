@@ -186,6 +186,16 @@ class Target:
         return None
 
 
+def bindfs_peer(name: str, source: Path, mountpoint: Path, args: argparse.Namespace
+                ) -> Target | None:
+    """A read-only bindfs mount of *source* (a FUSE mount written in C), if
+    installed and among ``--peers``."""
+    if not (shutil.which("bindfs") and "bindfs" in args.peers):
+        return None
+    return Target(name, ["bindfs", "-f", "-r", "--no-allow-other", str(source),
+                         str(mountpoint)], mountpoint)
+
+
 def passthroughfs_script(cache: Path) -> Path:
     """pyfuse3's own passthroughfs.py example, from the pyfuse3 source distribution."""
     script = cache / "passthroughfs.py"
@@ -352,9 +362,8 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         targets.append(Target(f"stfs {limit}", [*stfs, "--memory-limit", limit, str(source),
                                                 str(mnt / f"stfs-{limit}")],
                               mnt / f"stfs-{limit}"))
-    if shutil.which("bindfs") and "bindfs" in args.peers:
-        targets.append(Target("bindfs", ["bindfs", "-f", "-r", "--no-allow-other", str(source),
-                                         str(mnt / "bindfs")], mnt / "bindfs"))
+    if (bindfs := bindfs_peer("bindfs", source, mnt / "bindfs", args)) is not None:
+        targets.append(bindfs)
     if "passthroughfs" in args.peers:
         script = passthroughfs_script(root / "peers")
         targets.append(Target("passthroughfs", [PYTHON, str(script), str(source),
@@ -694,10 +703,8 @@ def slow_scenario(root: Path, args: argparse.Namespace) -> dict[str, object]:
     sockdir = Path(tempfile.mkdtemp(prefix="stfs-bench-"))
     stfs = [PYTHON, "-m", "stfs", "mount", "-f", "--log-file", str(root / "stfs-slow.log")]
     targets = [Target("store", None, store_mnt)]
-    if shutil.which("bindfs") and "bindfs" in args.peers:
-        targets.append(Target("bindfs", ["bindfs", "-f", "-r", "--no-allow-other",
-                                         str(store_mnt), str(mnt / "slow-bindfs")],
-                              mnt / "slow-bindfs"))
+    if (bindfs := bindfs_peer("bindfs", store_mnt, mnt / "slow-bindfs", args)) is not None:
+        targets.append(bindfs)
     targets.append(Target("stfs", [*stfs, str(store_mnt), str(mnt / "slow-stfs")],
                           mnt / "slow-stfs"))
     targets.append(Target("stfs 16M", [*stfs, "--memory-limit", "16M", str(store_mnt),

@@ -42,6 +42,7 @@ from bench import (
     REPO,
     RSS_SLACK_MIB,
     Target,
+    bindfs_peer,
     drop_caches,
     read_prefix,
     warm_source,
@@ -159,9 +160,7 @@ def disk_cache_scenario(root: Path, args: argparse.Namespace) -> dict[str, objec
                   mnt / "dc-stfs-disk")
     rclone = (rclone_target(store_mnt, mnt / "dc-rclone", rclone_cache)
               if shutil.which("rclone") and "rclone" in args.peers else None)
-    bindfs = (Target("bindfs local", ["bindfs", "-f", "-r", "--no-allow-other", str(backing),
-                                      str(mnt / "dc-bindfs")], mnt / "dc-bindfs")
-              if shutil.which("bindfs") and "bindfs" in args.peers else None)
+    bindfs = bindfs_peer("bindfs local", backing, mnt / "dc-bindfs", args)
     results: dict[str, dict[str, list[dict[str, float]]]] = {}
     du: list[int] = []
     store = None
