@@ -21,7 +21,11 @@ than ``--memory-limit`` then reads a slow store once.
   bytes stay held until written), never copied. A chunk the memory cache
   evicts before its write comes up stays held for it, within ``KEEP_SHARE``
   of the limit; past that it is not written (``writes_missed``): readers
-  never wait for the disk.
+  never wait for the disk. A missed chunk is remembered (within
+  ``MISSED_SHARE`` of the index's memory) and, once the writer has nothing
+  else to do (at the latest while the mount closes), read from SOURCE again
+  and written (``refills``): a pass that outran the disk still leaves the
+  whole file on it, so the next pass reads none of it from SOURCE.
 * **Scan-resistant.** 2Q like the memory cache: new entries enter ``A1in``;
   an entry read back (a real reuse) or written again while its ghost is
   remembered moves to the LRU ``Am``; ``A1in`` gives up its own first while it
@@ -41,7 +45,9 @@ import collections
 import dataclasses
 import errno
 import logging
+import mmap
 import os
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
@@ -77,6 +83,13 @@ OVERLAPS = 8
 """Entries a lookup looks back over for one that holds the byte."""
 KEEP_SHARE = 4
 """Evicted chunks waiting to be written may hold 1/KEEP_SHARE of the memory limit."""
+MISSED_SHARE = 16
+"""Missed writes remembered for a refill may take 1/MISSED_SHARE of the index's
+memory (``ENTRY_BYTES`` and the path each); beyond, the oldest are forgotten."""
+
+Refill = Callable[[EntryKey, bytes, mmap.mmap], Awaitable[bool]]
+"""Reads the chunk *key* of the SOURCE file at path into the buffer: whether it
+is all there and of the key's identity (``ReadEngine._refill``)."""
 
 
 class _WriteJob:
@@ -225,6 +238,7 @@ class DiskCacheStatistics:
     writes: int
     written_bytes: int
     writes_missed: int
+    refills: int
     write_errors: int
     evictions: int
     verify_failures: int
@@ -244,9 +258,11 @@ class DiskCache:
     """The disk tier: lookups, verified reads, write-behind, eviction."""
 
     def __init__(self, store: DiskStore, capacity_bytes: int, index_bytes: int,
-                 cache: ChunkCache, budget: MemoryBudget, keep_bytes: int) -> None:
+                 cache: ChunkCache, budget: MemoryBudget, keep_bytes: int,
+                 refill: Refill | None = None) -> None:
         """*keep_bytes*: how much of the budget chunks evicted from memory before
-        they were written may hold while they wait for the writer."""
+        they were written may hold while they wait for the writer. *refill*: how
+        missed chunks are read again (None: they are not)."""
         self.store = store
         self.cache = cache
         self.budget = budget
@@ -259,12 +275,17 @@ class DiskCache:
         cache.on_evict = self._keep_evicted
         budget.speculative_reclaimer = lambda n: cache.reclaim_if(n, self.may_evict)
         self.index_bytes = index_bytes
+        self._missed_limit = index_bytes // MISSED_SHARE
         self.index = DiskIndex(capacity_bytes - FIXED_BYTES,
-                               max(1, index_bytes // ENTRY_BYTES))
+                               max(1, (index_bytes - self._missed_limit) // ENTRY_BYTES))
         self.capacity_bytes = capacity_bytes
         self._readers = trio.CapacityLimiter(READERS)
-        self._pending: collections.deque[EntryKey] = collections.deque()
-        """Chunks to write, in the order they landed."""
+        self._pending: collections.deque[tuple[EntryKey, bytes]] = collections.deque()
+        """Chunks to write (with their file's path), in the order they landed."""
+        self._refill = refill
+        self._missed: collections.OrderedDict[EntryKey, bytes] = collections.OrderedDict()
+        """Chunks not written, with their file's path: read again when the writer is idle."""
+        self._missed_bytes = 0
         self._pending_writes = 0
         self.unwritten_bytes = 0
         """Of the chunks queued or being written."""
@@ -280,6 +301,7 @@ class DiskCache:
         self._nursery: trio.Nursery | None = None
         self.hits = self.misses = self.hit_bytes = 0
         self.writes = self.written_bytes = self.writes_missed = self.write_errors = 0
+        self.refills = 0
         self.verify_failures = 0
 
     def load(self, entries: list[StoredEntry]) -> list[EntryKey]:
@@ -328,8 +350,9 @@ class DiskCache:
 
     # -- write-behind ------------------------------------------------------------
 
-    def offer(self, identity: FileIdentity, start: int, length: int) -> None:
-        """A chunk read from SOURCE landed in the memory cache: write it here later."""
+    def offer(self, identity: FileIdentity, start: int, length: int, path: bytes = b"") -> None:
+        """A chunk of the SOURCE file at *path* landed in the memory cache: write it
+        here later."""
         key = EntryKey(identity, start, length)
         if length <= 0 or self.index.covers(key):
             return
@@ -337,12 +360,28 @@ class DiskCache:
             self.writes_missed += 1
             return
         if self._pending_writes >= PENDING_WRITES:
-            self.writes_missed += 1
+            self._missed_write(key, path)
             return
         self._pending_writes += 1
         self.unwritten_bytes += length
         self._queued[(identity, start)] += 1
-        self._queue(key)
+        self._queue(key, path)
+
+    def _missed_write(self, key: EntryKey, path: bytes) -> None:
+        """*key* is not written now: counted, and remembered for a refill."""
+        self.writes_missed += 1
+        if self._refill is None or not path or key in self._missed:
+            return
+        cost = ENTRY_BYTES + len(path)
+        if cost > self._missed_limit:
+            return
+        self._missed[key] = path
+        self._missed_bytes += cost
+        while self._missed_bytes > self._missed_limit:
+            _, oldest = self._missed.popitem(last=False)
+            self._missed_bytes -= ENTRY_BYTES + len(oldest)
+        self._idle = trio.Event() if self._idle.is_set() else self._idle
+        self._wake.set()
 
     def lagging(self) -> bool:
         """More than the keep share waits to be written: read-ahead from SOURCE
@@ -391,18 +430,19 @@ class DiskCache:
             self._idle = trio.Event() if self._idle.is_set() else self._idle
             self._wake.set()
 
-    def _queue(self, key: EntryKey) -> None:
+    def _queue(self, key: EntryKey, path: bytes) -> None:
         if self._nursery is None:
             self._pending_writes -= 1
             self.unwritten_bytes -= key.length
             self._unqueue((key.identity, key.start))
             return
-        self._pending.append(key)
+        self._pending.append((key, path))
         self._idle = trio.Event() if self._idle.is_set() else self._idle
         self._wake.set()
 
     async def drained(self) -> None:
-        """Wait until every queued write, unlink and touch is done (tests, unmount)."""
+        """Wait until every queued write, unlink, touch and refill is done (tests,
+        unmount)."""
         await self._idle.wait()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -420,6 +460,8 @@ class DiskCache:
             finally:
                 self._nursery = None
                 self._pending.clear()
+                self._missed.clear()
+                self._missed_bytes = 0
                 self._pending_writes = 0
                 self.unwritten_bytes = 0
                 self._queued.clear()
@@ -428,7 +470,7 @@ class DiskCache:
 
     async def _writer(self) -> None:
         while True:
-            if not (self._pending or self._to_unlink or self._to_touch):
+            if not (self._pending or self._to_unlink or self._to_touch or self._missed):
                 if not self._busy:
                     self._idle.set()
                 if self._wake.is_set():
@@ -445,31 +487,74 @@ class DiskCache:
 
     async def _step(self) -> None:
         """Unlinks first (room is made before any write), then writes, then touches
-        (only when no write waits)."""
+        (only when no write waits), then refills (only when nothing else does)."""
         if self._to_unlink:
             names, self._to_unlink = self._to_unlink, []
             await trio.to_thread.run_sync(self.store.remove, names)
         elif self._pending:
             await self._write_next()
-        else:
+        elif self._to_touch:
             names, self._to_touch = self._to_touch, []
             await trio.to_thread.run_sync(self.store.touch, names)
+        else:
+            await self._refill_next()
+
+    async def _refill_next(self) -> None:
+        """Write the oldest missed chunk: from memory if it is back there, else read
+        from SOURCE again (within the read-ahead share of the budget; with no room
+        now it is forgotten, as a later pass offers it again)."""
+        key, path = self._missed.popitem(last=False)
+        self._missed_bytes -= ENTRY_BYTES + len(path)
+        if self.index.covers(key) or self._refill is None:
+            return
+        chunk_key = (key.identity, key.start)
+        held = self.cache.pin(chunk_key)
+        if held is not None:
+            try:
+                if len(held) == key.length:
+                    await self._write_one(key, held)
+                    return
+            finally:
+                del held
+                self.cache.unpin(chunk_key)
+        if not self.budget.try_reserve_speculative(key.length):
+            return
+        try:
+            buf = mmap.mmap(-1, key.length)  # page-aligned: written with O_DIRECT
+            try:
+                if await self._refill(key, path, buf):
+                    self.refills += 1
+                    await self._write_one(key, buf)
+            finally:
+                buf.close()
+        finally:
+            self.budget.speculative_done(key.length)
+            self.budget.release(key.length)
+
+    async def _write_one(self, key: EntryKey, data: ChunkData) -> None:
+        size = disk_bytes(key.length)
+        jobs = [_WriteJob(key, data, size, self.index.reserve(size))]
+        try:
+            errors, free = await self._write_jobs(jobs)
+        finally:
+            jobs[0].data = b""
+        self._commit(jobs, errors, free)
 
     async def _write_next(self) -> None:
         """The next chunks in the queue, up to ``WRITE_BATCH``. A batch's chunks are
         pinned while written: within the keep share, so what memory evicts
         meanwhile never holds more than that."""
         batch = [self._pending.popleft()]
-        n_bytes = batch[0].length
+        n_bytes = batch[0][0].length
         while (self._pending and len(batch) < WRITE_BATCH
-               and n_bytes + self._pending[0].length <= self.keep_bytes):
+               and n_bytes + self._pending[0][0].length <= self.keep_bytes):
             batch.append(self._pending.popleft())
-            n_bytes += batch[-1].length
+            n_bytes += batch[-1][0].length
         self._pending_writes -= len(batch)
         try:
             await self._write(batch)
         finally:
-            for key in batch:
+            for key, _ in batch:
                 self.unwritten_bytes -= key.length
                 self._unqueue((key.identity, key.start))
 
@@ -482,13 +567,13 @@ class DiskCache:
                 self.kept_bytes -= len(data)
                 self.budget.release(len(data))
 
-    async def _write(self, batch: list[EntryKey]) -> None:
+    async def _write(self, batch: list[tuple[EntryKey, bytes]]) -> None:
         """Write queued chunks still in memory (or kept), in one worker thread call."""
         jobs: list[_WriteJob] = []
         pinned: list[ChunkKey] = []
         data: ChunkData | None = None
         try:
-            for key in batch:
+            for key, path in batch:
                 chunk_key = (key.identity, key.start)
                 if self.index.covers(key):
                     continue
@@ -502,7 +587,7 @@ class DiskCache:
                 if data is None:
                     log.debug("disk cache: %s left memory before it was written",
                               entry_name(key))
-                    self.writes_missed += 1
+                    self._missed_write(key, path)
                     continue
                 size = disk_bytes(key.length)
                 # Room first (unlinked before this write): never over the size.
@@ -514,6 +599,10 @@ class DiskCache:
                 job.data = b""
             for chunk_key in pinned:
                 self.cache.unpin(chunk_key)
+        self._commit(jobs, errors, free)
+
+    def _commit(self, jobs: list[_WriteJob], errors: list[OSError | None], free: int) -> None:
+        """Index what was written; count what failed; shrink to a full file system."""
         full = False
         for job, error in zip(jobs, errors):
             if error is not None:
@@ -565,4 +654,5 @@ class DiskCache:
             os.fspath(self.store.path), self.index.used_bytes + FIXED_BYTES,
             self.capacity_bytes, len(self.index), self.index.max_entries, self.index_bytes,
             self.hits, self.misses, self.hit_bytes, self.writes, self.written_bytes,
-            self.writes_missed, self.write_errors, self.index.evictions, self.verify_failures)
+            self.writes_missed, self.refills, self.write_errors, self.index.evictions,
+            self.verify_failures)

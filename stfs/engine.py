@@ -27,6 +27,7 @@ import dataclasses
 import errno
 import functools
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -36,14 +37,14 @@ import trio
 from stfs.backing import FileIdentity
 from stfs.backing_reads import BackingReader, BackingReads, SourceReader
 from stfs.budget import MemoryBudget
-from stfs.buffers import BufferPool
+from stfs.buffers import Buffer, BufferPool
 from stfs.cache import ChunkCache, ChunkKey
 from stfs.checksums import ChecksumRegistry, ChecksumStore
 from stfs.chunking import PAGE, AdaptiveChunkSizer, RequestPlanner, StreamState
 from stfs.congestion import CongestionController
 from stfs.descriptors import DEFAULT_LIMIT, DescriptorTable, Opener
 from stfs.disk_cache import INDEX_SHARE, KEEP_SHARE, DiskCache
-from stfs.disk_store import DiskStore, StoredEntry, entry_name
+from stfs.disk_store import DiskStore, EntryKey, StoredEntry, entry_name
 from stfs.fetcher import Fetcher
 from stfs.handles import OpenFile
 from stfs.memory import HeapTrimmer
@@ -134,7 +135,9 @@ class ReadEngine:
         self.congestion = CongestionController(config.max_streams, name=store_name,
                                                now=time.monotonic())
         """The store's concurrency target; the pressure controller updates it."""
-        self.reads = BackingReads(reader or SourceReader(), self.descriptors, counters,
+        self._opener = opener
+        self._reader = reader or SourceReader()
+        self.reads = BackingReads(self._reader, self.descriptors, counters,
                                   max_streams=config.max_streams, retry=config.retry,
                                   inline_cached_reads=config.inline_cached_reads,
                                   shed_memory=self._shed_for_memory_error,
@@ -148,7 +151,8 @@ class ReadEngine:
             held = self.budget.try_reserve(self.index_bytes)  # for good: the index's memory
             assert held, "the budget is empty at start"
             self.disk = DiskCache(disk_store, disk_cache_bytes, self.index_bytes, self.cache,
-                                  self.budget, keep_bytes(config))
+                                  self.budget, keep_bytes(config),
+                                  refill=None if opener is None else self._refill)
             dropped = self.disk.load(list(disk_entries))
             disk_store.remove([entry_name(key) for key in dropped])  # before the loop runs
         self.fetcher = Fetcher(self.reads, self.guard, self.cache, self.budget, self.pool,
@@ -360,6 +364,31 @@ class ReadEngine:
         counters.bytes_served += len(data)
         handle.bytes_read += len(data)
         return data
+
+    async def _refill(self, key: EntryKey, path: bytes, buf: Buffer) -> bool:
+        """Read chunk *key* of the SOURCE file at *path* into *buf* again, for the
+        disk cache's writer (which missed it): whether all of it came, of the key's
+        identity (the file is opened by path and checked before and after)."""
+        opener, reader = self._opener, self._reader
+        assert opener is not None
+
+        def read() -> bool:
+            fd, st = opener(path)
+            try:
+                if FileIdentity.of(st) != key.identity:
+                    return False  # changed since: its entries are never looked up
+                data, identity = reader.pread(fd, buf, key.start, key.identity)
+                return identity == key.identity and len(data) == key.length
+            finally:
+                os.close(fd)
+
+        try:
+            ok = await trio.to_thread.run_sync(read)
+        except OSError as exc:
+            log.debug("disk cache: reading %s again failed: %r", entry_name(key), exc)
+            return False
+        self.reads.reads += 1  # a backing read like any other
+        return ok
 
     def _pin_reply(self, key: ChunkKey, reply: bytes | memoryview) -> Callable[[], int] | None:
         """Keep the cached chunk *reply* is a view of (see ``recovery.Keep``)."""

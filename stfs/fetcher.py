@@ -199,7 +199,7 @@ class Fetcher:
             flight.data = data
             if (self.cache.insert((identity, start), data, chunk_size, handle.fh)
                     and self.disk is not None):
-                self.disk.offer(identity, start, len(data))
+                self.disk.offer(identity, start, len(data), handle.path)
             return data
 
     async def _from_disk(self, stream: Stream, offset: int, speculative: bool,

@@ -90,6 +90,8 @@ COUNTERS: tuple[tuple[str, str, str], ...] = (
      "Bytes written to the disk cache."),
     ("disk_cache_writes_missed", "disk_cache_writes_missed_total",
      "Chunks read from SOURCE that left memory before the disk cache could write them."),
+    ("disk_cache_refills", "disk_cache_refills_total",
+     "Missed chunks read from SOURCE again and written once the writer was idle."),
     ("disk_cache_write_errors", "disk_cache_write_errors_total",
      "Disk cache writes that failed (the read was served all the same)."),
     ("disk_cache_evictions", "disk_cache_evictions_total",

@@ -225,6 +225,7 @@ def _disk_cache_section(s: dict[str, Any]) -> list[str]:
         ("written", (f"{_count(s.get('disk_cache_writes'))} chunks, "
                      f"{human_bytes(s.get('disk_cache_written_bytes'))} "
                      f"({_count(s.get('disk_cache_writes_missed'))} missed, "
+                     f"{_count(s.get('disk_cache_refills'))} refilled, "
                      f"{_count(s.get('disk_cache_write_errors'))} errors)")),
         ("evictions / bad entries", (f"{_count(s.get('disk_cache_evictions'))} / "
                                      f"{_count(s.get('disk_cache_verify_failures'))}")),

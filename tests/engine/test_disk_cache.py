@@ -535,6 +535,65 @@ def test_chunks_evicted_before_their_write_are_kept_within_a_share(
     assert kept_peak > 0 and m.disk.writes > 0  # what was kept was written after all
 
 
+def _outrun_the_writer(src: Source, cache_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                       name: str, before_flush: Callable[[], None] = lambda: None) -> Mount:
+    """One pass of *name* while the writer is stuck, at a limit whose keep share
+    cannot hold what memory evicts meanwhile; then the writer goes on and the
+    mount closes (flush). *before_flush* runs just before the writer goes on."""
+    data = src.data[name]
+    m = Mount(src, cache_dir, memory_limit=8 * MIB, cache_limit=4 * MIB)
+    gate = m.hold_writes(monkeypatch)
+
+    async def body() -> bytes:
+        handle = src.open(name)
+        got = await read_all(m.engine, handle, KERNEL_REQUEST)
+        await m.engine.release(handle)
+        src.handles.pop_file(handle.fh)
+        before_flush()
+        gate.set()
+        await m.engine.flush(30)
+        return got
+
+    assert m.run(body) == data
+    assert m.disk.writes_missed > 0  # the writer found chunks gone from memory
+    return m
+
+
+def test_chunks_missed_by_a_lagging_writer_are_read_again_and_written(
+        src: Source, cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past the keep share an evicted chunk is not written then, but it is
+    remembered: once the writer is idle it reads it from SOURCE again and
+    writes it, so the next pass reads nothing from SOURCE."""
+    data = src.write("a.bin", 12 * MIB)
+    m = _outrun_the_writer(src, cache_dir, monkeypatch, "a.bin")
+    assert m.disk.refills == m.disk.writes_missed
+    assert m.engine.budget.peak_held_bytes <= 8 * MIB
+    assert m.engine.budget.held_bytes == m.engine.index_bytes + m.engine.cache.cached_bytes
+    reads_of_refills = m.reader.calls[-m.disk.refills:]
+    assert all(size <= 1 * MIB for _, size in reads_of_refills)
+
+    second = Mount(src, cache_dir)
+    assert second.read("a.bin") == [data]
+    assert second.reader.calls == []
+    assert second.disk.verify_failures == 0
+
+
+def test_a_missed_chunk_of_a_file_changed_since_is_not_written(
+        src: Source, cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The refill opens the file by path: another version there now is not
+    written under the old one's key, and the next pass reads the new bytes."""
+    src.write("a.bin", 12 * MIB)
+    old = src.identity("a.bin")
+    m = _outrun_the_writer(src, cache_dir, monkeypatch, "a.bin",
+                           before_flush=lambda: src.rewrite_in_place("a.bin", seed=7))
+    assert m.disk.refills == 0 and m.disk.writes_missed > 0
+    entries = [parse_name(n) for n in os.listdir(cache_dir / "chunks")]
+    assert sum(e.length for e in entries if e is not None and e.identity == old) < 12 * MIB
+    second = Mount(src, cache_dir)
+    assert second.read("a.bin") == [src.data["a.bin"]]
+    assert covered(second.reader.calls) >= 12 * MIB  # the new version, from SOURCE
+
+
 def test_read_ahead_from_source_pauses_while_the_writer_lags(
         src: Source, cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """More than the keep share waiting to be written: read-ahead stops reading
