@@ -42,9 +42,11 @@ from __future__ import annotations
 
 import bisect
 import collections
+import contextlib
 import dataclasses
 import errno
 import logging
+import math
 import mmap
 import os
 from collections.abc import Awaitable, Callable
@@ -86,6 +88,9 @@ KEEP_SHARE = 4
 MISSED_SHARE = 16
 """Missed writes remembered for a refill may take 1/MISSED_SHARE of the index's
 memory (``ENTRY_BYTES`` and the path each); beyond, the oldest are forgotten."""
+
+REFILL_RECHECK_S = 1.0
+"""How often the writer, with only refills left, looks whether SOURCE is quiet."""
 
 Refill = Callable[[EntryKey, bytes, mmap.mmap], Awaitable[bool]]
 """Reads the chunk *key* of the SOURCE file at path into the buffer: whether it
@@ -259,10 +264,12 @@ class DiskCache:
 
     def __init__(self, store: DiskStore, capacity_bytes: int, index_bytes: int,
                  cache: ChunkCache, budget: MemoryBudget, keep_bytes: int,
-                 refill: Refill | None = None) -> None:
+                 refill: Refill | None = None,
+                 quiet: Callable[[], bool] = lambda: True) -> None:
         """*keep_bytes*: how much of the budget chunks evicted from memory before
         they were written may hold while they wait for the writer. *refill*: how
-        missed chunks are read again (None: they are not)."""
+        missed chunks are read again (None: they are not), only while *quiet()*
+        (no read of the mount in progress: a refill never competes with a pass)."""
         self.store = store
         self.cache = cache
         self.budget = budget
@@ -283,6 +290,7 @@ class DiskCache:
         self._pending: collections.deque[tuple[EntryKey, bytes]] = collections.deque()
         """Chunks to write (with their file's path), in the order they landed."""
         self._refill = refill
+        self._quiet = quiet
         self._missed: collections.OrderedDict[EntryKey, bytes] = collections.OrderedDict()
         """Chunks not written, with their file's path: read again when the writer is idle."""
         self._missed_bytes = 0
@@ -443,6 +451,7 @@ class DiskCache:
     async def drained(self) -> None:
         """Wait until every queued write, unlink, touch and refill is done (tests,
         unmount)."""
+        self._wake.set()  # refills need not wait for the writer's next look
         await self._idle.wait()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -470,12 +479,15 @@ class DiskCache:
 
     async def _writer(self) -> None:
         while True:
-            if not (self._pending or self._to_unlink or self._to_touch or self._missed):
-                if not self._busy:
+            if not (self._pending or self._to_unlink or self._to_touch
+                    or (self._missed and self._quiet())):
+                if not self._busy and not self._missed:
                     self._idle.set()
                 if self._wake.is_set():
                     self._wake = trio.Event()
-                await self._wake.wait()
+                # Refills wait for a moment when no read is in progress.
+                with trio.move_on_after(REFILL_RECHECK_S if self._missed else math.inf):
+                    await self._wake.wait()
                 continue
             self._busy += 1
             try:
@@ -526,7 +538,8 @@ class DiskCache:
                     self.refills += 1
                     await self._write_one(key, buf)
             finally:
-                buf.close()
+                with contextlib.suppress(BufferError):  # else it goes with its last view
+                    buf.close()
         finally:
             self.budget.speculative_done(key.length)
             self.budget.release(key.length)

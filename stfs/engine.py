@@ -152,7 +152,8 @@ class ReadEngine:
             assert held, "the budget is empty at start"
             self.disk = DiskCache(disk_store, disk_cache_bytes, self.index_bytes, self.cache,
                                   self.budget, keep_bytes(config),
-                                  refill=None if opener is None else self._refill)
+                                  refill=None if opener is None else self._refill,
+                                  quiet=self._quiet)
             dropped = self.disk.load(list(disk_entries))
             disk_store.remove([entry_name(key) for key in dropped])  # before the loop runs
         self.fetcher = Fetcher(self.reads, self.guard, self.cache, self.budget, self.pool,
@@ -364,6 +365,10 @@ class ReadEngine:
         counters.bytes_served += len(data)
         handle.bytes_read += len(data)
         return data
+
+    def _quiet(self) -> bool:
+        """No read of the mount is in progress (the disk cache refills then)."""
+        return self.counters.active_reads == 0 and self.reads.in_flight() == 0
 
     async def _refill(self, key: EntryKey, path: bytes, buf: Buffer) -> bool:
         """Read chunk *key* of the SOURCE file at *path* into *buf* again, for the

@@ -578,6 +578,53 @@ def test_chunks_missed_by_a_lagging_writer_are_read_again_and_written(
     assert second.disk.verify_failures == 0
 
 
+def test_refills_wait_until_no_read_is_in_progress(
+        src: Source, cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A refill is a SOURCE read the mount's readers did not ask for: it waits
+    while any read is in progress, so it never competes with a pass."""
+    src.write("a.bin", 12 * MIB)
+    b = src.write("b.bin", 1 * MIB)
+    m = Mount(src, cache_dir, memory_limit=8 * MIB, cache_limit=4 * MIB)
+    gate = m.hold_writes(monkeypatch)
+    seen: list[tuple[int, int]] = []
+    real_refill = m.disk._refill
+    assert real_refill is not None
+
+    async def refill(key: EntryKey, path: bytes, buf: Any) -> bool:
+        seen.append((m.engine.counters.active_reads, m.engine.reads.in_flight()))
+        return await real_refill(key, path, buf)
+
+    monkeypatch.setattr(m.disk, "_refill", refill)
+
+    async def body() -> bytes:
+        first = src.open("a.bin")
+        await read_all(m.engine, first, KERNEL_REQUEST)
+        await m.engine.release(first)
+        src.handles.pop_file(first.fh)
+        m.reader.arm()  # the next SOURCE read is held: a read in progress
+        other = src.open("b.bin")
+        got = b""
+        async with trio.open_nursery() as nursery:
+            async def read_b() -> None:
+                nonlocal got
+                got = await read_all(m.engine, other, KERNEL_REQUEST)
+
+            nursery.start_soon(read_b)
+            while m.reader.held == 0:
+                await trio.sleep(0.01)
+            gate.set()  # the writer goes on: it misses chunks, and may not refill yet
+            while m.disk._pending or (m.disk._busy and not seen):
+                await trio.sleep(0.01)
+            assert m.disk.writes_missed > 0 and seen == []
+            m.reader.release()
+        await m.engine.flush(30)
+        return got
+
+    assert m.run(body) == b
+    assert m.disk.refills == m.disk.writes_missed and seen
+    assert all(s == (0, 0) for s in seen), seen
+
+
 def test_a_missed_chunk_of_a_file_changed_since_is_not_written(
         src: Source, cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The refill opens the file by path: another version there now is not
