@@ -97,6 +97,11 @@ Refill = Callable[[EntryKey, bytes, mmap.mmap], Awaitable[bool]]
 is all there and of the key's identity (``ReadEngine._refill``)."""
 
 
+def _missed_cost(path: bytes) -> int:
+    """What remembering one missed chunk of the file at *path* counts against its share."""
+    return ENTRY_BYTES + len(path)
+
+
 class _WriteJob:
     __slots__ = ("data", "evicted", "key", "size")
 
@@ -380,14 +385,14 @@ class DiskCache:
         self.writes_missed += 1
         if self._refill is None or not path or key in self._missed:
             return
-        cost = ENTRY_BYTES + len(path)
+        cost = _missed_cost(path)
         if cost > self._missed_limit:
             return
         self._missed[key] = path
         self._missed_bytes += cost
         while self._missed_bytes > self._missed_limit:
             _, oldest = self._missed.popitem(last=False)
-            self._missed_bytes -= ENTRY_BYTES + len(oldest)
+            self._missed_bytes -= _missed_cost(oldest)
         self._idle = trio.Event() if self._idle.is_set() else self._idle
         self._wake.set()
 
@@ -516,7 +521,7 @@ class DiskCache:
         from SOURCE again (within the read-ahead share of the budget; with no room
         now it is forgotten, as a later pass offers it again)."""
         key, path = self._missed.popitem(last=False)
-        self._missed_bytes -= ENTRY_BYTES + len(path)
+        self._missed_bytes -= _missed_cost(path)
         if self.index.covers(key) or self._refill is None:
             return
         chunk_key = (key.identity, key.start)

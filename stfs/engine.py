@@ -136,8 +136,7 @@ class ReadEngine:
                                                now=time.monotonic())
         """The store's concurrency target; the pressure controller updates it."""
         self._opener = opener
-        self._reader = reader or SourceReader()
-        self.reads = BackingReads(self._reader, self.descriptors, counters,
+        self.reads = BackingReads(reader or SourceReader(), self.descriptors, counters,
                                   max_streams=config.max_streams, retry=config.retry,
                                   inline_cached_reads=config.inline_cached_reads,
                                   shed_memory=self._shed_for_memory_error,
@@ -374,7 +373,7 @@ class ReadEngine:
         """Read chunk *key* of the SOURCE file at *path* into *buf* again, for the
         disk cache's writer (which missed it): whether all of it came, of the key's
         identity (the file is opened by path and checked before and after)."""
-        opener, reader = self._opener, self._reader
+        opener, reader = self._opener, self.reads.reader
         assert opener is not None
 
         def read() -> bool:
